@@ -1,0 +1,136 @@
+"""DSDL: the network, the semantic auto-encoder, the closed-form coefficients and the loss.
+
+Zhou, Huang, Xing, "Deep Semantic Dictionary Learning for Multi-label Image Classification",
+AAAI 2021. Everything the method does lives in this file.
+"""
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+SEMANTIC_DIM = 300   # d_s: size of a GloVe class vector
+HIDDEN_DIM = 1024    # width of the auto-encoder's hidden layer (W1 is 300 x 1024)
+
+
+class DSDLOutput(NamedTuple):
+    scores: torch.Tensor          # B x C, the coefficients A (logits)
+    features: torch.Tensor        # B x d_f, max-pooled visual features F
+    dictionary: torch.Tensor      # C x d_f, the semantic dictionary D
+    semantics: torch.Tensor       # C x 300, the fixed class vectors S
+    reconstruction: torch.Tensor  # C x 300, the decoder's S_hat
+
+
+def ridge_coefficients(features, dictionary, lambd):
+    """A = argmin ||F - A D||^2 + lambd ||A||^2 = F D^T (D D^T + lambd I)^-1, in float32.
+
+    Solving the C x C system (never forming the inverse) keeps the solution accurate; the
+    gradient flows through the solve into both the features and the dictionary (APUS).
+    """
+    features, dictionary = features.float(), dictionary.float()
+    num_classes = dictionary.shape[0]
+    gram = dictionary @ dictionary.T + lambd * torch.eye(
+        num_classes, dtype=dictionary.dtype, device=dictionary.device)  # C x C, symmetric
+    # (D D^T + lambd I) A^T = D F^T; the matrix is symmetric positive definite.
+    return torch.linalg.solve(gram, dictionary @ features.T).T  # B x C
+
+
+def load_trunk(arch, pretrained):
+    """The torchvision ResNet of `arch`, with ImageNet weights when `pretrained`.
+
+    Returns (trunk, feature size). The trunk is conv1 .. layer4, in a Sequential whose indices
+    (features.0 = conv1, features.1 = bn1, features.4-7 = layer1-4) are the release's key names.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    weights = None
+    if pretrained:
+        # IMAGENET1K_V1: the ImageNet weights the release used (torchvision's original ones).
+        weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+    try:
+        resnet = torchvision.models.get_model(arch, weights=weights)
+    except OSError as error:  # URLError and friends: no internet, proxy, interrupted download
+        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+        filename = os.path.basename(weights.url)
+        raise RuntimeError(
+            f"could not download the ImageNet weights of {arch} ({error}).\n"
+            f"Either download {weights.url} on a machine with internet and place it as "
+            f"{os.path.join(folder, filename)}, or pass --no-pretrained to start from random "
+            f"weights.") from error
+    trunk = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
+                          resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+    return trunk, resnet.fc.in_features
+
+
+class DSDL(nn.Module):
+    """ResNet trunk + global max pooling + semantic dictionary + closed-form ridge coefficients."""
+
+    def __init__(self, num_classes, semantics, lambd, arch="resnet101", pretrained=True):
+        super().__init__()
+        semantics = torch.as_tensor(semantics, dtype=torch.float32)
+        if semantics.shape != (num_classes, SEMANTIC_DIM):
+            raise ValueError(f"semantics must be {num_classes} x {SEMANTIC_DIM} "
+                             f"(one GloVe vector per class), got {tuple(semantics.shape)}")
+        self.num_classes = num_classes
+        self.lambd = lambd
+        self.arch = arch
+        self.features, self.feature_dim = load_trunk(arch, pretrained)
+        # The release used a fixed 14x14 max pool, i.e. global max pooling at 448 px.
+        self.pooling = nn.AdaptiveMaxPool2d(1)
+        # Tied-weight auto-encoder: the encoder uses W1, W2, the decoder their transposes.
+        self.W1 = nn.Parameter(torch.empty(SEMANTIC_DIM, HIDDEN_DIM))
+        self.W2 = nn.Parameter(torch.empty(HIDDEN_DIM, self.feature_dim))
+        for weight in (self.W1, self.W2):
+            bound = 1.0 / weight.shape[1] ** 0.5
+            nn.init.uniform_(weight, -bound, bound)
+        # Fixed class-level semantics S, one copy for the model (saved with its weights).
+        self.register_buffer("semantics", semantics)
+
+    def encode(self, semantics):
+        """The semantic dictionary D = LeakyReLU(S W1) W2, C x d_f."""
+        return F.leaky_relu(semantics @ self.W1, 0.2) @ self.W2
+
+    def decode(self, dictionary):
+        """The reconstruction S_hat = LeakyReLU(D W2^T) W1^T, C x 300."""
+        return F.leaky_relu(dictionary @ self.W2.T, 0.2) @ self.W1.T
+
+    def forward(self, images):
+        feature_map = self.features(images)                      # B x d_f x h x w
+        features = self.pooling(feature_map).flatten(1)          # B x d_f
+        # The head runs in float32 even under autocast: the C x C solve needs the precision.
+        with torch.autocast(images.device.type, enabled=False):
+            features = features.float()
+            dictionary = self.encode(self.semantics)             # C x d_f
+            reconstruction = self.decode(dictionary)             # C x 300
+            scores = ridge_coefficients(features, dictionary, self.lambd)  # B x C
+        return DSDLOutput(scores, features, dictionary, self.semantics, reconstruction)
+
+    def parameter_groups(self, lr, lrp):
+        """The release's two groups: the CNN trunk at lr * lrp, the dictionary (W1, W2) at lr."""
+        return [
+            {"params": self.features.parameters(), "lr": lr * lrp},
+            {"params": [self.W1, self.W2], "lr": lr},
+        ]
+
+
+class DSDLLoss(nn.Module):
+    """(L_cls + beta (||A D - F||_F + lambd ||A||_F)) / mean_c cos(S_c, S_hat_c)  (spec section 3).
+
+    The norms are over the whole batch, neither squared nor averaged, as in the release.
+    """
+
+    def __init__(self, lambd, beta):
+        super().__init__()
+        self.lambd = lambd
+        self.beta = beta
+
+    def forward(self, output, targets):
+        scores = output.scores.float()
+        classification = F.multilabel_soft_margin_loss(scores, targets.float())
+        reconstruction = torch.linalg.norm(scores @ output.dictionary.float() - output.features.float())
+        sparsity = torch.linalg.norm(scores)
+        cosine = F.cosine_similarity(output.semantics.float(), output.reconstruction.float(), dim=1).mean()
+        return (classification + self.beta * (reconstruction + self.lambd * sparsity)) / cosine

@@ -1,0 +1,72 @@
+"""Small data the tests make: a tiny VOCdevkit tree with visually distinct classes."""
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_EMBEDDINGS = os.path.join(ROOT, "..", "shared", "label_embeddings")
+
+from voc import VOC_CLASSES  # noqa: E402
+
+
+def class_image(present, size=64, rng=None):
+    """An image where class c paints its own cell of a 4 x 5 grid in its own colour."""
+    rng = rng or np.random.default_rng(0)
+    pixels = rng.integers(0, 40, (size, size, 3)).astype(np.uint8)
+    cell_h, cell_w = size // 4, size // 5
+    for c in present:
+        row, col = divmod(c, 5)
+        colour = np.array([(c * 67) % 256, (c * 139 + 80) % 256, 255 - (c * 29) % 256], dtype=np.uint8)
+        pixels[row * cell_h:(row + 1) * cell_h, col * cell_w:(col + 1) * cell_w] = colour
+    return Image.fromarray(pixels)
+
+
+def write_voc_tree(root, year="2007", splits=None, size=64, seed=0, classes=VOC_CLASSES):
+    """A VOCdevkit/VOC<year> tree: JPEGs plus `<class>_<split>.txt` with flags 1 / 0 / -1.
+
+    `splits` maps split name -> number of images. Each image has 1-3 classes; about one
+    positive in five is flagged difficult (0). Returns {split: (ids, N x C flags)}.
+    """
+    splits = splits or {"trainval": 24, "test": 16}
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "VOCdevkit", f"VOC{year}")
+    os.makedirs(os.path.join(folder, "JPEGImages"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "ImageSets", "Main"), exist_ok=True)
+    written, counter = {}, 0
+    for split, count in splits.items():
+        ids, flags = [], np.full((count, len(classes)), -1, dtype=np.int64)
+        for i in range(count):
+            image_id = f"{counter:06d}"
+            counter += 1
+            present = rng.choice(len(classes), size=rng.integers(1, 4), replace=False)
+            flags[i, present] = 1
+            flags[i, present[rng.random(len(present)) < 0.2]] = 0
+            class_image(present, size, rng).save(os.path.join(folder, "JPEGImages", image_id + ".jpg"),
+                                                 quality=95)
+            ids.append(image_id)
+        for c, name in enumerate(classes):
+            with open(os.path.join(folder, "ImageSets", "Main", f"{name}_{split}.txt"), "w") as f:
+                f.writelines(f"{image_id} {flags[i, c]:2d}\n" for i, image_id in enumerate(ids))
+        with open(os.path.join(folder, "ImageSets", "Main", f"{split}.txt"), "w") as f:
+            f.writelines(f"{image_id}\n" for image_id in ids)
+        written[split] = (ids, flags)
+    return written
+
+
+@pytest.fixture
+def voc_root(tmp_path):
+    """A tiny VOC 2007 tree (24 trainval, 16 test images at 64 px) and its flags."""
+    root = tmp_path / "voc2007"
+    return str(root), write_voc_tree(str(root))
+
+
+@pytest.fixture
+def random_embeddings(tmp_path):
+    """A 20 x 300 .npy of random class vectors (the real ones are in ../shared when present)."""
+    path = tmp_path / "embeddings.npy"
+    np.save(path, np.random.default_rng(1).standard_normal((20, 300)).astype(np.float32))
+    return str(path)

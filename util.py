@@ -1,0 +1,336 @@
+"""Small shared pieces: metrics, transforms, label embeddings, downloads and safe extraction."""
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import urllib.request
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+from tqdm import tqdm
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DSDLError(RuntimeError):
+    """A problem the user can fix (missing file, wrong shape ...); printed without a traceback."""
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics (spec section 6)
+# --------------------------------------------------------------------------------------------
+
+def average_precision(scores, labels):
+    """Per-class non-interpolated AP of N x C `scores` against `labels` in {1, 0, -1}.
+
+    Images flagged 0 (difficult) for a class are left out of that class's ranking. A class
+    without any positive has no AP: NaN.
+    """
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    ap = np.full(scores.shape[1], np.nan)
+    for c in range(scores.shape[1]):
+        kept = labels[:, c] != 0
+        order = np.argsort(-scores[kept, c], kind="stable")
+        positives = labels[kept, c][order] == 1
+        if positives.any():
+            precision_at_rank = np.cumsum(positives) / np.arange(1, positives.size + 1)
+            ap[c] = precision_at_rank[positives].mean()
+    return ap
+
+
+def _thresholded(predicted, truth):
+    """CP, CR, CF1, OP, OR, OF1 (fractions) from boolean N x C predictions and ground truth."""
+    correct = (predicted & truth).sum(0).astype(np.float64)   # Nc
+    num_predicted = predicted.sum(0).astype(np.float64)       # Np
+    num_truth = truth.sum(0).astype(np.float64)               # Ng
+    # The release counts a class that is never predicted as Np = 1 (its precision is 0).
+    cp = np.mean(correct / np.maximum(num_predicted, 1))
+    has_truth = num_truth > 0
+    cr = np.mean(correct[has_truth] / num_truth[has_truth]) if has_truth.any() else 0.0
+    op = correct.sum() / max(num_predicted.sum(), 1)
+    orr = correct.sum() / max(num_truth.sum(), 1)
+
+    def f1(p, r):
+        return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+    return {"CP": cp, "CR": cr, "CF1": f1(cp, cr), "OP": op, "OR": orr, "OF1": f1(op, orr)}
+
+
+def compute_metrics(scores, labels):
+    """mAP, per-class AP and the thresholded metrics of spec section 6, all in percent.
+
+    `scores` (N x C) are logits; `labels` (N x C) are 1 (present), 0 (difficult), -1 (absent).
+    A label counts as predicted when its score >= 0; the top-3 variants allow at most the 3
+    highest-scoring labels of each image. Difficult labels count as negatives there.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels)
+    if scores.shape != labels.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be N x C")
+    ap = average_precision(scores, labels)
+    defined = ~np.isnan(ap)
+    metrics = {
+        "mAP": 100 * float(ap[defined].mean()) if defined.any() else float("nan"),
+        "AP": [100 * float(v) for v in ap],  # NaN for a class without positives
+        "num_classes_ap": int(defined.sum()),  # how many classes the mAP is taken over
+    }
+    truth = labels == 1
+    predicted = scores >= 0
+    for name, value in _thresholded(predicted, truth).items():
+        metrics[name] = 100 * float(value)
+    k = min(3, scores.shape[1])
+    top = np.zeros_like(predicted)
+    np.put_along_axis(top, np.argsort(-scores, axis=1, kind="stable")[:, :k], True, axis=1)
+    for name, value in _thresholded(predicted & top, truth).items():
+        metrics[name + "_top3"] = 100 * float(value)
+    return metrics
+
+
+def format_metrics(metrics, classes):
+    """The printout of one evaluation: mAP, the thresholded six, their top-3 and per-class AP."""
+    lines = [f"mAP {metrics['mAP']:.2f} (over {metrics['num_classes_ap']} of {len(classes)} classes)"]
+    for suffix, title in (("", "all"), ("_top3", "top-3")):
+        lines.append(f"{title:>6}: " + "  ".join(
+            f"{name} {metrics[name + suffix]:.2f}" for name in ("CP", "CR", "CF1", "OP", "OR", "OF1")))
+    width = max(len(name) for name in classes)
+    lines.append("per-class AP:")
+    for name, ap in zip(classes, metrics["AP"]):
+        lines.append(f"  {name:<{width}}  " + ("undefined (no positive)" if np.isnan(ap) else f"{ap:6.2f}"))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms (spec section 4)
+# --------------------------------------------------------------------------------------------
+
+class MultiScaleCrop:
+    """The release's multi-scale corner crop, then a resize to `size` x `size`.
+
+    Crop sides are min(w, h) * s for s in `scales`, chosen independently for width and height
+    but at most `max_distort` steps apart in `scales`; a side within 3 px of `size` snaps to
+    `size`. The crop's corner is one of 13 fixed positions on a grid of quarter steps.
+    """
+
+    def __init__(self, size, scales=(1.0, 0.875, 0.75, 0.66, 0.5), max_distort=2):
+        self.size = size
+        self.scales = scales
+        self.max_distort = max_distort
+
+    def crop_sizes(self, width, height):
+        """Every (crop_w, crop_h) this crop may take for an image of that size."""
+        base = min(width, height)
+        sides = [int(base * s) for s in self.scales]
+        sides = [self.size if abs(side - self.size) < 3 else side for side in sides]
+        return [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides)
+                if abs(i - j) <= self.max_distort]
+
+    @staticmethod
+    def offsets(width, height, crop_w, crop_h):
+        """The 13 corner positions: 4 corners, centre, 4 edge centres, 4 quarter points."""
+        w, h = (width - crop_w) // 4, (height - crop_h) // 4
+        grid = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
+                (1, 1), (3, 1), (1, 3), (3, 3)]
+        return [(i * w, j * h) for i, j in grid]
+
+    def __call__(self, image):
+        sizes = self.crop_sizes(*image.size)
+        crop_w, crop_h = sizes[torch.randint(len(sizes), ()).item()]
+        offsets = self.offsets(*image.size, crop_w, crop_h)
+        x, y = offsets[torch.randint(len(offsets), ()).item()]
+        crop = image.crop((x, y, x + crop_w, y + crop_h))
+        return crop.resize((self.size, self.size), Image.BILINEAR)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(size={self.size}, scales={self.scales}, max_distort={self.max_distort})"
+
+
+def train_transform(image_size=448):
+    """Resize to 512 (for 448; 8/7 of the input size in general), multi-scale crop, flip."""
+    resize = round(image_size * 8 / 7)
+    return transforms.Compose([
+        transforms.Resize((resize, resize)),
+        MultiScaleCrop(image_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def test_transform(image_size=448):
+    """Resize to image_size x image_size, ignoring the aspect ratio (the release's 'Warp')."""
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size)),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def load_image(path):
+    """An RGB PIL image; grey-scale, CMYK and PNG-in-.jpg files are converted. Errors name the file."""
+    if not os.path.isfile(path):
+        raise DSDLError(f"image not found: {path}. The dataset folder is incomplete; "
+                        f"delete it to download it again, or restore the file.")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DSDLError(f"cannot read image {path} ({error}). The file is truncated or not "
+                        f"an image; restore it from the original archive.") from error
+
+
+# --------------------------------------------------------------------------------------------
+# Files: checksums, downloads, safe extraction, label embeddings
+# --------------------------------------------------------------------------------------------
+
+def md5sum(path, chunk=1 << 20):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(urls, path, md5=None):
+    """Download the first of `urls` that works to `path`, with a progress bar.
+
+    The bytes go to `path + '.part'` and are renamed only after the md5 matches, so a cut or
+    corrupted download never looks complete; a bad partial file is removed.
+    """
+    if isinstance(urls, str):
+        urls = [urls]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = path + ".part"
+    errors = []
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                    for block in iter(lambda: response.read(1 << 20), b""):
+                        out.write(block)
+                        bar.update(len(block))
+        except OSError as error:  # no network, HTTP error, timeout, disk full
+            errors.append(f"{url}: {error}")
+            if os.path.exists(partial):
+                os.remove(partial)
+            continue
+        if md5 is not None and md5sum(partial) != md5:
+            os.remove(partial)
+            errors.append(f"{url}: checksum mismatch (expected md5 {md5}); the download was "
+                          f"cut short or corrupted and has been removed")
+            continue
+        os.replace(partial, path)
+        return path
+    raise DSDLError(f"could not download {os.path.basename(path)} to {path}:\n  " + "\n  ".join(errors)
+                    + f"\nDownload it by hand and place it at {path}, or check the network.")
+
+
+def _check_member(target, name):
+    resolved = os.path.realpath(os.path.join(target, name))
+    if os.path.isabs(name) or os.path.commonpath([target, resolved]) != target:
+        raise DSDLError(f"refusing archive member {name!r}: it would be written outside {target}")
+
+
+def extract(archive, target):
+    """Extract a .tar/.tar.gz/.zip into `target`, refusing members that escape it.
+
+    The archive is unpacked into a temporary folder inside `target` and moved in place only
+    when complete, so an interrupted extraction never leaves a tree that looks whole.
+    """
+    target = os.path.realpath(target)
+    staging = os.path.join(target, ".extracting-" + os.path.basename(archive))
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for name in zf.namelist():
+                    _check_member(staging, name)
+                zf.extractall(staging)
+        else:
+            with tarfile.open(archive) as tf:
+                for member in tf.getmembers():
+                    _check_member(staging, member.name)
+                    if member.issym() or member.islnk():
+                        raise DSDLError(f"refusing link {member.name!r} in {archive}")
+                tf.extractall(staging, filter="data")
+        # Merge the staged tree into the target (archives like VOC's share top folders).
+        for folder, _, files in os.walk(staging):
+            destination = os.path.join(target, os.path.relpath(folder, staging))
+            os.makedirs(destination, exist_ok=True)
+            for name in files:
+                os.replace(os.path.join(folder, name), os.path.join(destination, name))
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
+        raise DSDLError(f"{archive} is not a valid archive ({error}); delete it and download "
+                        f"it again") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# The standard GloVe class vectors (label_embeddings/README.md): name -> (urls, md5).
+STANDARD_EMBEDDINGS = {
+    "voc_glove_word2vec.pkl": (
+        ["https://github.com/megvii-research/ML-GCN/raw/master/data/voc/voc_glove_word2vec.pkl"],
+        "214a91652f7e0533f9108683ffa15ab1"),
+    "coco_glove_word2vec.pkl": (
+        ["https://github.com/megvii-research/ML-GCN/raw/master/data/coco/coco_glove_word2vec.pkl"],
+        "1977a47d8ba304e6f3f89788edf1ab9d"),
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles a plain numpy array and refuses every other global (so no code can run)."""
+
+    def find_class(self, module, name):
+        if (module, name) in {("numpy.core.multiarray", "_reconstruct"),
+                              ("numpy._core.multiarray", "_reconstruct")}:
+            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+def load_embeddings(path, num_classes=None):
+    """Load a C x 300 label-embedding file (.pkl of one numpy array, or .npy) safely.
+
+    A file named like a standard one must match its md5; pickles are read by an unpickler that
+    allows only numpy's array globals, so a hostile file is refused without running anything.
+    """
+    if not os.path.isfile(path):
+        raise DSDLError(f"label embeddings not found: {path}")
+    name = os.path.basename(path)
+    if name in STANDARD_EMBEDDINGS and md5sum(path) != STANDARD_EMBEDDINGS[name][1]:
+        raise DSDLError(f"{path} has md5 {md5sum(path)}, not the standard file's "
+                        f"{STANDARD_EMBEDDINGS[name][1]}; delete it to download it again")
+    try:
+        if path.endswith(".npy"):
+            array = np.load(path, allow_pickle=False)
+        else:
+            with open(path, "rb") as f:
+                array = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, ValueError, EOFError, OSError) as error:
+        raise DSDLError(f"cannot load label embeddings {path}: {error}. Expected a pickled "
+                        f"numpy array or a .npy file of shape C x 300.") from error
+    if not isinstance(array, np.ndarray) or array.ndim != 2 or array.shape[1] != 300 or (
+            num_classes is not None and array.shape[0] != num_classes):
+        shape = getattr(array, "shape", type(array).__name__)
+        raise DSDLError(f"label embeddings {path} have shape {shape}; expected "
+                        f"({num_classes if num_classes is not None else 'C'}, 300), one 300-d "
+                        f"vector per class in the dataset's class order")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def standard_embeddings(name, folder="data"):
+    """Path of a standard GloVe file in `folder`, downloaded (md5 checked) when absent."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        urls, md5 = STANDARD_EMBEDDINGS[name]
+        download(urls, path, md5)
+    return path

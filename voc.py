@@ -1,0 +1,112 @@
+"""PASCAL VOC 2007 (and 2012): image-level labels from the per-class split files."""
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from util import DSDLError, download, extract, load_image, md5sum
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+MIRRORS = ("http://host.robots.ox.ac.uk/pascal/VOC/voc2007/",
+           "https://pjreddie.com/media/files/")
+
+# split -> (archive, md5) holding it (spec section 7)
+VOC2007_ARCHIVES = {
+    "train": ("VOCtrainval_06-Nov-2007.tar", "c52e279531787c972589f7e41ab4ae64"),
+    "val": ("VOCtrainval_06-Nov-2007.tar", "c52e279531787c972589f7e41ab4ae64"),
+    "trainval": ("VOCtrainval_06-Nov-2007.tar", "c52e279531787c972589f7e41ab4ae64"),
+    "test": ("VOCtest_06-Nov-2007.tar", "b6e924de25625d8de591ea690078ad9f"),
+}
+
+
+def read_split_labels(main_folder, split, classes):
+    """Image ids and the N x C label matrix in {1, 0, -1} from `<class>_<split>.txt`."""
+    ids, columns = None, []
+    for name in classes:
+        path = os.path.join(main_folder, f"{name}_{split}.txt")
+        if not os.path.isfile(path):
+            raise DSDLError(f"split file not found: {path}")
+        flags = {}
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) != 2 or fields[1] not in ("1", "0", "-1"):
+                    raise DSDLError(f"{path}, line {number}: expected '<image_id> <1|0|-1>', "
+                                    f"got {line.strip()!r}")
+                flags[fields[0]] = int(fields[1])
+        if ids is None:
+            ids = list(flags)
+        elif set(flags) != set(ids):
+            raise DSDLError(f"{path} lists other images than {classes[0]}_{split}.txt")
+        columns.append([flags[i] for i in ids])
+    return ids, np.array(columns, dtype=np.int64).T.reshape(len(ids), len(classes))
+
+
+class VOC2007(Dataset):
+    """VOC 2007 for multi-label classification.
+
+    `root` holds `VOCdevkit/VOC2007`. When the split's files are absent and `download` is true,
+    the archive is downloaded (md5 verified) and extracted; when present, nothing touches the
+    network. `dataset[i]` is `(image, labels, image_id)`, labels an int vector in {1, 0, -1}
+    (0 = difficult).
+    """
+
+    year = "2007"
+    archives = VOC2007_ARCHIVES
+    mirrors = MIRRORS
+    classes = list(VOC_CLASSES)
+
+    def __init__(self, root, split, transform=None, download=True):
+        if split not in self.archives:
+            raise ValueError(f"split must be one of {', '.join(self.archives)}, got {split!r}")
+        self.root = root
+        self.split = split
+        self.transform = transform
+        self.folder = os.path.join(root, "VOCdevkit", f"VOC{self.year}")
+        self.main_folder = os.path.join(self.folder, "ImageSets", "Main")
+        if not self._present():
+            if not download:
+                raise DSDLError(f"VOC {self.year} {split} not found in {self.folder} and "
+                                f"download=False")
+            self._download()
+        self.image_ids, self.labels = self._read_labels()
+
+    def _present(self):
+        return os.path.isfile(os.path.join(self.main_folder, f"{self.classes[-1]}_{self.split}.txt"))
+
+    def _read_labels(self):
+        return read_split_labels(self.main_folder, self.split, self.classes)
+
+    def _download(self):
+        filename, md5 = self.archives[self.split]
+        archive = os.path.join(self.root, filename)
+        if not (os.path.isfile(archive) and (md5 is None or md5sum(archive) == md5)):
+            try:
+                download([mirror + filename for mirror in self.mirrors], archive, md5)
+            except DSDLError as error:
+                raise DSDLError(
+                    f"VOC {self.year} {self.split} is not in {self.folder} and could not be "
+                    f"downloaded.\n{error}\nPlace the extracted VOCdevkit folder in {self.root} "
+                    f"(so that {self.main_folder} exists), or put {filename} there.") from error
+        extract(archive, self.root)
+        if not self._present():
+            raise DSDLError(f"{archive} did not contain {self.main_folder}; is it the right archive?")
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def __getitem__(self, index):
+        image_id = self.image_ids[index]
+        image = load_image(os.path.join(self.folder, "JPEGImages", image_id + ".jpg"))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, torch.from_numpy(self.labels[index]), image_id
+
