@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models import ARCHS, DSDL, DSDLLoss
-from util import DSDLError, format_metrics, compute_metrics, load_embeddings, standard_embeddings
+from util import plot_curves, read_metrics  # noqa: F401 (read_metrics: engine.read_metrics)
+from util import (DSDLError, format_metrics, compute_metrics, load_embeddings, results_table,
+                  standard_embeddings)
 
 CHECKPOINT = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
@@ -118,6 +120,13 @@ def load_weights(model, checkpoint, path):
     expected = model.state_dict()
     if "semantics" not in weights:  # the release's checkpoints store no semantics
         weights["semantics"] = expected["semantics"]
+    for key in expected:  # BatchNorm counters, absent from checkpoints of PyTorch < 0.4.1
+        if key.endswith("num_batches_tracked") and key not in weights:
+            weights[key] = expected[key]
+    if "W2" in weights and weights["W2"].shape[1] != model.feature_dim:
+        raise DSDLError(f"{path} was trained with feature size {weights['W2'].shape[1]} "
+                        f"(W2 is {tuple(weights['W2'].shape)}), but --arch {model.arch} has feature "
+                        f"size {model.feature_dim}; pass the --arch it was trained with.")
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
@@ -171,23 +180,28 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_n
 
 @torch.no_grad()
 def evaluate(model, loss_fn, loader, device):
-    """Scores (N x C), labels (N x C) and ids of the whole split, and the mean loss."""
+    """Scores (N x C), labels (N x C) and ids of the whole split, and the mean loss.
+
+    A split without labels (`dataset.labelled` false, VOC 2012 test) gets scores only: loss NaN.
+    """
     model.eval()
+    labelled = getattr(loader.dataset, "labelled", True)
     scores, labels, ids = [], [], []
     total, count = 0.0, 0
     bar = tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True)
     start = time.perf_counter()
     for images, batch_labels, batch_ids in bar:
         output = model(images.to(device, non_blocking=True))
-        loss = loss_fn(output, training_targets(batch_labels).to(device))
-        total += loss.item() * images.shape[0]
+        if labelled:
+            loss = loss_fn(output, training_targets(batch_labels).to(device))
+            total += loss.item() * images.shape[0]
         count += images.shape[0]
         scores.append(output.scores.float().cpu())
         labels.append(batch_labels)
-        ids.extend(batch_ids)
+        ids.extend(batch_ids.tolist() if torch.is_tensor(batch_ids) else batch_ids)  # COCO: ints
         bar.set_postfix(img_s=f"{count / (time.perf_counter() - start):.1f}")
     return {"scores": torch.cat(scores).numpy(), "labels": torch.cat(labels).numpy(),
-            "ids": ids, "loss": total / max(count, 1)}
+            "ids": ids, "loss": total / max(count, 1) if labelled else math.nan}
 
 
 def log_metrics(path, record):
@@ -203,17 +217,6 @@ def log_metrics(path, record):
         f.write(json.dumps({key: clean(value) for key, value in record.items()}) + "\n")
 
 
-def read_metrics(path):
-    """The records of metrics.jsonl; a later record for the same epoch and split wins."""
-    records = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                records[(record["epoch"], record["split"])] = record
-    return list(records.values())
-
-
 # --------------------------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------------------------
@@ -222,6 +225,9 @@ def semantics_for(args, classes, checkpoint, default_embeddings):
     """The C x 300 class vectors: from our checkpoint, else --embeddings, else the standard file."""
     if checkpoint is not None and "semantics" in checkpoint:
         return checkpoint["semantics"]
+    if not args.embeddings and default_embeddings is None:
+        raise DSDLError("this dataset has no standard class vectors: pass --embeddings PATH, a "
+                        "C x 300 file in the class order (make_embeddings.py writes one)")
     path = args.embeddings or standard_embeddings(default_embeddings)
     return load_embeddings(path, num_classes=len(classes))
 
@@ -252,8 +258,35 @@ def check_args(args):
         raise DSDLError(f"--resume {args.resume}: no such file")
 
 
-def run(args, train_set, test_set, default_embeddings):
+def report_table(metrics, classes, dataset, args, epoch):
+    """Print the evaluation as the paper's table (with its row in its setting); save it as Markdown."""
+    benchmark = getattr(dataset, "benchmark", None)
+    source = args.resume if args.evaluate else "this run"
+    title = (f"DSDL {args.arch} at {args.image_size} px, epoch {epoch} of {source}, on "
+             f"{benchmark or type(dataset).__name__} {dataset.split}")
+    table = results_table(metrics, classes, benchmark, args.arch, title)
+    path = os.path.join(args.checkpoint_dir, f"results_{dataset.split}.md")
+    with open(path, "w") as f:
+        f.write(table + "\n")
+    print(f"{table}\n(saved as {path})")
+
+
+def submit(model, loss_fn, dataset, args, device, write_submission):
+    """Score a split without labels and write the evaluation server's files (VOC 2012 test)."""
+    result = evaluate(model, loss_fn, make_loader(dataset, args, device, shuffle=False), device)
+    folder, archive = write_submission(result["scores"], result["ids"], list(dataset.classes),
+                                       args.checkpoint_dir)
+    print(f"evaluation-server files for {len(result['ids'])} {dataset.split} images: {folder}\n"
+          f"upload {archive} to the evaluation server")
+    return archive
+
+
+def run(args, train_set, test_set, default_embeddings, submission_set=None, write_submission=None):
+    """Train (or with -e only evaluate); `submission_set` is then scored by the best model."""
     check_args(args)
+    if not args.evaluate and not getattr(test_set, "labelled", True):
+        raise DSDLError(f"the {test_set.split} split has no labels, so it cannot select the best "
+                        f"model; evaluate every epoch on a labelled split")
     device = torch.device(args.device)
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     classes = list(test_set.classes)
@@ -275,14 +308,23 @@ def run(args, train_set, test_set, default_embeddings):
 
     def test(epoch, train_loss=None):
         result = evaluate(model, loss_fn, test_loader, device)
+        if not getattr(test_set, "labelled", True):
+            print(f"epoch {epoch}: {test_set.split} has no labels; {len(result['ids'])} images "
+                  f"scored, no metrics")
+            return None
         metrics = compute_metrics(result["scores"], result["labels"])
         print(f"epoch {epoch}: test loss {result['loss']:.4f}\n" + format_metrics(metrics, classes))
         log_metrics(log_path, {"epoch": epoch, "split": test_set.split, "loss": result["loss"],
                                "train_loss": train_loss, **metrics})
+        report_table(metrics, classes, test_set, args, epoch)
+        plot_curves(log_path, args.checkpoint_dir, classes)
         return metrics
 
     if args.evaluate:
-        return test(checkpoint.get("epoch", 0))
+        metrics = test(checkpoint.get("epoch", 0))
+        if submission_set is not None:
+            submit(model, loss_fn, submission_set, args, device, write_submission)
+        return metrics
 
     optimizer = torch.optim.SGD(model.parameter_groups(args.lr, args.lrp), lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
@@ -294,7 +336,7 @@ def run(args, train_set, test_set, default_embeddings):
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["lr_scheduler"])
         start_epoch = checkpoint.get("epoch", 0)
-        best_score = checkpoint.get("best_score", -math.inf)
+        best_score = float(checkpoint.get("best_score", -math.inf))  # the release's is a tensor
         print(f"resumed from {args.resume} at epoch {start_epoch} (best mAP {best_score:.2f})")
     train_loader = make_loader(train_set, args, device, shuffle=True)
     metrics = None
@@ -318,15 +360,27 @@ def run(args, train_set, test_set, default_embeddings):
         if is_best:
             save_checkpoint(state, os.path.join(args.checkpoint_dir, BEST))
         print(f"train loss {train_loss:.4f}, test mAP {metrics['mAP']:.2f}, best {best_score:.2f}")
+    if submission_set is not None:
+        best = os.path.join(args.checkpoint_dir, BEST)
+        if os.path.isfile(best):  # the submission comes from the best model, not the last
+            load_weights(model, load_checkpoint(best), best)
+        submit(model, loss_fn, submission_set, args, device, write_submission)
     return metrics
 
 
-def main(args, train_set_fn, test_set_fn, default_embeddings):
-    """Entry point of the main_*.py scripts: user errors are printed, not raised."""
+def main(args, train_set_fn, test_set_fn, default_embeddings, submission_set_fn=None,
+         write_submission=None):
+    """Entry point of the main_*.py scripts: user errors are printed, not raised.
+
+    `submission_set_fn` gives a split without labels (VOC 2012 test) that the best model scores
+    at the end, and `write_submission(scores, ids, classes, folder)` writes those scores.
+    """
     try:
         check_args(args)
         train_set = None if args.evaluate else train_set_fn(args)
-        run(args, train_set, test_set_fn(args), default_embeddings)
+        submission_set = submission_set_fn(args) if submission_set_fn else None
+        run(args, train_set, test_set_fn(args), default_embeddings, submission_set,
+            write_submission)
     except DSDLError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -1,6 +1,6 @@
 """Train or evaluate DSDL on PASCAL VOC 2007 (trainval -> test) with the release's defaults."""
 import engine
-from util import test_transform, train_transform
+from util import eval_transform, train_transform
 from voc import VOC2007
 
 
@@ -11,7 +11,7 @@ def main():
     args = parser.parse_args()
     engine.main(args,
                 train_set_fn=lambda a: VOC2007(a.data, "trainval", train_transform(a.image_size)),
-                test_set_fn=lambda a: VOC2007(a.data, "test", test_transform(a.image_size)),
+                test_set_fn=lambda a: VOC2007(a.data, "test", eval_transform(a.image_size)),
                 default_embeddings="voc_glove_word2vec.pkl")
 
 

@@ -24,18 +24,40 @@ class DSDLOutput(NamedTuple):
     reconstruction: torch.Tensor  # C x 300, the decoder's S_hat
 
 
+class ClassMaps(NamedTuple):
+    scores: torch.Tensor  # B x C, the coefficients A
+    maps: torch.Tensor    # B x C x h x w, each class's score spread over the layer-4 grid
+
+
+def at_least_float32(tensor):
+    """Half-precision tensors (from autocast) go up to float32; float64 stays (gradcheck)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def ridge_coefficients(features, dictionary, lambd):
     """A = argmin ||F - A D||^2 + lambd ||A||^2 = F D^T (D D^T + lambd I)^-1, in float32.
 
     Solving the C x C system (never forming the inverse) keeps the solution accurate; the
     gradient flows through the solve into both the features and the dictionary (APUS).
     """
-    features, dictionary = features.float(), dictionary.float()
+    features, dictionary = at_least_float32(features), at_least_float32(dictionary)
     num_classes = dictionary.shape[0]
     gram = dictionary @ dictionary.T + lambd * torch.eye(
         num_classes, dtype=dictionary.dtype, device=dictionary.device)  # C x C, symmetric
     # (D D^T + lambd I) A^T = D F^T; the matrix is symmetric positive definite.
     return torch.linalg.solve(gram, dictionary @ features.T).T  # B x C
+
+
+def ridge_projection(dictionary, lambd):
+    """P = D^T (D D^T + lambd I)^-1, d_f x C: the closed-form coefficients are A = F P.
+
+    The coefficients are linear in the features, so P reads the scores of any feature vector,
+    including those of single positions of a feature map (see `DSDL.class_maps`).
+    """
+    dictionary = at_least_float32(dictionary)
+    gram = dictionary @ dictionary.T + lambd * torch.eye(
+        dictionary.shape[0], dtype=dictionary.dtype, device=dictionary.device)  # C x C, symmetric
+    return torch.linalg.solve(gram, dictionary).T  # d_f x C
 
 
 def load_trunk(arch, pretrained):
@@ -102,11 +124,40 @@ class DSDL(nn.Module):
         features = self.pooling(feature_map).flatten(1)          # B x d_f
         # The head runs in float32 even under autocast: the C x C solve needs the precision.
         with torch.autocast(images.device.type, enabled=False):
-            features = features.float()
+            features = at_least_float32(features)
             dictionary = self.encode(self.semantics)             # C x d_f
             reconstruction = self.decode(dictionary)             # C x 300
             scores = ridge_coefficients(features, dictionary, self.lambd)  # B x C
         return DSDLOutput(scores, features, dictionary, self.semantics, reconstruction)
+
+    def class_maps(self, images):
+        """The scores and, for each class, where on the layer-4 grid its score comes from.
+
+        The scores are linear in the max-pooled features: A = F P, P = D^T (D D^T + lambd I)^-1
+        (d_f x C). Feature k is the layer-4 map M_k read at the one position x_k that its max
+        pool picks, so A_c = sum_k P_kc M_k(x_k): channel k adds P_kc M_k(x_k) to the score of
+        class c, at x_k. The map of class c collects these shares where they are read,
+
+            m_c(x) = sum of P_kc M_k(x) over the channels k pooled at x,
+
+        i.e. the layer-4 map projected on column c of P, pooled the way the model pools. Summed
+        over positions it is the score, exactly; it is also the gradient of A_c with respect to
+        the layer-4 map times that map. (The projection at every position, sum_k P_kc M_k(x),
+        is not used: its maximum is not the score, because channels peak at different places.)
+        Returns ClassMaps(scores B x C as `forward` computes them, maps B x C x h x w).
+        """
+        feature_map = self.features(images)                      # B x d_f x h x w
+        with torch.autocast(images.device.type, enabled=False):
+            feature_map = at_least_float32(feature_map)
+            # The model's own pooling (global max), with the position each maximum is read at.
+            features, where = F.adaptive_max_pool2d(feature_map, 1, return_indices=True)
+            features, where = features.flatten(1), where.flatten(1)  # B x d_f, flat positions
+            dictionary = self.encode(self.semantics)             # C x d_f
+            scores = ridge_coefficients(features, dictionary, self.lambd)  # B x C
+            pooled = torch.zeros_like(feature_map.flatten(2)).scatter(
+                2, where.unsqueeze(2), features.unsqueeze(2))    # B x d_f x hw, M_k kept at x_k
+            maps = torch.einsum("bkx,kc->bcx", pooled, ridge_projection(dictionary, self.lambd))
+        return ClassMaps(scores, maps.unflatten(2, feature_map.shape[2:]))
 
     def parameter_groups(self, lr, lrp):
         """The release's two groups: the CNN trunk at lr * lrp, the dictionary (W1, W2) at lr."""
@@ -128,9 +179,10 @@ class DSDLLoss(nn.Module):
         self.beta = beta
 
     def forward(self, output, targets):
-        scores = output.scores.float()
-        classification = F.multilabel_soft_margin_loss(scores, targets.float())
-        reconstruction = torch.linalg.norm(scores @ output.dictionary.float() - output.features.float())
+        scores, dictionary, features, semantics, reconstructed = map(at_least_float32, (
+            output.scores, output.dictionary, output.features, output.semantics, output.reconstruction))
+        classification = F.multilabel_soft_margin_loss(scores, targets.to(scores.dtype))
+        reconstruction = torch.linalg.norm(scores @ dictionary - features)
         sparsity = torch.linalg.norm(scores)
-        cosine = F.cosine_similarity(output.semantics.float(), output.reconstruction.float(), dim=1).mean()
+        cosine = F.cosine_similarity(semantics, reconstructed, dim=1).mean()
         return (classification + self.beta * (reconstruction + self.lambd * sparsity)) / cosine

@@ -1,5 +1,6 @@
 """Small shared pieces: metrics, transforms, label embeddings, downloads and safe extraction."""
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -9,6 +10,8 @@ import zipfile
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from torchvision import transforms
 from tqdm import tqdm
@@ -105,6 +108,77 @@ def format_metrics(metrics, classes):
 
 
 # --------------------------------------------------------------------------------------------
+# The paper's tables (spec section 1)
+# --------------------------------------------------------------------------------------------
+
+PAPER_ARCH = "resnet101"
+PAPER_THRESHOLDED = ("CP", "CR", "CF1", "OP", "OR", "OF1")
+# benchmark -> the paper's DSDL row (ResNet-101 at 448 px); "AP" in the dataset's class order.
+PAPER_RESULTS = {
+    "voc2007": {
+        "setting": "VOC 2007 test",
+        "mAP": 94.4,
+        "AP": [99.8, 98.7, 98.4, 97.9, 81.9, 95.4, 97.6, 98.3, 83.3, 95.0,
+               88.6, 98.0, 97.9, 95.8, 99.0, 86.6, 95.9, 86.4, 98.6, 94.4],
+    },
+    "voc2012": {
+        "setting": "VOC 2012 test, scored by the evaluation server",
+        "mAP": 93.2,
+        "AP": [99.4, 95.3, 97.6, 95.7, 83.5, 94.8, 93.9, 98.5, 85.7, 94.5,
+               83.8, 98.4, 97.7, 95.9, 98.5, 80.6, 95.7, 82.3, 98.2, 93.2],
+    },
+    "coco2014": {
+        "setting": "COCO 2014 val",
+        "mAP": 81.7, "CP": 84.1, "CR": 70.4, "CF1": 76.7, "OP": 85.1, "OR": 73.9, "OF1": 79.1,
+        "CP_top3": 88.1, "CR_top3": 62.9, "CF1_top3": 73.4,
+        "OP_top3": 89.6, "OR_top3": 65.3, "OF1_top3": 75.6,
+    },
+}
+# The paper's VOC tables abbreviate these class names.
+SHORT_CLASS_NAMES = {"aeroplane": "aero", "bicycle": "bike", "diningtable": "table",
+                     "motorbike": "mbike", "pottedplant": "plant", "tvmonitor": "tv"}
+
+
+def results_table(metrics, classes, benchmark=None, arch=None, title=None):
+    """One evaluation laid out like the paper's table, in Markdown.
+
+    A per-class benchmark (VOC) gets one AP column per class and mAP; COCO gets mAP, the six
+    thresholded metrics and their top-3 variants. When `benchmark` and `arch` are the paper's
+    setting, the paper's row and our difference to it follow our row.
+    """
+    known = PAPER_RESULTS.get(benchmark)
+    per_class = "AP" in known if known else len(classes) <= 20
+    if per_class:
+        headers = [SHORT_CLASS_NAMES.get(name, name) for name in classes] + ["mAP"]
+        keys = [("AP", c) for c in range(len(classes))] + [("mAP", None)]
+    else:
+        headers = ["mAP", *PAPER_THRESHOLDED, *(f"top-3 {name}" for name in PAPER_THRESHOLDED)]
+        keys = [("mAP", None), *((name, None) for name in PAPER_THRESHOLDED),
+                *((name + "_top3", None) for name in PAPER_THRESHOLDED)]
+
+    def row(source):
+        return [source[key] if index is None else source[key][index] for key, index in keys]
+
+    def cells(values, sign=""):
+        return ["–" if np.isnan(v) else f"{v:{sign}.1f}" for v in np.asarray(values, dtype=float)]
+
+    ours = row(metrics)
+    rows = [["ours", *cells(ours)]]
+    paper = known if known and arch == PAPER_ARCH else None
+    if paper is not None:
+        rows.append(["DSDL paper", *cells(row(paper))])
+        rows.append(["difference", *cells(np.subtract(ours, row(paper)), "+")])
+    lines = [title, ""] if title else []
+    lines.append("| | " + " | ".join(headers) + " |")
+    lines.append("|---|" + "---:|" * len(headers))
+    lines.extend("| " + " | ".join(entries) + " |" for entries in rows)
+    if paper is not None:
+        lines += ["", f"Paper: Zhou, Huang, Xing, AAAI 2021, DSDL with ResNet-101 at 448 px on "
+                      f"{paper['setting']}."]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # Transforms (spec section 4)
 # --------------------------------------------------------------------------------------------
 
@@ -161,7 +235,7 @@ def train_transform(image_size=448):
     ])
 
 
-def test_transform(image_size=448):
+def eval_transform(image_size=448):
     """Resize to image_size x image_size, ignoring the aspect ratio (the release's 'Warp')."""
     return transforms.Compose([
         transforms.Resize((image_size, image_size)),
@@ -334,3 +408,72 @@ def standard_embeddings(name, folder="data"):
         urls, md5 = STANDARD_EMBEDDINGS[name]
         download(urls, path, md5)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# The training log (metrics.jsonl) and its pictures
+# --------------------------------------------------------------------------------------------
+
+def read_metrics(path):
+    """The records of metrics.jsonl; a later record for the same epoch and split wins."""
+    records = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                records[(record["epoch"], record["split"])] = record
+    return list(records.values())
+
+
+def curves_figure(records):
+    """Train loss (left) and the mAP of each evaluated split (right) per epoch."""
+    figure = Figure(figsize=(10, 4), dpi=100)
+    loss_axes, map_axes = figure.subplots(1, 2)
+    # Every split evaluated after an epoch carries that epoch's train loss; plot it once.
+    train_loss = {r["epoch"]: r["train_loss"] for r in records if r.get("train_loss") is not None}
+    epochs = sorted(train_loss)
+    loss_axes.plot(epochs, [train_loss[e] for e in epochs], marker="o")
+    loss_axes.set(title="train loss", xlabel="epoch", ylabel="loss")
+    for split in dict.fromkeys(r["split"] for r in records):
+        points = sorted((r["epoch"], r["mAP"]) for r in records
+                        if r["split"] == split and r.get("mAP") is not None)
+        map_axes.plot([e for e, _ in points], [m for _, m in points], marker="o", label=split)
+    map_axes.set(title="mAP", xlabel="epoch", ylabel="mAP (%)")
+    map_axes.legend(title="split")
+    for axes in (loss_axes, map_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def per_class_ap_figure(record, classes=None):
+    """Bar chart of one evaluation's per-class AP; a class without positives has no bar."""
+    ap = np.array([np.nan if v is None else v for v in record["AP"]], dtype=np.float64)
+    classes = list(classes) if classes is not None else [str(c) for c in range(len(ap))]
+    figure = Figure(figsize=(max(6.0, 2.0 + 0.3 * len(ap)), 4.5), dpi=100)
+    axes = figure.subplots()
+    axes.bar(np.arange(len(ap)), ap)
+    axes.set_xticks(np.arange(len(ap)), classes, rotation=90)
+    if record.get("mAP") is not None:
+        axes.axhline(record["mAP"], color="black", linestyle="--", linewidth=1,
+                     label=f"mAP {record['mAP']:.2f}")
+        axes.legend(loc="lower right")
+    axes.set(title=f"per-class AP, {record['split']}, epoch {record['epoch']}",
+             ylabel="AP (%)", ylim=(0, 100), xlim=(-0.6, len(ap) - 0.4))
+    figure.tight_layout()
+    return figure
+
+
+def plot_curves(log_path, out_dir, classes=None):
+    """Draw `curves.png` and `per_class_ap.png` in `out_dir` from the log at `log_path`.
+
+    The per-class AP is that of the last epoch's evaluation (the last one logged for it).
+    Returns the two paths.
+    """
+    records = read_metrics(log_path)
+    last = max(reversed(records), key=lambda record: record["epoch"])
+    paths = os.path.join(out_dir, "curves.png"), os.path.join(out_dir, "per_class_ap.png")
+    for figure, path in zip((curves_figure(records), per_class_ap_figure(last, classes)), paths):
+        figure.savefig(path)
+    return paths

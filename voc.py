@@ -1,5 +1,6 @@
-"""PASCAL VOC 2007 (and 2012): image-level labels from the per-class split files."""
+"""PASCAL VOC 2007 and 2012: image-level labels from the per-class split files."""
 import os
+import tarfile
 
 import numpy as np
 import torch
@@ -60,6 +61,8 @@ class VOC2007(Dataset):
     """
 
     year = "2007"
+    benchmark = "voc2007"  # key of the paper's results (util.PAPER_RESULTS)
+    labelled = True
     archives = VOC2007_ARCHIVES
     mirrors = MIRRORS
     classes = list(VOC_CLASSES)
@@ -110,3 +113,70 @@ class VOC2007(Dataset):
             image = self.transform(image)
         return image, torch.from_numpy(self.labels[index]), image_id
 
+
+# split -> (archive, md5) holding it (spec section 7); the test archive has no published md5.
+VOC2012_ARCHIVES = {
+    "train": ("VOCtrainval_11-May-2012.tar", "6cd6e144f989b92b3379bac3b3de84fd"),
+    "val": ("VOCtrainval_11-May-2012.tar", "6cd6e144f989b92b3379bac3b3de84fd"),
+    "trainval": ("VOCtrainval_11-May-2012.tar", "6cd6e144f989b92b3379bac3b3de84fd"),
+    "test": ("VOC2012test.tar", None),
+}
+
+
+class VOC2012(VOC2007):
+    """VOC 2012 for multi-label classification: `train`, `val`, `trainval` and `test`.
+
+    Same contract as `VOC2007`, with `root` holding `VOCdevkit/VOC2012`. The test split's labels
+    are withheld by the organisers: its ids come from `ImageSets/Main/test.txt`, `labelled` is
+    False and every label is 0, the flag that no AP counts, so that nothing mistakes the unknown
+    labels for negatives. Scores on it are judged by the evaluation server (`write_submission`).
+    """
+
+    year = "2012"
+    benchmark = "voc2012"
+    archives = VOC2012_ARCHIVES
+    # The test archive is only on the pjreddie.com mirror (the release fetched it from there).
+    mirrors = ("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/", "https://pjreddie.com/media/files/")
+
+    def __init__(self, root, split, transform=None, download=True):
+        self.labelled = split != "test"
+        super().__init__(root, split, transform, download)
+
+    def _present(self):
+        if self.labelled:
+            return super()._present()
+        return os.path.isfile(os.path.join(self.main_folder, "test.txt"))
+
+    def _read_labels(self):
+        if self.labelled:
+            return super()._read_labels()
+        with open(os.path.join(self.main_folder, "test.txt")) as f:
+            ids = [line.split()[0] for line in f if line.strip()]
+        return ids, np.zeros((len(ids), len(self.classes)), dtype=np.int64)
+
+
+def write_submission(scores, image_ids, classes, folder):
+    """The VOC 2012 evaluation-server files of N x C `scores` (spec section 8).
+
+    Writes `<folder>/results/VOC2012/Main/comp1_cls_test_<class>.txt`, one line
+    `<image_id> <score>` per image, and `<folder>/results.tar.gz` holding them under
+    `results/VOC2012/Main/`, the layout the server expects. Returns (that folder, the archive).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (len(image_ids), len(classes)):
+        raise ValueError(f"scores {scores.shape} do not match {len(image_ids)} images x "
+                         f"{len(classes)} classes")
+    relative = os.path.join("results", "VOC2012", "Main")
+    results = os.path.join(folder, relative)
+    os.makedirs(results, exist_ok=True)
+    archive = os.path.join(folder, "results.tar.gz")
+    temporary = f"{archive}.tmp{os.getpid()}"
+    with tarfile.open(temporary, "w:gz") as tar:
+        for c, name in enumerate(classes):
+            filename = f"comp1_cls_test_{name}.txt"
+            with open(os.path.join(results, filename), "w") as f:
+                # Six decimals, as the devkit's own example writes them (%f).
+                f.writelines(f"{image_id} {score:.6f}\n" for image_id, score in zip(image_ids, scores[:, c]))
+            tar.add(os.path.join(results, filename), arcname=os.path.join(relative, filename))
+    os.replace(temporary, archive)
+    return results, archive

@@ -1,0 +1,148 @@
+"""MS-COCO 2014: image-level labels from the instance annotations (spec section 5)."""
+import json
+import os
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from util import DSDLError, download, extract, load_image, md5sum
+
+COCO_SITE = "http://images.cocodataset.org/"
+# archive -> (path on the COCO site, md5)
+COCO2014_ARCHIVES = {
+    "train2014.zip": ("zips/train2014.zip", "0da8c0bd3d6becc4dcb32757491aca88"),
+    "val2014.zip": ("zips/val2014.zip", "a3d79f5ed8d289b7a7554ce06a5782b3"),
+    "annotations_trainval2014.zip": ("annotations/annotations_trainval2014.zip",
+                                     "0a379cfc70b0e71301e0f377548639bd"),
+}
+CACHE_VERSION = 1
+
+
+def read_instance_labels(path):
+    """Classes, image ids, file names and N x C labels (1 / -1) from an `instances_*.json`.
+
+    The labels of an image are the categories of its instance annotations; a class's index is
+    the position of its NAME among the sorted names (not its category id); images without any
+    annotation are dropped. Images keep the file's order.
+    """
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        classes = sorted(category["name"] for category in data["categories"])
+        column = {category["id"]: classes.index(category["name"]) for category in data["categories"]}
+        present = {}  # image id -> class indices of its annotations
+        for annotation in data["annotations"]:
+            present.setdefault(annotation["image_id"], set()).add(column[annotation["category_id"]])
+        kept = [image for image in data["images"] if image["id"] in present]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DSDLError(f"cannot read the COCO annotations {path} ({error!r}); delete it to "
+                        f"download annotations_trainval2014.zip again") from error
+    del data  # the annotations (most of the file) are not kept
+    labels = np.full((len(kept), len(classes)), -1, dtype=np.int8)  # N x C
+    for row, image in enumerate(kept):
+        labels[row, sorted(present[image["id"]])] = 1
+    image_ids = np.array([image["id"] for image in kept], dtype=np.int64)
+    file_names = np.array([image["file_name"] for image in kept], dtype=str)
+    return classes, image_ids, file_names, labels
+
+
+def _source_stamp(path):
+    """Size and modification time of the annotation file: a cache built from another is stale."""
+    stat = os.stat(path)
+    return np.array([CACHE_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
+
+
+def load_labels_cached(annotation_file, cache_file):
+    """`read_instance_labels`, kept in `cache_file` (.npz) so that later starts skip the json.
+
+    The cache is rebuilt when the annotation file's size or mtime changes, and written to a
+    temporary file first, so that an interrupted write never leaves a cache that looks valid.
+    """
+    stamp = _source_stamp(annotation_file)
+    try:
+        with np.load(cache_file, allow_pickle=False) as cache:
+            if np.array_equal(cache["source"], stamp):
+                return (list(cache["classes"]), cache["image_ids"], cache["file_names"],
+                        cache["labels"])
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        warnings.warn(f"ignoring the unreadable label cache {cache_file} ({error}); rebuilding it",
+                      stacklevel=2)
+    print(f"reading {annotation_file} (once; the labels are cached in {cache_file})")
+    classes, image_ids, file_names, labels = read_instance_labels(annotation_file)
+    temporary = f"{cache_file}.tmp{os.getpid()}"
+    try:
+        with open(temporary, "wb") as f:
+            np.savez(f, source=stamp, classes=np.array(classes, dtype=str), image_ids=image_ids,
+                     file_names=file_names, labels=labels)
+        os.replace(temporary, cache_file)
+    except OSError as error:  # a read-only dataset folder: work without the cache
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        warnings.warn(f"could not write the label cache {cache_file} ({error}); the annotations "
+                      f"will be read again at the next start", stacklevel=2)
+    return classes, image_ids, file_names, labels
+
+
+class COCO2014(Dataset):
+    """MS-COCO 2014 `train` or `val` for multi-label classification.
+
+    `root` is laid out as the official zips extract: `train2014/`, `val2014/` and
+    `annotations/instances_{train,val}2014.json`. What is absent is downloaded (md5 verified)
+    and extracted when `download` is true. `dataset[i]` is `(image, labels, image_id)`, labels
+    an int vector of 1 (present) and -1 (absent); `classes` are the category names sorted.
+    """
+
+    benchmark = "coco2014"  # key of the paper's results (util.PAPER_RESULTS)
+    labelled = True
+    splits = ("train", "val")
+
+    def __init__(self, root, split, transform=None, download=True):
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {', '.join(self.splits)}, got {split!r}")
+        self.root = root
+        self.split = split
+        self.transform = transform
+        self.image_folder = os.path.join(root, f"{split}2014")
+        self.annotation_file = os.path.join(root, "annotations", f"instances_{split}2014.json")
+        needed = [(self.annotation_file, "annotations_trainval2014.zip"),
+                  (self.image_folder, f"{split}2014.zip")]
+        for path, archive in needed:
+            if os.path.exists(path):
+                continue
+            if not download:
+                raise DSDLError(f"COCO 2014 {split}: {path} not found and download=False")
+            self._download(archive, path)
+        cache_file = os.path.join(root, "annotations", f"instances_{split}2014.labels.npz")
+        self.classes, self.image_ids, self.file_names, self.labels = load_labels_cached(
+            self.annotation_file, cache_file)
+
+    def _download(self, filename, expected):
+        """Fetch and extract `filename` unless a verified copy is already in `root`."""
+        site_path, md5 = COCO2014_ARCHIVES[filename]
+        archive = os.path.join(self.root, filename)
+        if not (os.path.isfile(archive) and md5sum(archive) == md5):
+            try:
+                download(COCO_SITE + site_path, archive, md5)
+            except DSDLError as error:
+                raise DSDLError(
+                    f"COCO 2014 {self.split}: {expected} is absent and could not be "
+                    f"downloaded.\n{error}\nExtract the official {filename} into {self.root}, "
+                    f"or put the zip there.") from error
+        extract(archive, self.root)
+        if not os.path.exists(expected):
+            raise DSDLError(f"{archive} did not contain {expected}; is it the right archive?")
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def __getitem__(self, index):
+        image = load_image(os.path.join(self.image_folder, str(self.file_names[index])))
+        if self.transform is not None:
+            image = self.transform(image)
+        labels = torch.from_numpy(self.labels[index].astype(np.int64))
+        return image, labels, int(self.image_ids[index])

@@ -1,0 +1,185 @@
+"""The training loop: learning, exact resume, evaluation, checkpoints, and the CLI end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from conftest import ROOT, write_voc_tree
+from models import DSDL
+from util import DSDLError, compute_metrics, eval_transform, train_transform
+from voc import VOC2007
+
+SMALL = ["--arch", "resnet18", "--no-pretrained", "--image-size", "64", "-j", "0", "-b", "8"]
+
+
+def parse(root, embeddings, checkpoint_dir, *extra):
+    parser = engine.get_args_parser("test", lambd=10.0, beta=1e-4)
+    return parser.parse_args([root, *SMALL, "--embeddings", embeddings,
+                              "--checkpoint-dir", str(checkpoint_dir), *extra])
+
+
+def datasets(root, image_size=64):
+    return (VOC2007(root, "trainval", train_transform(image_size), download=False),
+            VOC2007(root, "test", eval_transform(image_size), download=False))
+
+
+def run(args):
+    return engine.run(args, *datasets(args.data, args.image_size), default_embeddings=None)
+
+
+def test_a_few_epochs_learn_visually_distinct_classes(tmp_path, random_embeddings):
+    root = str(tmp_path / "voc")
+    write_voc_tree(root, splits={"trainval": 80, "test": 40}, seed=3)
+    args = parse(root, random_embeddings, tmp_path / "ck", "--epochs", "8", "--lr", "0.3",
+                 "--lrp", "1", "-b", "16")
+    learned = run(args)["mAP"]
+    labels = VOC2007(root, "test", download=False).labels
+    rng = np.random.default_rng(0)
+    chance = np.mean([compute_metrics(rng.standard_normal(labels.shape), labels)["mAP"] for _ in range(50)])
+    print(f"mAP after 8 epochs {learned:.1f} vs random scores {chance:.1f}")
+    assert learned > chance + 20 and learned > 2 * chance
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(voc_root, random_embeddings, tmp_path):
+    root, _ = voc_root
+    run(parse(root, random_embeddings, tmp_path / "straight", "--epochs", "2", "--epoch_step", "1"))
+    run(parse(root, random_embeddings, tmp_path / "split", "--epochs", "1", "--epoch_step", "1"))
+    resumed = parse(root, random_embeddings, tmp_path / "split", "--epochs", "2", "--epoch_step", "1",
+                    "--resume", str(tmp_path / "split" / engine.CHECKPOINT))
+    run(resumed)
+    straight = torch.load(tmp_path / "straight" / engine.CHECKPOINT, weights_only=True)
+    split = torch.load(tmp_path / "split" / engine.CHECKPOINT, weights_only=True)
+    assert straight["epoch"] == split["epoch"] == 2
+    for key, value in straight["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+    assert [g["lr"] for g in split["optimizer"]["param_groups"]] == pytest.approx([1e-4, 1e-3])
+    momentum = split["optimizer"]["state"]
+    for index, state in straight["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], momentum[index]["momentum_buffer"])
+
+
+def test_evaluate_reproduces_the_stored_best_map(voc_root, random_embeddings, tmp_path):
+    root, _ = voc_root
+    run(parse(root, random_embeddings, tmp_path, "--epochs", "2"))
+    best = torch.load(tmp_path / engine.BEST, weights_only=True)
+    log = engine.read_metrics(tmp_path / engine.METRICS_LOG)
+    assert best["best_score"] == pytest.approx(max(r["mAP"] for r in log))
+    metrics = run(parse(root, random_embeddings, tmp_path / "eval", "-e", "--resume", str(tmp_path / engine.BEST)))
+    assert metrics["mAP"] == pytest.approx(best["best_score"], abs=1e-9)
+
+
+def test_checkpoint_holds_everything_needed_to_continue(voc_root, random_embeddings, tmp_path):
+    root, _ = voc_root
+    args = parse(root, random_embeddings, tmp_path, "--epochs", "1")
+    run(args)
+    checkpoint = torch.load(tmp_path / engine.CHECKPOINT, weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "best_score", "args", "classes",
+            "semantics"} <= set(checkpoint)
+    assert checkpoint["classes"] == VOC2007(root, "test", download=False).classes
+    np.testing.assert_array_equal(checkpoint["semantics"].numpy(), np.load(random_embeddings))
+    assert checkpoint["args"]["lambd"] == 10.0 and checkpoint["args"]["arch"] == "resnet18"
+    assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(voc_root, random_embeddings,
+                                                                       tmp_path, monkeypatch):
+    root, _ = voc_root
+    run(parse(root, random_embeddings, tmp_path, "--epochs", "1"))
+    before = open(tmp_path / engine.CHECKPOINT, "rb").read()
+    calls = {"n": 0}
+    original = engine.DSDLLoss.forward
+
+    def poisoned(self, output, targets):
+        calls["n"] += 1
+        loss = original(self, output, targets)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(engine.DSDLLoss, "forward", poisoned)
+    with pytest.raises(DSDLError, match="epoch 2, batch 2"):
+        run(parse(root, random_embeddings, tmp_path, "--epochs", "3",
+                  "--resume", str(tmp_path / engine.CHECKPOINT)))
+    assert open(tmp_path / engine.CHECKPOINT, "rb").read() == before
+
+
+def test_resuming_with_other_hyper_parameters_warns_and_lists_them(voc_root, random_embeddings, tmp_path):
+    root, _ = voc_root
+    run(parse(root, random_embeddings, tmp_path, "--epochs", "1"))
+    with pytest.warns(UserWarning, match=r"lr: 0\.01 -> 0\.05[\s\S]*beta: 0\.0001 -> 0\.001"):
+        run(parse(root, random_embeddings, tmp_path, "--epochs", "1", "--lr", "0.05", "--beta", "1e-3",
+                  "--resume", str(tmp_path / engine.CHECKPOINT)))
+
+
+# ---- the command line ---------------------------------------------------------------------
+
+def cli(*args, cwd=ROOT):
+    env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
+               HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", no_proxy="")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main_voc2007.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_cli_trains_one_epoch_and_logs_every_metric(voc_root, random_embeddings, tmp_path):
+    root, _ = voc_root
+    result = cli(root, "--epochs", "1", *SMALL, "--embeddings", random_embeddings,
+                 "--checkpoint-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert os.path.isfile(tmp_path / engine.CHECKPOINT) and os.path.isfile(tmp_path / engine.BEST)
+    (record,) = engine.read_metrics(tmp_path / engine.METRICS_LOG)
+    assert record["epoch"] == 1 and record["split"] == "test" and record["loss"] > 0
+    expected_keys = set(compute_metrics(np.zeros((2, 20)), np.ones((2, 20))))
+    assert expected_keys <= set(record) and len(record["AP"]) == 20
+    assert f"mAP {record['mAP']:.2f}" in result.stdout
+    assert "CF1_top3" not in result.stdout and "top-3: CP" in result.stdout
+    assert "diningtable" in result.stdout  # the per-class AP table
+
+
+def test_cli_missing_dataset_offline_is_a_clear_error(tmp_path):
+    result = cli(str(tmp_path / "nowhere"), *SMALL, "--checkpoint-dir", str(tmp_path / "ck"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "VOCtrainval_06-Nov-2007.tar" in result.stderr and "VOCdevkit" in result.stderr
+
+
+def test_cli_missing_resume_file_is_an_error_not_a_fresh_start(voc_root, random_embeddings, tmp_path):
+    root, _ = voc_root
+    result = cli(root, *SMALL, "--embeddings", random_embeddings, "--checkpoint-dir", str(tmp_path / "ck"),
+                 "--resume", str(tmp_path / "missing.pth.tar"))
+    assert result.returncode == 1 and "missing.pth.tar: no such file" in result.stderr
+    assert not os.path.exists(tmp_path / "ck")
+
+
+def test_cli_embeddings_of_the_wrong_shape_are_an_error(voc_root, tmp_path):
+    root, _ = voc_root
+    path = tmp_path / "wrong.npy"
+    np.save(path, np.zeros((20, 299), np.float32))
+    result = cli(root, *SMALL, "--embeddings", str(path), "--checkpoint-dir", str(tmp_path / "ck"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "wrong.npy" in result.stderr and "(20, 299)" in result.stderr
+
+
+def test_cli_checkpoint_for_another_number_of_classes_is_an_error(voc_root, random_embeddings, tmp_path):
+    root, _ = voc_root
+    model = DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=False)
+    path = tmp_path / "five.pth.tar"
+    torch.save({"model": model.state_dict(), "epoch": 3, "best_score": 50.0,
+                "classes": [f"class{i}" for i in range(5)], "semantics": model.semantics}, path)
+    result = cli(root, *SMALL, "--embeddings", random_embeddings, "-e", "--resume", str(path),
+                 "--checkpoint-dir", str(tmp_path / "ck"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "5 classes" in result.stderr and "20" in result.stderr
+
+
+def test_cli_checkpoint_for_another_feature_size_is_an_error(voc_root, random_embeddings, tmp_path):
+    root, _ = voc_root
+    model = DSDL(20, torch.randn(20, 300), 10.0, arch="resnet18", pretrained=False)
+    path = tmp_path / "r18.pth.tar"
+    torch.save({"state_dict": model.state_dict()}, path)
+    result = cli(root, *SMALL[:1], "resnet50", *SMALL[2:], "--embeddings", random_embeddings, "-e",
+                 "--resume", str(path), "--checkpoint-dir", str(tmp_path / "ck"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "feature size 512" in result.stderr and "resnet50 has feature size 2048" in result.stderr

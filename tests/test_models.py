@@ -1,0 +1,160 @@
+"""The model of spec sections 2-3: dictionary, closed-form coefficients, loss, gradients."""
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from models import DSDL, DSDLLoss, DSDLOutput, ridge_coefficients
+
+
+def small_model(num_classes=5, lambd=10.0, seed=0):
+    torch.manual_seed(seed)
+    semantics = torch.randn(num_classes, 300)
+    return DSDL(num_classes, semantics, lambd, arch="resnet18", pretrained=False)
+
+
+def leaky_relu(x):
+    return np.where(x > 0, x, 0.2 * x)
+
+
+def ridge_by_lstsq(features, dictionary, lambd):
+    """Each row a of A solves min ||f - D^T a||^2 + lambd ||a||^2: least squares on the
+    stacked system [D^T; sqrt(lambd) I] a = [f; 0], in float64 with numpy."""
+    features, dictionary = np.float64(features), np.float64(dictionary)
+    num_classes = dictionary.shape[0]
+    system = np.vstack([dictionary.T, np.sqrt(lambd) * np.eye(num_classes)])
+    rhs = np.vstack([features.T, np.zeros((num_classes, features.shape[0]))])
+    return np.linalg.lstsq(system, rhs, rcond=None)[0].T
+
+
+def test_coefficients_equal_independent_ridge_solution():
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((6, 40)).astype(np.float32)
+    dictionary = rng.standard_normal((4, 40)).astype(np.float32)
+    for lambd in (0.1, 10.0):
+        ours = ridge_coefficients(torch.from_numpy(features), torch.from_numpy(dictionary), lambd)
+        assert ours.dtype == torch.float32
+        np.testing.assert_allclose(ours.numpy(), ridge_by_lstsq(features, dictionary, lambd),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_model_scores_are_the_ridge_coefficients_of_its_features_and_dictionary():
+    model = small_model(lambd=10.0).eval()
+    with torch.no_grad():
+        output = model(torch.randn(3, 3, 64, 64))
+    assert output.scores.shape == (3, 5) and output.features.shape == (3, 512)
+    assert output.dictionary.shape == (5, 512) and output.reconstruction.shape == (5, 300)
+    expected = ridge_by_lstsq(output.features.numpy(), output.dictionary.numpy(), 10.0)
+    np.testing.assert_allclose(output.scores.numpy(), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_features_are_global_max_pooled_trunk_maps():
+    model = small_model().eval()
+    images = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        feature_map = model.features(images).numpy()
+        output = model(images)
+    np.testing.assert_allclose(output.features.numpy(), feature_map.max(axis=(2, 3)), rtol=1e-6)
+
+
+def test_tied_autoencoder_matches_the_formulas():
+    model = small_model()
+    semantics = model.semantics.numpy()
+    w1, w2 = model.W1.detach().numpy(), model.W2.detach().numpy()
+    dictionary = leaky_relu(semantics @ w1) @ w2
+    reconstruction = leaky_relu(dictionary @ w2.T) @ w1.T
+    with torch.no_grad():
+        output = model(torch.randn(1, 3, 64, 64))
+    np.testing.assert_allclose(output.dictionary.numpy(), dictionary, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(output.reconstruction.numpy(), reconstruction, rtol=1e-4, atol=1e-5)
+    assert {name for name, _ in model.named_parameters() if not name.startswith("features.")} == {"W1", "W2"}
+
+
+def test_autoencoder_initialisation_is_uniform_in_the_spec_bounds():
+    model = small_model()
+    assert model.W1.shape == (300, 1024) and model.W2.shape == (1024, 512)
+    for weight, bound in ((model.W1, 1 / 1024 ** 0.5), (model.W2, 1 / 512 ** 0.5)):
+        assert weight.abs().max() <= bound
+        assert weight.abs().max() > 0.95 * bound  # spread over the whole range, not a narrower init
+
+
+def test_loss_equals_the_formula_by_hand():
+    model = small_model(lambd=10.0)
+    targets = torch.tensor([[1, 0, 0, 1, 0], [0, 0, 1, 0, 0], [1, 1, 0, 0, 1]])
+    output = model(torch.randn(3, 3, 64, 64))
+    loss = DSDLLoss(lambd=10.0, beta=1e-4)(output, targets).item()
+
+    a = output.scores.detach().numpy().astype(np.float64)
+    d = output.dictionary.detach().numpy().astype(np.float64)
+    f = output.features.detach().numpy().astype(np.float64)
+    s = output.semantics.numpy().astype(np.float64)
+    s_hat = output.reconstruction.detach().numpy().astype(np.float64)
+    y = targets.numpy()
+    sigmoid = 1 / (1 + np.exp(-a))
+    bce = -np.mean(y * np.log(sigmoid) + (1 - y) * np.log(1 - sigmoid))
+    rec = np.sqrt(np.sum((a @ d - f) ** 2))
+    sparsity = np.sqrt(np.sum(a ** 2))
+    cos = np.mean(np.sum(s * s_hat, 1) / (np.linalg.norm(s, axis=1) * np.linalg.norm(s_hat, axis=1)))
+    expected = (bce + 1e-4 * (rec + 10.0 * sparsity)) / cos
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_gradients_reach_the_autoencoder_and_the_trunk():
+    model = small_model()
+    output = model(torch.randn(2, 3, 64, 64))
+    DSDLLoss(10.0, 1e-4)(output, torch.tensor([[1, 0, 0, 1, 0], [0, 1, 0, 0, 0]])).backward()
+    for name in ("W1", "W2", "features.0.weight", "features.7.1.conv2.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    assert not model.semantics.requires_grad  # the GloVe vectors are fixed
+
+
+def test_gradcheck_of_the_head_in_float64():
+    """Gradient through the closed-form solve, the auto-encoder and the loss, against finite differences."""
+    torch.manual_seed(0)
+    loss_fn = DSDLLoss(lambd=10.0, beta=0.1)
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    semantics = torch.randn(3, 300, dtype=torch.float64)
+    w1 = (0.05 * torch.randn(300, 8, dtype=torch.float64)).requires_grad_()
+    w2 = (0.3 * torch.randn(8, 6, dtype=torch.float64)).requires_grad_()
+    features = torch.rand(2, 6, dtype=torch.float64, requires_grad=True)
+
+    def head(features, w1, w2):
+        dictionary = torch.nn.functional.leaky_relu(semantics @ w1, 0.2) @ w2
+        reconstruction = torch.nn.functional.leaky_relu(dictionary @ w2.T, 0.2) @ w1.T
+        scores = ridge_coefficients(features, dictionary, 0.5)
+        return loss_fn(DSDLOutput(scores, features, dictionary, semantics, reconstruction), targets), scores
+
+    assert torch.autograd.gradcheck(head, (features, w1, w2), eps=1e-6, atol=1e-5)
+
+
+def test_parameter_groups_trunk_at_lr_times_lrp_dictionary_at_lr():
+    model = small_model()
+    groups = model.parameter_groups(lr=0.01, lrp=0.1)
+    assert [g["lr"] for g in groups] == [pytest.approx(0.001), 0.01]
+    trunk, dictionary = ({id(p) for p in g["params"]} for g in groups)
+    assert dictionary == {id(model.W1), id(model.W2)}
+    assert trunk == {id(p) for p in model.features.parameters()}
+    assert trunk | dictionary == {id(p) for p in model.parameters()}
+
+
+def test_semantics_of_the_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match="5 x 300"):
+        DSDL(5, torch.randn(4, 300), 10.0, arch="resnet18", pretrained=False)
+
+
+def test_pretrained_weights_offline_say_which_file_to_place_where(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(torch.hub, "urlopen", offline, raising=False)
+    with pytest.raises(RuntimeError) as error:
+        DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=True)
+    message = str(error.value)
+    assert "resnet18-f37072fd.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints") in message
+    assert "--no-pretrained" in message

@@ -1,0 +1,132 @@
+"""VOC 2007 from the per-class split files, training targets, label embeddings."""
+import os
+import pickle
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SHARED_EMBEDDINGS
+from engine import training_targets
+from util import DSDLError, compute_metrics, load_embeddings, md5sum
+from voc import VOC2007, VOC_CLASSES
+
+
+def test_labels_ids_and_classes_come_from_the_split_files(voc_root):
+    root, written = voc_root
+    for split, (ids, flags) in written.items():
+        dataset = VOC2007(root, split, download=False)
+        assert dataset.classes == list(VOC_CLASSES)
+        assert dataset.image_ids == ids
+        np.testing.assert_array_equal(dataset.labels, flags)
+        image, labels, image_id = dataset[3]
+        assert image_id == ids[3] and isinstance(image, Image.Image) and image.mode == "RGB"
+        assert labels.dtype == torch.int64 and labels.tolist() == flags[3].tolist()
+    assert set(np.unique(written["trainval"][1])) == {-1, 0, 1}  # the tree has difficult flags
+
+
+def test_difficult_is_a_positive_training_target():
+    labels = torch.tensor([[1, 0, -1], [-1, -1, 0]])
+    assert training_targets(labels).tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def test_difficult_images_do_not_count_in_ap_of_the_dataset_labels(voc_root):
+    root, written = voc_root
+    labels = VOC2007(root, "trainval", download=False).labels
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal(labels.shape)
+    c = int(np.argmax((labels == 0).sum(0)))  # a class with difficult images
+    difficult = labels[:, c] == 0
+    base = compute_metrics(scores, labels)["AP"][c]
+    scores[difficult, c] = 100.0  # difficult images ranked first: AP unchanged
+    assert compute_metrics(scores, labels)["AP"][c] == pytest.approx(base)
+
+
+def test_a_missing_image_is_an_error_naming_its_path(voc_root):
+    root, written = voc_root
+    dataset = VOC2007(root, "test", download=False)
+    path = os.path.join(root, "VOCdevkit", "VOC2007", "JPEGImages", written["test"][0][0] + ".jpg")
+    os.remove(path)
+    with pytest.raises(DSDLError, match=path):
+        dataset[0]
+
+
+def test_a_missing_split_file_is_an_error_naming_its_path(voc_root):
+    root, _ = voc_root
+    path = os.path.join(root, "VOCdevkit", "VOC2007", "ImageSets", "Main", "cow_test.txt")
+    os.remove(path)
+    with pytest.raises(DSDLError, match=path):
+        VOC2007(root, "test", download=False)
+
+
+def test_a_present_dataset_is_used_without_network(voc_root, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used although the dataset is present")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    root, written = voc_root
+    assert len(VOC2007(root, "trainval")) == len(written["trainval"][0])
+
+
+def test_an_absent_dataset_offline_says_where_to_put_it(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DSDLError) as error:
+        VOC2007(str(tmp_path), "test")
+    message = str(error.value)
+    assert "VOCtest_06-Nov-2007.tar" in message and os.path.join("VOCdevkit", "VOC2007") in message
+    assert not any(name.endswith((".tar", ".part")) for name in os.listdir(tmp_path))
+
+
+# ---- label embeddings -------------------------------------------------------------------
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_EMBEDDINGS), reason="../shared/label_embeddings absent")
+def test_the_standard_glove_files_load_with_the_restricted_unpickler():
+    for name, rows in (("voc_glove_word2vec.pkl", 20), ("coco_glove_word2vec.pkl", 80)):
+        path = os.path.join(SHARED_EMBEDDINGS, name)
+        semantics = load_embeddings(path, num_classes=rows)
+        assert semantics.shape == (rows, 300) and semantics.dtype == torch.float32
+        with open(path, "rb") as f:
+            reference = pickle.load(f)  # trusted copy: the plain unpickler as the reference
+        np.testing.assert_array_equal(semantics.numpy(), reference)
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_an_embeddings_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-was-run"
+    path = tmp_path / "hostile.pkl"
+    with open(path, "wb") as f:
+        pickle.dump([Payload(str(marker)), np.zeros((20, 300), np.float32)], f)
+    with pytest.raises(DSDLError, match="not allowed"):
+        load_embeddings(str(path))
+    assert not marker.exists()
+
+
+def test_npy_embeddings_are_accepted_and_a_wrong_shape_is_an_error(tmp_path):
+    good, bad = tmp_path / "good.npy", tmp_path / "bad.npy"
+    vectors = np.random.default_rng(0).standard_normal((20, 300)).astype(np.float32)
+    np.save(good, vectors)
+    np.save(bad, vectors[:19])
+    np.testing.assert_array_equal(load_embeddings(str(good), num_classes=20).numpy(), vectors)
+    with pytest.raises(DSDLError, match=r"bad\.npy.*\(19, 300\).*\(20, 300\)"):
+        load_embeddings(str(bad), num_classes=20)
+
+
+def test_a_standard_embeddings_file_with_another_checksum_is_refused(tmp_path):
+    path = tmp_path / "voc_glove_word2vec.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(np.zeros((20, 300), np.float32), f)
+    with pytest.raises(DSDLError, match=md5sum(str(path))):
+        load_embeddings(str(path), num_classes=20)
