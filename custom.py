@@ -37,9 +37,10 @@ def parse_classes(names):
 def read_label_csv(path):
     """Rows (line number, image path, label names) of a label CSV, and its problems.
 
-    Problems are strings naming the file and line: a missing header, a row without exactly
-    two fields, an empty image path. Checks against classes and images come later
-    (`check_rows`), so that every problem of every file is reported at once.
+    Problems are strings naming the file and line: a row without exactly two fields, an empty
+    image path (a file without the `image,labels` header is refused at once). Checks against
+    classes and images come later (`check_rows`), so that every problem of every file is
+    reported together.
     """
     if not os.path.isfile(path):
         raise DSDLError(f"label file not found: {path}")
@@ -90,14 +91,18 @@ def problems_error(problems):
                      + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else ""))
 
 
-def classes_from_csv(*paths):
-    """Every label named in the CSVs, sorted: the class list when none is given."""
+def classes_from_csv(*paths, skip_malformed=False):
+    """Every label named in the CSVs, sorted: the class list when none is given.
+
+    Malformed rows are an error, or skipped with `skip_malformed` (by `load_split`, which
+    reports them together with the other problems).
+    """
     names, problems = set(), []
     for path in paths:
         rows, found = read_label_csv(path)
         problems += found
         names.update(name for _, _, row_names in rows for name in row_names)
-    if problems:
+    if problems and not skip_malformed:
         raise problems_error(problems)
     if not names:
         raise DSDLError(f"no labels in {', '.join(paths)}")
@@ -152,7 +157,7 @@ def class_list(args):
     # Evaluating needs no train CSV, but its labels, when it is there, keep the class list
     # the one the model was trained with.
     paths = [test_csv] + ([train_csv] if not args.evaluate or os.path.isfile(train_csv) else [])
-    return classes_from_csv(*paths)
+    return classes_from_csv(*paths, skip_malformed=True)
 
 
 def load_split(args, split, transform):

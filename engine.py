@@ -10,19 +10,22 @@ import warnings
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from models import ARCHS, DSDL, DSDLLoss
 from util import plot_curves, read_metrics  # noqa: F401 (read_metrics: engine.read_metrics)
-from util import (DSDLError, format_metrics, compute_metrics, load_embeddings, results_table,
-                  standard_embeddings)
+from util import (DSDLError, format_metrics, compute_metrics, init_distributed, is_main_process,
+                  load_embeddings, normalize_on_device, results_table, standard_embeddings)
 
 CHECKPOINT = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
 METRICS_LOG = "metrics.jsonl"
 # Arguments that may change between a run and its resumption without changing the method.
-RUNTIME_ARGS = {"data", "resume", "evaluate", "epochs", "workers", "device", "checkpoint_dir"}
+RUNTIME_ARGS = {"data", "resume", "evaluate", "epochs", "workers", "device", "checkpoint_dir",
+                "amp", "channels_last", "compile", "fast_pipeline",
+                "train_csv", "test_csv", "images"}  # main_custom.py: where the files are
 
 
 def default_workers():
@@ -35,7 +38,8 @@ def get_args_parser(description, **defaults):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("data", help="dataset root; the dataset is downloaded there when absent")
     parser.add_argument("--image-size", type=int, default=448, help="input side in pixels")
-    parser.add_argument("-b", "--batch-size", type=int, default=32)
+    parser.add_argument("-b", "--batch-size", type=int, default=32,
+                        help="global batch: under torchrun it is divided over the processes")
     parser.add_argument("--epochs", type=int, default=200, help="total number of epochs")
     parser.add_argument("--epoch_step", type=int, nargs="+", default=[40],
                         help="epochs at which every learning rate is multiplied by 0.1")
@@ -52,7 +56,8 @@ def get_args_parser(description, **defaults):
     parser.add_argument("-e", "--evaluate", action="store_true",
                         help="only evaluate the checkpoint given by --resume")
     parser.add_argument("--resume", default=None, metavar="PATH",
-                        help="checkpoint to continue training from (or to evaluate with -e)")
+                        help="checkpoint to continue training from (or to evaluate with -e): "
+                             "this project's or one of the authors' released checkpoints")
     parser.add_argument("-j", "--workers", type=int, default=default_workers(),
                         help="data-loading processes")
     parser.add_argument("--arch", default="resnet101", choices=ARCHS)
@@ -64,6 +69,19 @@ def get_args_parser(description, **defaults):
     parser.add_argument("--checkpoint-dir", default="checkpoints")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    speed = parser.add_argument_group(
+        "speed", "off by default: the defaults train exactly as the release (float32, PIL pipeline)")
+    speed.add_argument("--amp", action="store_true",
+                       help="mixed precision: bf16 where supported, else fp16 with a gradient scaler; "
+                            "the dictionary, the C x C solve and the loss stay float32")
+    speed.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the trunk (falls back to eager with a warning)")
+    speed.add_argument("--fast-pipeline", action="store_true",
+                       help="one resize instead of two and uint8 batches normalised on the device: "
+                            "the same crops, pixels within 0.6 grey levels on average of the release's")
+    speed.add_argument("--sync-bn", action="store_true",
+                       help="synchronise BatchNorm statistics across processes (torchrun)")
     parser.set_defaults(**defaults)
     return parser
 
@@ -83,11 +101,29 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
+        # torch.save reports a failed write (disk full) as a RuntimeError raised from the OSError.
+        cause = error.__context__ if isinstance(error.__context__, OSError) else error
         if os.path.exists(temporary):
             os.remove(temporary)
-        raise DSDLError(f"could not write checkpoint {path} ({error}); the previous checkpoint "
+        raise DSDLError(f"could not write checkpoint {path} ({cause}); the previous checkpoint "
                         f"there is intact. Free disk space and resume with --resume {path}.") from error
+    remove_stale_temporaries(path)
+
+
+def remove_stale_temporaries(path):
+    """Delete `path.tmp<pid>` files left by runs that were killed while writing `path`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for leftover in os.listdir(folder):
+        pid = leftover[len(name) + 4:]
+        if not (leftover.startswith(name + ".tmp") and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # a live process (another run in this folder) keeps its file
+        except ProcessLookupError:
+            os.remove(os.path.join(folder, leftover))
+        except OSError:  # PermissionError: the pid belongs to someone else's live process
+            pass
 
 
 def load_checkpoint(path):
@@ -153,25 +189,76 @@ def training_targets(labels):
     return (labels >= 0).float()
 
 
-def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_norm):
+def prepare_images(images, device, channels_last=False):
+    """Move a batch to the device; uint8 batches (--fast-pipeline) are normalised there."""
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = normalize_on_device(images)
+    return images.contiguous(memory_format=torch.channels_last if channels_last
+                             else torch.contiguous_format)
+
+
+def compile_trunk(trunk):
+    """torch.compile the trunk's forward in place (state-dict keys unchanged); on the first
+    failure (no compiler, unsupported platform) warn and run the trunk eagerly from then on."""
+    eager = trunk.forward
+    compiled = torch.compile(eager)
+
+    def forward(images):
+        try:
+            return compiled(images)
+        except Exception as error:  # torch._dynamo / inductor raise many types
+            warnings.warn(f"--compile does not work here ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); running without it")
+            trunk.forward = eager
+            return eager(images)
+
+    trunk.forward = forward
+
+
+def autocast(device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def mean_over_processes(value):
+    """The loss averaged over torchrun's processes, so that every process sees the same number."""
+    if not torch.distributed.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64,
+                          device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(tensor)
+    return tensor.item() / torch.distributed.get_world_size()
+
+
+def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_norm,
+                    amp_dtype=None, scaler=None, channels_last=False):
     model.train()
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"train {epoch + 1}", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"train {epoch + 1}", leave=False, dynamic_ncols=True,
+               disable=not is_main_process())
     start = time.perf_counter()
     for batch, (images, labels, _) in enumerate(bar):
-        images = images.to(device, non_blocking=True)
+        images = prepare_images(images, device, channels_last)
         targets = training_targets(labels).to(device, non_blocking=True)
-        output = model(images)
-        loss = loss_fn(output, targets)
-        value = loss.item()
+        with autocast(device, amp_dtype):
+            output = model(images)
+        loss = loss_fn(output, targets)  # float32: the head leaves autocast
+        value = mean_over_processes(loss.item())
         if not math.isfinite(value):
             raise DSDLError(f"the loss became {value} at epoch {epoch + 1}, batch {batch + 1}; "
                             f"stopping without taking this step. The last checkpoint is intact; "
                             f"resume from it with a lower --lr.")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
+        if scaler is not None:  # fp16: scale the loss, unscale before clipping
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
         total += value * images.shape[0]
         count += images.shape[0]
         bar.set_postfix(loss=f"{value:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
@@ -179,19 +266,24 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_n
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, loader, device):
+def evaluate(model, loss_fn, loader, device, amp_dtype=None, channels_last=False):
     """Scores (N x C), labels (N x C) and ids of the whole split, and the mean loss.
 
     A split without labels (`dataset.labelled` false, VOC 2012 test) gets scores only: loss NaN.
+    Under torchrun each process scores its share (a Subset, no padding) and the shares are
+    gathered back into the dataset's order, so every image counts exactly once.
     """
     model.eval()
-    labelled = getattr(loader.dataset, "labelled", True)
+    dataset = loader.dataset.dataset if isinstance(loader.dataset, Subset) else loader.dataset
+    labelled = getattr(dataset, "labelled", True)
     scores, labels, ids = [], [], []
     total, count = 0.0, 0
-    bar = tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True,
+               disable=not is_main_process())
     start = time.perf_counter()
     for images, batch_labels, batch_ids in bar:
-        output = model(images.to(device, non_blocking=True))
+        with autocast(device, amp_dtype):
+            output = model(prepare_images(images, device, channels_last))
         if labelled:
             loss = loss_fn(output, training_targets(batch_labels).to(device))
             total += loss.item() * images.shape[0]
@@ -200,8 +292,20 @@ def evaluate(model, loss_fn, loader, device):
         labels.append(batch_labels)
         ids.extend(batch_ids.tolist() if torch.is_tensor(batch_ids) else batch_ids)  # COCO: ints
         bar.set_postfix(img_s=f"{count / (time.perf_counter() - start):.1f}")
-    return {"scores": torch.cat(scores).numpy(), "labels": torch.cat(labels).numpy(),
-            "ids": ids, "loss": total / max(count, 1) if labelled else math.nan}
+    scores, labels = torch.cat(scores).numpy(), torch.cat(labels).numpy()
+    if torch.distributed.is_initialized():
+        shares = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(
+            shares, (list(loader.dataset.indices), scores, labels, ids, total, count))
+        positions = np.concatenate([share[0] for share in shares])
+        order = np.argsort(positions, kind="stable")
+        scores = np.concatenate([share[1] for share in shares])[order]
+        labels = np.concatenate([share[2] for share in shares])[order]
+        ids = [i for share in shares for i in share[3]]
+        ids = [ids[i] for i in order]
+        total, count = sum(share[4] for share in shares), sum(share[5] for share in shares)
+    return {"scores": scores, "labels": labels, "ids": ids,
+            "loss": total / max(count, 1) if labelled else math.nan}
 
 
 def log_metrics(path, record):
@@ -213,8 +317,23 @@ def log_metrics(path, record):
             return [clean(v) for v in value]
         return value
 
+    drop_partial_last_line(path)
     with open(path, "a") as f:
         f.write(json.dumps({key: clean(value) for key, value in record.items()}) + "\n")
+
+
+def drop_partial_last_line(path):
+    """Cut a line that a killed run left half-written, so the next record starts a line of its own.
+
+    Its epoch has no checkpoint yet (the log is written first), so the resumed run logs it again.
+    """
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,8 +361,20 @@ def warn_changed_args(checkpoint, args):
 
 
 def make_loader(dataset, args, device, shuffle):
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle,
-                      num_workers=args.workers, pin_memory=device.type == "cuda",
+    """Training loader (shuffled) or evaluation loader; under torchrun each process loads its share.
+
+    The training share comes from a DistributedSampler (set_epoch every epoch); the evaluation
+    share is every world_size-th image, without the sampler's padding.
+    """
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    sampler = None
+    if world_size > 1:
+        if shuffle:
+            sampler, shuffle = DistributedSampler(dataset, shuffle=True, seed=args.seed), False
+        else:
+            dataset = Subset(dataset, range(torch.distributed.get_rank(), len(dataset), world_size))
+    return DataLoader(dataset, batch_size=args.batch_size // world_size, shuffle=shuffle,
+                      sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda",
                       persistent_workers=args.workers > 0,
                       generator=torch.Generator().manual_seed(args.seed))
 
@@ -271,9 +402,12 @@ def report_table(metrics, classes, dataset, args, epoch):
     print(f"{table}\n(saved as {path})")
 
 
-def submit(model, loss_fn, dataset, args, device, write_submission):
+def submit(model, loss_fn, dataset, args, device, write_submission, amp_dtype=None):
     """Score a split without labels and write the evaluation server's files (VOC 2012 test)."""
-    result = evaluate(model, loss_fn, make_loader(dataset, args, device, shuffle=False), device)
+    result = evaluate(model, loss_fn, make_loader(dataset, args, device, shuffle=False), device,
+                      amp_dtype, args.channels_last)
+    if not is_main_process():
+        return None
     folder, archive = write_submission(result["scores"], result["ids"], list(dataset.classes),
                                        args.checkpoint_dir)
     print(f"evaluation-server files for {len(result['ids'])} {dataset.split} images: {folder}\n"
@@ -287,7 +421,12 @@ def run(args, train_set, test_set, default_embeddings, submission_set=None, writ
     if not args.evaluate and not getattr(test_set, "labelled", True):
         raise DSDLError(f"the {test_set.split} split has no labels, so it cannot select the best "
                         f"model; evaluate every epoch on a labelled split")
-    device = torch.device(args.device)
+    rank, world_size, device = init_distributed(args.device)
+    main_process = rank == 0
+    say = print if main_process else (lambda *_, **__: None)  # only rank 0 prints and writes
+    if args.batch_size % world_size:
+        raise DSDLError(f"--batch-size {args.batch_size} (the global batch) does not divide over "
+                        f"{world_size} processes; pass a multiple of {world_size}")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     classes = list(test_set.classes)
     if checkpoint is not None and checkpoint.get("classes") not in (None, classes):
@@ -301,18 +440,37 @@ def run(args, train_set, test_set, default_embeddings, submission_set=None, writ
     if checkpoint is not None:
         load_weights(model, checkpoint, args.resume)
     model.to(device)
+    amp_dtype, scaler = None, None
+    if args.amp:
+        amp_dtype = torch.bfloat16
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            amp_dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if world_size > 1 and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        compile_trunk(model.features)
+    train_model = model  # what the training step calls: DDP-wrapped under torchrun
+    if world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = DSDLLoss(args.lambd, args.beta)
     os.makedirs(args.checkpoint_dir, exist_ok=True)
     log_path = os.path.join(args.checkpoint_dir, METRICS_LOG)
     test_loader = make_loader(test_set, args, device, shuffle=False)
 
     def test(epoch, train_loss=None):
-        result = evaluate(model, loss_fn, test_loader, device)
+        # The unwrapped model: DDP's forward would synchronise buffers, and the shares differ.
+        result = evaluate(model, loss_fn, test_loader, device, amp_dtype, args.channels_last)
         if not getattr(test_set, "labelled", True):
-            print(f"epoch {epoch}: {test_set.split} has no labels; {len(result['ids'])} images "
+            say(f"epoch {epoch}: {test_set.split} has no labels; {len(result['ids'])} images "
                   f"scored, no metrics")
             return None
         metrics = compute_metrics(result["scores"], result["labels"])
+        if not main_process:
+            return metrics
         print(f"epoch {epoch}: test loss {result['loss']:.4f}\n" + format_metrics(metrics, classes))
         log_metrics(log_path, {"epoch": epoch, "split": test_set.split, "loss": result["loss"],
                                "train_loss": train_loss, **metrics})
@@ -323,7 +481,7 @@ def run(args, train_set, test_set, default_embeddings, submission_set=None, writ
     if args.evaluate:
         metrics = test(checkpoint.get("epoch", 0))
         if submission_set is not None:
-            submit(model, loss_fn, submission_set, args, device, write_submission)
+            submit(model, loss_fn, submission_set, args, device, write_submission, amp_dtype)
         return metrics
 
     optimizer = torch.optim.SGD(model.parameter_groups(args.lr, args.lrp), lr=args.lr,
@@ -335,19 +493,23 @@ def run(args, train_set, test_set, default_embeddings, submission_set=None, writ
             warn_changed_args(checkpoint, args)
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            if scaler is not None and "scaler" in checkpoint:
+                scaler.load_state_dict(checkpoint["scaler"])
         start_epoch = checkpoint.get("epoch", 0)
         best_score = float(checkpoint.get("best_score", -math.inf))  # the release's is a tensor
-        print(f"resumed from {args.resume} at epoch {start_epoch} (best mAP {best_score:.2f})")
+        say(f"resumed from {args.resume} at epoch {start_epoch} (best mAP {best_score:.2f})")
     train_loader = make_loader(train_set, args, device, shuffle=True)
     metrics = None
     for epoch in range(start_epoch, args.epochs):
         # Seeding from the epoch makes a resumed run draw the same batches and crops.
         torch.manual_seed(args.seed + epoch)
         train_loader.generator.manual_seed(args.seed + epoch)
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
         lrs = ", ".join(f"{group['lr']:g}" for group in optimizer.param_groups)
-        print(f"epoch {epoch + 1}/{args.epochs}, learning rates {lrs}")
-        train_loss = train_one_epoch(model, loss_fn, optimizer, train_loader, device, epoch,
-                                     args.max_grad_norm)
+        say(f"epoch {epoch + 1}/{args.epochs}, learning rates {lrs}")
+        train_loss = train_one_epoch(train_model, loss_fn, optimizer, train_loader, device, epoch,
+                                     args.max_grad_norm, amp_dtype, scaler, args.channels_last)
         scheduler.step()
         metrics = test(epoch + 1, train_loss)
         is_best = metrics["mAP"] > best_score
@@ -356,15 +518,22 @@ def run(args, train_set, test_set, default_embeddings, submission_set=None, writ
                  "lr_scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                  "best_score": best_score, "args": vars(args), "classes": classes,
                  "semantics": model.semantics.cpu()}
-        save_checkpoint(state, os.path.join(args.checkpoint_dir, CHECKPOINT))
-        if is_best:
-            save_checkpoint(state, os.path.join(args.checkpoint_dir, BEST))
-        print(f"train loss {train_loss:.4f}, test mAP {metrics['mAP']:.2f}, best {best_score:.2f}")
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        if main_process:
+            # The best model first: a run killed between the two writes redoes this epoch on
+            # resume and so writes both again; the other order would lose this epoch's best.
+            if is_best:
+                save_checkpoint(state, os.path.join(args.checkpoint_dir, BEST))
+            save_checkpoint(state, os.path.join(args.checkpoint_dir, CHECKPOINT))
+        say(f"train loss {train_loss:.4f}, test mAP {metrics['mAP']:.2f}, best {best_score:.2f}")
     if submission_set is not None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process reads the best model once rank 0 wrote it
         best = os.path.join(args.checkpoint_dir, BEST)
         if os.path.isfile(best):  # the submission comes from the best model, not the last
             load_weights(model, load_checkpoint(best), best)
-        submit(model, loss_fn, submission_set, args, device, write_submission)
+        submit(model, loss_fn, submission_set, args, device, write_submission, amp_dtype)
     return metrics
 
 
@@ -377,10 +546,18 @@ def main(args, train_set_fn, test_set_fn, default_embeddings, submission_set_fn=
     """
     try:
         check_args(args)
+        init_distributed(args.device)
+        if not is_main_process():
+            torch.distributed.barrier()  # rank 0 downloads and extracts the data first
         train_set = None if args.evaluate else train_set_fn(args)
+        test_set = test_set_fn(args)
         submission_set = submission_set_fn(args) if submission_set_fn else None
-        run(args, train_set, test_set_fn(args), default_embeddings, submission_set,
-            write_submission)
+        if is_main_process() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        run(args, train_set, test_set, default_embeddings, submission_set, write_submission)
     except DSDLError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

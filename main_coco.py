@@ -10,8 +10,8 @@ def main():
         lambd=0.1, beta=1e-6, checkpoint_dir="checkpoints/coco2014")
     args = parser.parse_args()
     engine.main(args,
-                train_set_fn=lambda a: COCO2014(a.data, "train", train_transform(a.image_size)),
-                test_set_fn=lambda a: COCO2014(a.data, "val", eval_transform(a.image_size)),
+                train_set_fn=lambda a: COCO2014(a.data, "train", train_transform(a.image_size, a.fast_pipeline)),
+                test_set_fn=lambda a: COCO2014(a.data, "val", eval_transform(a.image_size, a.fast_pipeline)),
                 default_embeddings="coco_glove_word2vec.pkl")
 
 

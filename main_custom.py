@@ -30,8 +30,8 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     engine.main(args,
-                train_set_fn=lambda a: custom.load_split(a, "train", train_transform(a.image_size)),
-                test_set_fn=lambda a: custom.load_split(a, "test", eval_transform(a.image_size)),
+                train_set_fn=lambda a: custom.load_split(a, "train", train_transform(a.image_size, a.fast_pipeline)),
+                test_set_fn=lambda a: custom.load_split(a, "test", eval_transform(a.image_size, a.fast_pipeline)),
                 default_embeddings=None)
 
 

@@ -10,8 +10,8 @@ def main():
         lambd=10.0, beta=1e-4, checkpoint_dir="checkpoints/voc2007")
     args = parser.parse_args()
     engine.main(args,
-                train_set_fn=lambda a: VOC2007(a.data, "trainval", train_transform(a.image_size)),
-                test_set_fn=lambda a: VOC2007(a.data, "test", eval_transform(a.image_size)),
+                train_set_fn=lambda a: VOC2007(a.data, "trainval", train_transform(a.image_size, a.fast_pipeline)),
+                test_set_fn=lambda a: VOC2007(a.data, "test", eval_transform(a.image_size, a.fast_pipeline)),
                 default_embeddings="voc_glove_word2vec.pkl")
 
 

@@ -15,10 +15,10 @@ def main():
         lambd=10.0, beta=1.9e-4, checkpoint_dir="checkpoints/voc2012")
     args = parser.parse_args()
     engine.main(args,
-                train_set_fn=lambda a: VOC2012(a.data, "train", train_transform(a.image_size)),
-                test_set_fn=lambda a: VOC2012(a.data, "val", eval_transform(a.image_size)),
+                train_set_fn=lambda a: VOC2012(a.data, "train", train_transform(a.image_size, a.fast_pipeline)),
+                test_set_fn=lambda a: VOC2012(a.data, "val", eval_transform(a.image_size, a.fast_pipeline)),
                 default_embeddings="voc_glove_word2vec.pkl",
-                submission_set_fn=lambda a: VOC2012(a.data, "test", eval_transform(a.image_size)),
+                submission_set_fn=lambda a: VOC2012(a.data, "test", eval_transform(a.image_size, a.fast_pipeline)),
                 write_submission=write_submission)
 
 

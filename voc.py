@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util import DSDLError, download, extract, load_image, md5sum
+from util import DSDLError, download, extract, interrupted_extraction, load_image, md5sum
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -75,10 +75,11 @@ class VOC2007(Dataset):
         self.transform = transform
         self.folder = os.path.join(root, "VOCdevkit", f"VOC{self.year}")
         self.main_folder = os.path.join(self.folder, "ImageSets", "Main")
-        if not self._present():
+        # An extraction that was cut short leaves its staging folder: extract again.
+        if not self._present() or interrupted_extraction(self.archives[split][0], root):
             if not download:
-                raise DSDLError(f"VOC {self.year} {split} not found in {self.folder} and "
-                                f"download=False")
+                raise DSDLError(f"VOC {self.year} {split} not found in {self.folder} (or its "
+                                f"extraction was interrupted) and download=False")
             self._download()
         self.image_ids, self.labels = self._read_labels()
 

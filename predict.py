@@ -1,0 +1,303 @@
+"""Label your own images with a trained DSDL checkpoint.
+
+    python predict.py --resume checkpoints/voc2007/model_best.pth.tar photo.jpg more/*.jpg folder/
+    python predict.py --resume model.pth.tar --json out.json --top-k 3 folder/
+    python predict.py --resume model.pth.tar --cam maps/ photo.jpg
+
+Class names and semantics come from the checkpoint; for the authors' released checkpoints,
+which store neither, `--dataset voc|coco` supplies them. A label's probability is the sigmoid of
+its score (the score is a logit, spec section 6). Unreadable images are reported by path and
+skipped; the exit status is 1 when there was any.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import engine
+from models import ARCHS, DSDL
+from util import DSDLError, eval_transform, load_embeddings, load_image, standard_embeddings
+from voc import VOC_CLASSES
+
+
+class KnownDataset(NamedTuple):
+    classes: list
+    embeddings: str  # the standard GloVe file (util.STANDARD_EMBEDDINGS)
+    lambd: float
+
+
+# The 80 COCO category names, in the model's order: sorted alphabetically (spec section 5).
+COCO_CLASSES = sorted((
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"))
+DATASETS = {
+    "voc": KnownDataset(list(VOC_CLASSES), "voc_glove_word2vec.pkl", 10.0),
+    "coco": KnownDataset(COCO_CLASSES, "coco_glove_word2vec.pkl", 0.1),
+}
+# (blocks in layer3, bottleneck blocks) -> arch: tells the release's checkpoints apart.
+ARCH_BY_LAYER3 = {(2, False): "resnet18", (6, False): "resnet34", (6, True): "resnet50",
+                  (23, True): "resnet101", (36, True): "resnet152"}
+IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items()
+                    if kind in Image.OPEN}
+
+
+def infer_arch(weights):
+    """The ResNet of a state dict, from the blocks of layer3 (features.6) and their type."""
+    blocks = {key.split(".")[2] for key in weights if key.startswith("features.6.")}
+    bottleneck = any(key.startswith("features.6.0.conv3.") for key in weights)
+    arch = ARCH_BY_LAYER3.get((len(blocks), bottleneck))
+    if arch is None:
+        raise DSDLError("cannot tell the ResNet of this checkpoint from its weights; pass --arch")
+    return arch
+
+
+def load_model(args):
+    """The model of `--resume`, its class names and its input size."""
+    checkpoint = engine.load_checkpoint(args.resume)
+    weights = engine.checkpoint_weights(checkpoint)
+    stored = checkpoint.get("args") or {}
+    known = DATASETS.get(args.dataset)
+    classes = checkpoint.get("classes") or (known.classes if known else None)
+    if not classes:
+        raise DSDLError(f"{args.resume} stores no class names (a checkpoint of the authors' "
+                        f"release?); pass --dataset voc or --dataset coco")
+    semantics = checkpoint.get("semantics", weights.get("semantics"))
+    if semantics is None:  # the release stores no semantics: the dataset's standard vectors
+        semantics = load_embeddings(args.embeddings or standard_embeddings(known.embeddings),
+                                    num_classes=len(classes))
+    lambd = args.lambd or stored.get("lambd") or (known.lambd if known else None)
+    if lambd is None:
+        raise DSDLError(f"{args.resume} does not say its lambda; pass --lambd or --dataset")
+    arch = args.arch or stored.get("arch") or checkpoint.get("arch") or infer_arch(weights)
+    model = DSDL(len(classes), semantics, lambd, arch, pretrained=False)
+    engine.load_weights(model, checkpoint, args.resume)
+    image_size = args.image_size or stored.get("image_size") or 448
+    return model, list(classes), image_size
+
+
+def find_images(inputs):
+    """(path, None) for each image of the command line, folders searched recursively in sorted
+    order, and (input, problem) for an input that is neither a file nor a folder."""
+    found = []
+    for entry in inputs:
+        if os.path.isdir(entry):
+            for folder, subfolders, files in os.walk(entry):
+                subfolders.sort()
+                found += [(os.path.join(folder, name), None) for name in sorted(files)
+                          if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+        elif os.path.isfile(entry):
+            found.append((entry, None))
+        else:
+            found.append((entry, "no such file or folder"))
+    return found
+
+
+class ImageFiles(Dataset):
+    """`dataset[i]` is (i, image tensor or None, problem or None): a bad file is not fatal."""
+
+    def __init__(self, paths, transform):
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            return index, self.transform(load_image(self.paths[index])), None
+        except DSDLError as error:
+            return index, None, str(error)
+
+
+def collate(items):
+    """(indices of the readable images, their batch, [(index, problem)] of the others)."""
+    good = [(index, image) for index, image, _ in items if image is not None]
+    failed = [(index, problem) for index, image, problem in items if image is None]
+    batch = torch.stack([image for _, image in good]) if good else None
+    return [index for index, _ in good], batch, failed
+
+
+def select(scores, classes, top_k=None, threshold=None):
+    """The predictions of one image: [{label, probability, score}], most probable first.
+
+    At most `top_k`, and only those with probability >= `threshold`; with neither given, the
+    model's own decision rule, probability >= 0.5 (score >= 0).
+    """
+    if top_k is None and threshold is None:
+        threshold = 0.5
+    probabilities = torch.sigmoid(torch.as_tensor(scores, dtype=torch.float64)).tolist()
+    order = sorted(range(len(classes)), key=lambda c: -scores[c])
+    chosen = [c for c in order if threshold is None or probabilities[c] >= threshold][:top_k]
+    return [{"label": classes[c], "probability": probabilities[c], "score": float(scores[c])}
+            for c in chosen]
+
+
+def class_map_figure(image, class_map, label, probability):
+    """The image under one class's map (red adds to the score, blue takes from it)."""
+    width, height = image.size
+    figure = Figure(figsize=(6, 5 * height / width + 0.5), dpi=100, layout="constrained")
+    axes = figure.subplots()
+    axes.imshow(image)
+    limit = float(np.abs(class_map).max()) or 1.0
+    # The map lies on the layer-4 grid of the warped input: stretched back over the image
+    # (whose pixels imshow centres on integers, hence the half-pixel edges).
+    shown = axes.imshow(class_map, extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+                        cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=0.5,
+                        interpolation="bilinear")
+    axes.set_axis_off()
+    axes.set_title(f"{label}: probability {probability:.2f}")
+    figure.colorbar(shown, ax=axes, fraction=0.04, label="share of the class score")
+    return figure
+
+
+def map_names(paths):
+    """A file-name stem per image, unique even when two folders hold the same name."""
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
+    repeated = {stem for stem in stems if stems.count(stem) > 1}
+    return [f"{stem}-{index}" if stem in repeated else stem for index, stem in enumerate(stems)]
+
+
+def save_class_maps(path, maps, predictions, classes, folder, stem):
+    """One PNG per predicted class of one image: `<folder>/<stem>_<label>.png`."""
+    image = load_image(path)
+    written = []
+    for prediction in predictions:
+        c = classes.index(prediction["label"])
+        figure = class_map_figure(image, maps[c], prediction["label"], prediction["probability"])
+        written.append(os.path.join(folder, f"{stem}_{prediction['label'].replace(os.sep, '_')}.png"))
+        figure.savefig(written[-1])
+    return written
+
+
+@torch.no_grad()
+def predict(model, classes, paths, args, image_size):
+    """Results in input order: {image, predictions} or {image, error, predictions: []}."""
+    device = torch.device(args.device)
+    model.to(device).eval()
+    loader = DataLoader(ImageFiles(paths, eval_transform(image_size)), batch_size=args.batch_size,
+                        num_workers=args.workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda")
+    names = map_names(paths)
+    if args.cam:
+        os.makedirs(args.cam, exist_ok=True)
+    results = [None] * len(paths)
+    for indices, images, failed in tqdm(loader, desc="predict", unit="batch",
+                                        disable=len(loader) <= 1, dynamic_ncols=True):
+        for index, problem in failed:
+            results[index] = {"image": paths[index], "error": problem, "predictions": []}
+        if images is None:
+            continue
+        images = images.to(device, non_blocking=True)
+        if args.cam:
+            scores, maps = (tensor.cpu() for tensor in model.class_maps(images))
+        else:
+            scores = model(images).scores.cpu()
+        for row, index in enumerate(indices):
+            chosen = select(scores[row].tolist(), classes, args.top_k, args.threshold)
+            results[index] = {"image": paths[index], "predictions": chosen}
+            if args.cam:
+                save_class_maps(paths[index], maps[row].numpy(), chosen, classes, args.cam,
+                                names[index])
+    return results
+
+
+def format_results(results):
+    """The human-readable listing: each image, then its labels and probabilities."""
+    lines = []
+    for result in results:
+        lines.append(result["image"])
+        if "error" in result:
+            lines.append("  (skipped: not read, see the warning)")
+        elif not result["predictions"]:
+            lines.append("  (no label)")
+        width = max((len(p["label"]) for p in result["predictions"]), default=0)
+        lines += [f"  {p['label']:<{width}}  {p['probability']:.3f}" for p in result["predictions"]]
+    return "\n".join(lines)
+
+
+def write_csv(results, path):
+    """One row per predicted label: image,label,probability,score."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "label", "probability", "score"])
+        for result in results:
+            for p in result["predictions"]:
+                writer.writerow([result["image"], p["label"], p["probability"], p["score"]])
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
+    parser.add_argument("--resume", required=True, metavar="PATH", help="the trained checkpoint")
+    parser.add_argument("--dataset", choices=sorted(DATASETS),
+                        help="class names, semantics and lambda of a checkpoint that has none "
+                             "(the authors' released ones)")
+    parser.add_argument("--embeddings", metavar="PATH",
+                        help="with --dataset: the class vectors, instead of the standard file "
+                             "(downloaded into data/)")
+    parser.add_argument("--top-k", type=int, metavar="K", help="at most K labels per image")
+    parser.add_argument("--threshold", type=float, metavar="P",
+                        help="only labels with probability >= P (default 0.5 unless --top-k "
+                             "is given; 0 lists every class)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--csv", metavar="FILE", help="also write the results as CSV")
+    parser.add_argument("--cam", metavar="DIR",
+                        help="save a class-map overlay per image and predicted class in DIR")
+    parser.add_argument("--image-size", type=int, help="input side (default: the checkpoint's, else 448)")
+    parser.add_argument("--arch", choices=ARCHS, help="default: the checkpoint's (or inferred)")
+    parser.add_argument("--lambd", type=float, help="default: the checkpoint's, else the dataset's")
+    parser.add_argument("-b", "--batch-size", type=int, default=32)
+    parser.add_argument("-j", "--workers", type=int, default=engine.default_workers())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def main(argv=None):
+    """Returns the exit status: 0, or 1 when something (an image, the checkpoint) failed."""
+    args = get_args_parser().parse_args(argv)
+    try:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise DSDLError(f"--device {args.device}, but no CUDA GPU is available; pass --device cpu")
+        if args.top_k is not None and args.top_k < 1:
+            raise DSDLError("--top-k must be at least 1")
+        model, classes, image_size = load_model(args)
+        found = find_images(args.images)
+        readable = [path for path, problem in found if problem is None]
+        predicted = iter(predict(model, classes, readable, args, image_size) if readable else [])
+    except DSDLError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    results = [next(predicted) if problem is None else
+               {"image": path, "error": problem, "predictions": []} for path, problem in found]
+    for result in results:
+        if "error" in result:
+            print(f"warning: skipped {result['image']}: {result['error']}", file=sys.stderr)
+    print(format_results(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if args.csv:
+        write_csv(results, args.csv)
+    return int(any("error" in result for result in results) or not results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

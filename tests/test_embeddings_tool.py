@@ -1,0 +1,84 @@
+"""make_embeddings.py: class vectors from a GloVe text file (a tiny one written here)."""
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+import make_embeddings
+from util import load_embeddings
+
+WORDS = ["the", "cat", "Dog", "new york", "new", "traffic", "light", "red", "car"]
+
+
+@pytest.fixture
+def glove(tmp_path):
+    """A GloVe-format file (word, then 300 values) and the vectors as written, by word.
+
+    "new york" is a token with a space, as the 840B file has a few; it comes before "new".
+    "Dog" is only there capitalised (840B is cased).
+    """
+    rng = np.random.default_rng(0)
+    vectors = {}
+    lines = []
+    for word in WORDS:
+        values = [f"{v:.5f}" for v in rng.standard_normal(300)]
+        vectors[word] = np.array([float(v) for v in values])
+        lines.append(" ".join([word, *values]) + "\n")
+    path = tmp_path / "glove.tiny.300d.txt"
+    path.write_text("".join(lines), encoding="utf-8")
+    return str(path), vectors
+
+
+def test_multi_word_classes_are_the_mean_of_their_words(glove, tmp_path):
+    path, vectors = glove
+    out = tmp_path / "classes.npy"
+    make_embeddings.main(["--classes", "cat", "traffic light", "red_car", "new", "--glove", path,
+                          "-o", str(out)])
+    written = np.load(out)
+    expected = np.stack([vectors["cat"], (vectors["traffic"] + vectors["light"]) / 2,
+                         (vectors["red"] + vectors["car"]) / 2, vectors["new"]])
+    assert written.shape == (4, 300) and written.dtype == np.float32
+    np.testing.assert_allclose(written, expected, rtol=1e-6, atol=1e-6)
+    # The file is one the training scripts accept for these 4 classes.
+    np.testing.assert_array_equal(load_embeddings(str(out), num_classes=4).numpy(), written)
+
+
+def test_words_are_looked_up_as_written_then_in_lower_case(glove, tmp_path):
+    path, vectors = glove
+    out = tmp_path / "classes.npy"
+    make_embeddings.main(["--classes", "Cat", "Dog", "--glove", path, "-o", str(out)])
+    np.testing.assert_allclose(np.load(out), np.stack([vectors["cat"], vectors["Dog"]]),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_every_missing_word_is_listed_and_nothing_is_written(glove, tmp_path, capsys):
+    path, _ = glove
+    out = tmp_path / "classes.npy"
+    with pytest.raises(SystemExit) as exit_info:
+        make_embeddings.main(["--classes", "cat", "dog", "flying saucerz", "york", "--glove",
+                              path, "-o", str(out)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    # "dog" is only there as "Dog"; "york" only inside the token "new york".
+    for missing in ("'dog' (in 'dog')", "'flying' (in 'flying saucerz')",
+                    "'saucerz' (in 'flying saucerz')", "'york' (in 'york')"):
+        assert missing in err
+    assert "4 word(s)" in err and "'cat'" not in err
+    assert not out.exists()
+
+
+def test_classes_from_label_csvs_and_a_zipped_glove_give_the_same_rows(glove, tmp_path):
+    path, vectors = glove
+    for split, rows in (("train", "a.jpg,red car;cat\nb.jpg,cat\n"), ("test", "c.jpg,the\n")):
+        (tmp_path / f"{split}.csv").write_text("image,labels\n" + rows)
+    archive = tmp_path / "glove.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(path, os.path.basename(path))
+    out = tmp_path / "classes.pkl"
+    make_embeddings.main(["--csv", str(tmp_path / "train.csv"), str(tmp_path / "test.csv"),
+                          "--glove", str(archive), "-o", str(out)])
+    # The rows follow main_custom's class order: the labels sorted.
+    expected = np.stack([vectors["cat"], (vectors["red"] + vectors["car"]) / 2, vectors["the"]])
+    np.testing.assert_allclose(load_embeddings(str(out), num_classes=3).numpy(), expected,
+                               rtol=1e-6, atol=1e-6)

@@ -1,0 +1,488 @@
+"""Faults during a long run: kills, a full disk, a diverging loss, hostile files, changed settings.
+
+Every run here is main_voc2007.py on the tiny tree of conftest (24 trainval, 16 test images at
+64 px), ResNet-18 from random weights, on the CPU with one thread, no loader workers and a fixed
+seed: the same numbers in every process, so weights are compared bit for bit. Runs that must be
+killed run in a subprocess through a small harness that SIGKILLs itself at a chosen moment;
+runs that only need to fail run in this process.
+"""
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+import main_voc2007
+from conftest import ROOT, write_voc_tree
+from models import DSDLLoss
+
+SMALL = ["--arch", "resnet18", "--no-pretrained", "--image-size", "64", "-j", "0", "-b", "8"]
+EPOCHS = ["--epochs", "2"]
+MB = 1 << 20
+
+# main_voc2007.py, run as the command line runs it, killed at one moment:
+#   harness.py MOMENT COUNT SNAPSHOT_DIR|- CLI-ARGUMENTS...
+# MOMENT "train" / "evaluate": at the COUNT-th batch of training / of evaluation (its loss);
+# MOMENT a file name: after COUNT bytes of the first write to a file whose name starts with it
+# (the checkpoints' temporary files, metrics.jsonl); "never": not killed.
+# SNAPSHOT_DIR: the checkpoint folder is copied there after each checkpoint write of epoch 1.
+HARNESS = '''
+import builtins, os, shutil, signal, sys
+sys.path.insert(0, {root!r})
+import torch
+import engine, main_voc2007
+from models import DSDLLoss
+
+moment, count, snapshot = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sys.argv = ["main_voc2007.py", *sys.argv[4:]]
+
+
+def die():
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if moment in ("train", "evaluate"):
+    forward, seen = DSDLLoss.forward, [0]
+
+    def forward_or_die(self, output, targets):
+        if torch.is_grad_enabled() == (moment == "train"):
+            seen[0] += 1
+            if seen[0] == count:
+                die()
+        return forward(self, output, targets)
+
+    DSDLLoss.forward = forward_or_die
+elif moment != "never":
+    real_open = builtins.open
+
+    class DyingFile:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            data = data if isinstance(data, str) else memoryview(data).cast("B")
+            if self.written + len(data) >= count:
+                self.f.write(data[:count - self.written])
+                self.f.flush()
+                os.fsync(self.f.fileno())
+                die()
+            self.written += len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    def open_or_die(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if os.path.basename(str(file)).startswith(moment) and ("w" in mode or "a" in mode):
+            return DyingFile(f)
+        return f
+
+    builtins.open = open_or_die
+
+if snapshot != "-":
+    save = engine.save_checkpoint
+
+    def save_and_copy(state, path):
+        save(state, path)
+        if state["epoch"] == 1:
+            shutil.copytree(os.path.dirname(os.path.abspath(path)), snapshot, dirs_exist_ok=True)
+
+    engine.save_checkpoint = save_and_copy
+
+main_voc2007.main()
+'''
+
+
+def environment():
+    """One thread (identical numbers in every process) and a network that fails at once."""
+    proxy = "http://127.0.0.1:9"
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", http_proxy=proxy,
+                https_proxy=proxy, HTTP_PROXY=proxy, HTTPS_PROXY=proxy, no_proxy="")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The runs in this process use one thread too, as the subprocesses do."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, one_thread):
+    """An uninterrupted two-epoch run, and a copy of its checkpoint folder as epoch 1 left it."""
+    folder = tmp_path_factory.mktemp("faults")
+    harness = folder / "harness.py"
+    harness.write_text(HARNESS.format(root=ROOT))
+    root = str(folder / "voc2007")
+    write_voc_tree(root)
+    embeddings = str(folder / "embeddings.npy")
+    np.save(embeddings, np.random.default_rng(1).standard_normal((20, 300)).astype(np.float32))
+    final, after_epoch_1 = folder / "uninterrupted", folder / "after_epoch_1"
+    result = subprocess.run(
+        [sys.executable, str(harness), "never", "0", str(after_epoch_1), root, *SMALL, *EPOCHS,
+         "--embeddings", embeddings, "--checkpoint-dir", str(final)],
+        capture_output=True, text=True, cwd=folder, env=environment(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load(after_epoch_1 / engine.CHECKPOINT)["epoch"] == 1
+    return types.SimpleNamespace(harness=harness, root=root, embeddings=embeddings, final=final,
+                                 after_epoch_1=after_epoch_1)
+
+
+def load(path):
+    """A checkpoint as --resume reads it (weights_only): proves the file is whole."""
+    return engine.load_checkpoint(str(path))
+
+
+def same_bytes(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
+def assert_same_weights(path, reference_path):
+    ours, theirs = load(path), load(reference_path)
+    assert ours["epoch"] == theirs["epoch"] and ours["best_score"] == theirs["best_score"]
+    for key, value in theirs["model"].items():
+        assert torch.equal(ours["model"][key], value), f"{path}: {key} differs"
+    for index, state in theirs["optimizer"]["state"].items():
+        assert torch.equal(ours["optimizer"]["state"][index]["momentum_buffer"],
+                           state["momentum_buffer"]), f"{path}: momentum of parameter {index}"
+
+
+def temporaries(folder):
+    return sorted(name for name in os.listdir(folder) if ".tmp" in name)
+
+
+def cli_arguments(reference, checkpoint_dir, *extra):
+    return [reference.root, *SMALL, "--embeddings", reference.embeddings,
+            "--checkpoint-dir", str(checkpoint_dir), *extra]
+
+
+def resume_arguments(reference, checkpoint_dir, *extra):
+    return cli_arguments(reference, checkpoint_dir, *EPOCHS, "--resume",
+                         str(checkpoint_dir / engine.CHECKPOINT), *extra)
+
+
+def copy_of_epoch_1(reference, folder):
+    shutil.copytree(reference.after_epoch_1, folder)
+    return folder
+
+
+def main_in_process(monkeypatch, arguments):
+    """main_voc2007.py in this process; a user error ends it with SystemExit(1)."""
+    monkeypatch.setattr(sys, "argv", ["main_voc2007.py", *arguments])
+    main_voc2007.main()
+
+
+# ---- kills (SIGKILL) --------------------------------------------------------------------------
+
+KILLS = [  # (moment, count, where the run is when it dies)
+    ("train", 2, "epoch 2, training batch 2"),
+    ("evaluate", 2, "epoch 2, evaluation batch 2"),
+    (engine.METRICS_LOG, 40, "epoch 2, 40 characters into its line of metrics.jsonl"),
+    (engine.BEST, 10 * MB, "epoch 2, 10 MB into writing model_best.pth.tar"),
+    (engine.CHECKPOINT, 10 * MB, "epoch 2, 10 MB into writing checkpoint.pth.tar"),
+]
+
+
+def test_a_run_killed_again_and_again_loses_nothing_and_resumes_to_the_uninterrupted_weights(
+        reference, tmp_path):
+    """Killed at five moments of epoch 2 in turn, each time resumed with --resume; then a plain
+    command-line resume finishes it. After every kill both checkpoints load and hold epoch 1
+    (model_best: epoch 2 once it was written whole); the end is the uninterrupted run bit for bit."""
+    assert load(reference.final / engine.BEST)["epoch"] == 2, \
+        "the tiny run must improve in epoch 2, or no model_best write happens to be killed"
+    folder = copy_of_epoch_1(reference, tmp_path / "ck")
+    epoch_1 = reference.after_epoch_1
+    for moment, count, where in KILLS:
+        result = subprocess.run(
+            [sys.executable, str(reference.harness), moment, str(count), "-",
+             *resume_arguments(reference, folder)],
+            capture_output=True, text=True, cwd=tmp_path, env=environment(), timeout=300)
+        assert result.returncode == -signal.SIGKILL, f"not killed at {where}:\n{result.stderr[-3000:]}"
+        assert same_bytes(folder / engine.CHECKPOINT, epoch_1 / engine.CHECKPOINT), where
+        assert load(folder / engine.CHECKPOINT)["epoch"] == 1, where
+        if moment == engine.CHECKPOINT:  # model_best of epoch 2 was written whole just before
+            assert_same_weights(folder / engine.BEST, reference.final / engine.BEST)
+        else:
+            assert same_bytes(folder / engine.BEST, epoch_1 / engine.BEST), where
+        records = engine.read_metrics(folder / engine.METRICS_LOG)
+        logged = [record["epoch"] for record in records]
+        assert logged == ([1] if moment in ("train", "evaluate", engine.METRICS_LOG) else [1, 2]), where
+        if moment in (engine.BEST, engine.CHECKPOINT):  # the kill came mid-write
+            (partial,) = [name for name in temporaries(folder) if name.startswith(moment)]
+            assert os.path.getsize(folder / partial) == count, where
+    with open(folder / engine.METRICS_LOG) as f:
+        assert not f.read().endswith("\n")  # ... a kill mid-line was seen before the last kills
+
+    # The plain command line, with the killed runs' partial temporary files still there.
+    assert temporaries(folder), "the kills mid-write should have left a partial temporary file"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "main_voc2007.py"),
+                             *resume_arguments(reference, folder)],
+                            capture_output=True, text=True, cwd=tmp_path, env=environment(),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(folder / engine.CHECKPOINT, reference.final / engine.CHECKPOINT)
+    assert_same_weights(folder / engine.BEST, reference.final / engine.BEST)
+    assert temporaries(folder) == []
+    assert engine.read_metrics(folder / engine.METRICS_LOG) == \
+        engine.read_metrics(reference.final / engine.METRICS_LOG)
+    with open(folder / engine.METRICS_LOG) as f:
+        for line in f:
+            json.loads(line)  # every line whole: the half line of the kill was dropped
+
+
+def test_a_metrics_log_cut_mid_line_reads_and_takes_new_records_cleanly(tmp_path):
+    log = tmp_path / engine.METRICS_LOG
+    for epoch in (1, 2):
+        engine.log_metrics(log, {"epoch": epoch, "split": "test", "mAP": 10.0 * epoch})
+    with open(log, "a") as f:
+        f.write('{"epoch": 3, "split": "test", "mA')  # a kill in the middle of the write
+    assert [r["epoch"] for r in engine.read_metrics(log)] == [1, 2]
+    engine.log_metrics(log, {"epoch": 3, "split": "test", "mAP": 30.0})  # the resumed run
+    assert [(r["epoch"], r["mAP"]) for r in engine.read_metrics(log)] == [(1, 10.0), (2, 20.0), (3, 30.0)]
+    assert [json.loads(line)["epoch"] for line in open(log)] == [1, 2, 3]
+    with open(log, "a") as f:  # damage that no kill makes (not at the end) is an error, not skipped
+        f.write("garbage\n")
+        f.write(json.dumps({"epoch": 4, "split": "test", "mAP": 40.0}) + "\n")
+    with pytest.raises(engine.DSDLError, match=r"line 4 is not a JSON record"):
+        engine.read_metrics(log)
+
+
+# ---- a checkpoint write that fails part-way -----------------------------------------------------
+
+def test_a_checkpoint_write_that_fails_part_way_keeps_the_previous_one_and_says_so(
+        reference, tmp_path, monkeypatch, capsys):
+    """The kernel refuses writes past 20 MB (RLIMIT_FSIZE), as a full disk does part-way
+    through a 96 MB checkpoint; the run stops with a message, the epoch-1 files untouched."""
+    folder = copy_of_epoch_1(reference, tmp_path / "ck")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20 * MB, hard))
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main_in_process(monkeypatch, resume_arguments(reference, folder))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert stopped.value.code == 1
+    message = capsys.readouterr().err
+    assert "could not write checkpoint" in message and "File too large" in message
+    assert "the previous checkpoint there is intact" in message and "--resume" in message
+    assert "Traceback" not in message
+    for name in (engine.CHECKPOINT, engine.BEST):
+        assert same_bytes(folder / name, reference.after_epoch_1 / name)
+        assert load(folder / name)["epoch"] == 1
+    assert temporaries(folder) == []
+
+
+# ---- a loss that is no longer finite -----------------------------------------------------------
+
+def test_an_infinite_loss_stops_the_run_naming_epoch_and_batch_and_keeps_both_checkpoints(
+        reference, tmp_path, monkeypatch, capsys):
+    folder = copy_of_epoch_1(reference, tmp_path / "ck")
+    forward, seen = DSDLLoss.forward, []
+
+    def diverging(self, output, targets):
+        loss = forward(self, output, targets)
+        seen.append(torch.is_grad_enabled())
+        return loss + float("inf") if seen.count(True) == 3 else loss
+
+    monkeypatch.setattr(DSDLLoss, "forward", diverging)
+    with pytest.raises(SystemExit) as stopped:
+        main_in_process(monkeypatch, resume_arguments(reference, folder))
+    assert stopped.value.code == 1
+    message = capsys.readouterr().err
+    assert "the loss became inf at epoch 2, batch 3" in message and "intact" in message
+    for name in (engine.CHECKPOINT, engine.BEST):
+        assert same_bytes(folder / name, reference.after_epoch_1 / name)
+    assert [r["epoch"] for r in engine.read_metrics(folder / engine.METRICS_LOG)] == [1]
+
+
+# ---- resuming with other settings ---------------------------------------------------------------
+
+def test_resuming_with_other_hyper_parameters_warns_with_each_difference_and_only_those(
+        reference, tmp_path, monkeypatch):
+    folder = copy_of_epoch_1(reference, tmp_path / "ck")
+    # --epochs 1: the checkpoint is at epoch 1, nothing is left to train; only the resume runs.
+    arguments = cli_arguments(reference, folder, "--epochs", "1", "--resume",
+                              str(folder / engine.CHECKPOINT), "--lambd", "5", "--momentum", "0.5",
+                              "--epoch_step", "1", "--seed", "7", "-b", "4")
+    with pytest.warns(UserWarning, match="other hyper-parameters") as caught:
+        main_in_process(monkeypatch, arguments)
+    (message,) = [str(w.message) for w in caught if "hyper-parameters" in str(w.message)]
+    listed = sorted(line.split(":")[0].strip() for line in message.splitlines()[1:])
+    assert listed == ["batch_size", "epoch_step", "lambd", "momentum", "seed"]
+    for change in ("lambd: 10.0 -> 5.0", "momentum: 0.9 -> 0.5", "epoch_step: [40] -> [1]",
+                   "seed: 0 -> 7", "batch_size: 8 -> 4"):
+        assert change in message
+    # the other checkpoint folder, --resume and --epochs changed too: where and how long, not what
+
+
+# ---- evaluation splits where a class has no positive ---------------------------------------------
+
+def rewrite_test_flags(root, change):
+    """Apply `change(name, flags)` to every class's test split file of the tree at `root`."""
+    main = os.path.join(root, "VOCdevkit", "VOC2007", "ImageSets", "Main")
+    all_flags = []
+    for name in engine_classes():
+        path = os.path.join(main, f"{name}_test.txt")
+        with open(path) as f:
+            ids, flags = zip(*(line.split() for line in f if line.strip()))
+        flags = change(name, np.array([int(v) for v in flags]))
+        with open(path, "w") as f:
+            f.writelines(f"{i} {v:2d}\n" for i, v in zip(ids, flags))
+        all_flags.append(flags)
+    return np.stack(all_flags, axis=1)
+
+
+def engine_classes():
+    from voc import VOC_CLASSES
+    return VOC_CLASSES
+
+
+@pytest.mark.parametrize("split", ["cow and dog without positives", "no positive at all"])
+def test_a_class_without_positives_is_reported_undefined_and_the_map_says_over_how_many(
+        reference, tmp_path, monkeypatch, capsys, split):
+    root = str(tmp_path / "voc2007")
+    shutil.copytree(reference.root, root)
+
+    def change(name, flags):
+        if split == "no positive at all" or name == "cow":
+            return np.full_like(flags, -1)
+        if name == "dog":  # positives flagged difficult only: none counts in the AP
+            return np.where(flags == 1, 0, flags)
+        return flags
+
+    flags = rewrite_test_flags(root, change)
+    defined = (flags == 1).any(axis=0)
+    folder = tmp_path / "ck"
+    main_in_process(monkeypatch, [root, *SMALL, "--embeddings", reference.embeddings, "-e",
+                                  "--resume", str(reference.after_epoch_1 / engine.BEST),
+                                  "--checkpoint-dir", str(folder)])
+    out = capsys.readouterr().out
+    assert f"(over {defined.sum()} of 20 classes)" in out
+    (record,) = engine.read_metrics(folder / engine.METRICS_LOG)
+    assert record["num_classes_ap"] == defined.sum()
+    assert [ap is not None for ap in record["AP"]] == defined.tolist()
+    for c, name in enumerate(engine_classes()):
+        if not defined[c]:
+            assert any(line.split() == [name, "undefined", "(no", "positive)"] for line in out.splitlines())
+    if defined.any():
+        assert record["mAP"] == pytest.approx(np.mean([ap for ap in record["AP"] if ap is not None]))
+        assert not defined[engine_classes().index("cow")] and not defined[engine_classes().index("dog")]
+    else:
+        assert record["mAP"] is None and "mAP undefined (over 0 of 20 classes)" in out
+    table = open(folder / "results_test.md").read().splitlines()
+    ours = [cell.strip() for cell in next(line for line in table if line.startswith("| ours")).split("|")[2:-2]]
+    assert [cell != "–" for cell in ours] == defined.tolist()
+    assert os.path.getsize(folder / "per_class_ap.png") > 0
+
+
+# ---- hostile and broken files given to a run --------------------------------------------------
+
+class Payload:
+    """Unpickling this object calls `function(*arguments)`: it would create a marker file."""
+
+    def __init__(self, function, *arguments):
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self):
+        return self.function, self.arguments
+
+
+def payloads(marker):
+    return {"open": Payload(open, str(marker), "w"),
+            "exec": Payload(exec, f"open({str(marker)!r}, 'w').close()"),
+            "os.system": Payload(os.system, f"touch '{marker}'")}
+
+
+@pytest.mark.parametrize("payload", ["open", "exec", "os.system"])
+def test_a_checkpoint_that_needs_arbitrary_unpickling_is_refused_without_running_it(
+        reference, tmp_path, monkeypatch, capsys, payload):
+    marker = tmp_path / "code-was-run"
+    hostile = tmp_path / "hostile.pth.tar"
+    weights = load(reference.after_epoch_1 / engine.BEST)
+    torch.save({**weights, "payload": payloads(marker)[payload]}, hostile)
+    with pytest.raises(SystemExit) as stopped:
+        main_in_process(monkeypatch, cli_arguments(reference, tmp_path / "ck", "-e", "--resume", str(hostile)))
+    assert stopped.value.code == 1
+    message = capsys.readouterr().err
+    assert f"refusing to load {hostile}" in message and "arbitrary unpickling" in message
+    assert "Traceback" not in message
+    assert not marker.exists()  # no fallback to unsafe loading happened either
+
+
+@pytest.mark.parametrize("payload", ["open", "exec", "os.system", "object array"])
+def test_an_embeddings_pickle_that_would_run_code_stops_the_run_before_anything_runs(
+        reference, tmp_path, monkeypatch, capsys, payload):
+    marker = tmp_path / "code-was-run"
+    hostile = tmp_path / "embeddings.pkl"
+    content = (np.array([["x"] * 300] * 20, dtype=object) if payload == "object array"
+               else [payloads(marker)[payload], np.zeros((20, 300), np.float32)])
+    with open(hostile, "wb") as f:
+        __import__("pickle").dump(content, f)
+    folder = tmp_path / "ck"
+    with pytest.raises(SystemExit) as stopped:
+        main_in_process(monkeypatch, [reference.root, *SMALL, *EPOCHS, "--embeddings", str(hostile),
+                                      "--checkpoint-dir", str(folder)])
+    assert stopped.value.code == 1
+    message = capsys.readouterr().err
+    assert str(hostile) in message and "Traceback" not in message
+    assert ("not allowed" in message) if payload != "object array" else ("expected numbers" in message)
+    assert not marker.exists()
+    assert not os.path.exists(folder / engine.CHECKPOINT)
+
+
+def test_a_standard_embeddings_file_swapped_for_a_hostile_one_is_refused_by_its_checksum(
+        reference, tmp_path, monkeypatch, capsys):
+    """data/voc_glove_word2vec.pkl (where the run downloads it) replaced by a hostile pickle."""
+    marker = tmp_path / "code-was-run"
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data")
+    with open(os.path.join("data", "voc_glove_word2vec.pkl"), "wb") as f:
+        __import__("pickle").dump(payloads(marker)["os.system"], f)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the file is there: nothing should be downloaded")
+
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    with pytest.raises(SystemExit):
+        main_in_process(monkeypatch, [reference.root, *SMALL, *EPOCHS, "--checkpoint-dir", "ck"])
+    message = capsys.readouterr().err
+    assert "voc_glove_word2vec.pkl has md5" in message and "delete it to download it again" in message
+    assert not marker.exists()
+
+
+def test_a_truncated_image_stops_the_run_with_its_path_not_a_traceback(
+        reference, tmp_path, monkeypatch, capsys):
+    root = str(tmp_path / "voc2007")
+    shutil.copytree(reference.root, root)
+    images = os.path.join(root, "VOCdevkit", "VOC2007", "JPEGImages")
+    with open(os.path.join(images, "000030.jpg"), "rb") as f:  # a test image (ids 24..39)
+        content = f.read()
+    with open(os.path.join(images, "000030.jpg"), "wb") as f:
+        f.write(content[:len(content) // 2])
+    with pytest.raises(SystemExit) as stopped:
+        main_in_process(monkeypatch, [root, *SMALL, "--embeddings", reference.embeddings, "-e",
+                                      "--resume", str(reference.after_epoch_1 / engine.BEST),
+                                      "--checkpoint-dir", str(tmp_path / "ck")])
+    assert stopped.value.code == 1
+    message = capsys.readouterr().err
+    assert os.path.join(images, "000030.jpg") in message and "truncated" in message
+    assert "Traceback" not in message

@@ -1,0 +1,114 @@
+"""--amp, --channels-last, --compile and --fast-pipeline: faster, and the model sees the same thing."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import engine
+from models import DSDL, ridge_coefficients
+from util import eval_transform, normalize_on_device, train_transform
+
+
+def natural_image(width=150, height=110, seed=0):
+    """Smooth random colours with some edges: closer to a photo than white noise."""
+    rng = np.random.default_rng(seed)
+    pixels = np.cumsum(np.cumsum(rng.standard_normal((height, width, 3)), 0), 1)
+    pixels = (pixels - pixels.min()) / np.ptp(pixels) * 255
+    pixels[height // 3:height // 2, :, 0] = 250
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def test_autocast_keeps_the_head_in_float32_and_close_to_the_float32_model():
+    torch.manual_seed(0)
+    model = DSDL(6, torch.randn(6, 300), 10.0, arch="resnet18", pretrained=False).eval()
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(images)
+            trunk_dtype = model.features(images).dtype
+    assert trunk_dtype == torch.bfloat16  # the trunk really ran in bf16
+    for name in ("scores", "features", "dictionary", "reconstruction"):
+        assert getattr(mixed, name).dtype == torch.float32, name
+    # the coefficients are the float32 solve of the (bf16-computed) features
+    torch.testing.assert_close(mixed.scores, ridge_coefficients(mixed.features, mixed.dictionary, 10.0))
+    torch.testing.assert_close(mixed.dictionary, reference.dictionary)  # not touched by autocast
+    error = (mixed.scores - reference.scores).abs().max() / reference.scores.abs().max()
+    assert error < 0.05, f"relative error {error:.3f}"
+
+
+@pytest.mark.parametrize("width, height", [(500, 375), (640, 480)])  # VOC's and COCO's usual sizes
+def test_fast_train_pipeline_takes_the_same_crops_with_pixels_within_tolerance(width, height):
+    size = 448
+    image = natural_image(width, height)
+    release, fast = train_transform(size), train_transform(size, fast=True)
+    differences = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        expected = release(image)                                        # 3 x H x W, normalised
+        torch.manual_seed(seed)
+        ours = fast(image)                                               # H x W x 3 uint8
+        assert ours.dtype == torch.uint8 and ours.shape == (size, size, 3)
+        ours = normalize_on_device(ours.unsqueeze(0))[0]
+        std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+        differences.append(((ours - expected) * std * 255).abs())       # in grey levels
+    differences = torch.stack(differences)
+    print(f"fast vs release pipeline, {width} x {height} image: mean {differences.mean():.3f}, "
+          f"99th percentile {differences.quantile(0.99):.2f}, max {differences.max():.2f} grey levels")
+    # One interpolation instead of two: a little less blur, visible only at sharp edges.
+    assert differences.mean() < 0.6
+    assert differences.quantile(0.99) <= 2.01
+
+
+def test_fast_eval_pipeline_gives_the_same_pixels():
+    image = natural_image()
+    expected = eval_transform(64)(image)
+    ours = normalize_on_device(eval_transform(64, fast=True)(image).unsqueeze(0))[0]
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+
+
+def test_device_normalisation_gives_channels_last_memory():
+    batch = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    images = engine.prepare_images(batch, torch.device("cpu"), channels_last=True)
+    assert images.shape == (2, 3, 8, 8) and images.is_contiguous(memory_format=torch.channels_last)
+    assert engine.prepare_images(batch, torch.device("cpu")).is_contiguous()
+
+
+def test_channels_last_model_gives_the_same_scores():
+    torch.manual_seed(0)
+    model = DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=False).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(images).scores
+        model.to(memory_format=torch.channels_last)
+        ours = model(images.contiguous(memory_format=torch.channels_last)).scores
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_falls_back_to_eager_with_a_warning(monkeypatch):
+    torch.manual_seed(0)
+    model = DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=False).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(images).scores
+
+    def broken_compile(function):
+        def call(*args):
+            raise RuntimeError("no C compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    keys = set(model.state_dict())
+    engine.compile_trunk(model.features)
+    with pytest.warns(UserWarning, match="--compile does not work here.*no C compiler"):
+        with torch.no_grad():
+            first = model(images).scores
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, then eager without trying again
+        with torch.no_grad():
+            second = model(images).scores
+    torch.testing.assert_close(first, reference)
+    torch.testing.assert_close(second, reference)
+    assert set(model.state_dict()) == keys  # checkpoints keep the release's key names
