@@ -80,6 +80,8 @@ def load_model(args):
                         f"release?); pass --dataset voc or --dataset coco")
     semantics = checkpoint.get("semantics", weights.get("semantics"))
     if semantics is None:  # the release stores no semantics: the dataset's standard vectors
+        if not (args.embeddings or known):
+            raise DSDLError(f"{args.resume} stores no class vectors; pass --embeddings or --dataset")
         semantics = load_embeddings(args.embeddings or standard_embeddings(known.embeddings),
                                     num_classes=len(classes))
     lambd = args.lambd or stored.get("lambd") or (known.lambd if known else None)

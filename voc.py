@@ -178,6 +178,6 @@ def write_submission(scores, image_ids, classes, folder):
             with open(os.path.join(results, filename), "w") as f:
                 # Six decimals, as the devkit's own example writes them (%f).
                 f.writelines(f"{image_id} {score:.6f}\n" for image_id, score in zip(image_ids, scores[:, c]))
-            tar.add(os.path.join(results, filename), arcname=os.path.join(relative, filename))
+            tar.add(os.path.join(results, filename), arcname=f"results/VOC2012/Main/{filename}")
     os.replace(temporary, archive)
     return results, archive

@@ -3,11 +3,14 @@
 Every run here is main_voc2007.py on the tiny tree of conftest (24 trainval, 16 test images at
 64 px), ResNet-18 from random weights, on the CPU with one thread, no loader workers and a fixed
 seed: the same numbers in every process, so weights are compared bit for bit. Runs that must be
-killed run in a subprocess through a small harness that SIGKILLs itself at a chosen moment;
-runs that only need to fail run in this process.
+killed run in a child process (`run_cli`) that SIGKILLs itself at a chosen moment, and the run
+that finishes them is the real command line; runs that only need to fail run in this process.
 """
+import builtins
 import json
+import multiprocessing
 import os
+import pickle
 import resource
 import shutil
 import signal
@@ -23,102 +26,123 @@ import engine
 import main_voc2007
 from conftest import ROOT, write_voc_tree
 from models import DSDLLoss
+from util import DSDLError
+from voc import VOC_CLASSES
 
 SMALL = ["--arch", "resnet18", "--no-pretrained", "--image-size", "64", "-j", "0", "-b", "8"]
 EPOCHS = ["--epochs", "2"]
 MB = 1 << 20
 
-# main_voc2007.py, run as the command line runs it, killed at one moment:
-#   harness.py MOMENT COUNT SNAPSHOT_DIR|- CLI-ARGUMENTS...
-# MOMENT "train" / "evaluate": at the COUNT-th batch of training / of evaluation (its loss);
-# MOMENT a file name: after COUNT bytes of the first write to a file whose name starts with it
-# (the checkpoints' temporary files, metrics.jsonl); "never": not killed.
-# SNAPSHOT_DIR: the checkpoint folder is copied there after each checkpoint write of epoch 1.
-HARNESS = '''
-import builtins, os, shutil, signal, sys
-sys.path.insert(0, {root!r})
-import torch
-import engine, main_voc2007
-from models import DSDLLoss
-
-moment, count, snapshot = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-sys.argv = ["main_voc2007.py", *sys.argv[4:]]
 
 
-def die():
-    sys.stdout.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+def run_cli(arguments, log, moment="never", count=0, snapshot=None):
+    """In a child process: main_voc2007.py with `arguments`, SIGKILLed at one moment.
+
+    `moment` "train" / "evaluate": at the `count`-th batch of training / of evaluation (its
+    loss); a file name: after `count` bytes of the first write to a file whose name starts with
+    it (the checkpoints' temporary files, metrics.jsonl); "never": not killed. With `snapshot`,
+    the checkpoint folder is copied there after each checkpoint write of epoch 1.
+    """
+    output = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    torch.set_num_threads(1)  # as every run of this file: the same numbers in every process
+    os.environ.update(offline_environment())
+
+    def die():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if moment in ("train", "evaluate"):
+        forward, seen = DSDLLoss.forward, [0]
+
+        def forward_or_die(self, output, targets):
+            if torch.is_grad_enabled() == (moment == "train"):
+                seen[0] += 1
+                if seen[0] == count:
+                    die()
+            return forward(self, output, targets)
+
+        DSDLLoss.forward = forward_or_die
+    elif moment != "never":
+        real_open = builtins.open
+
+        class DyingFile:
+            def __init__(self, f):
+                self.f, self.written = f, 0
+
+            def write(self, data):
+                data = data if isinstance(data, str) else memoryview(data).cast("B")
+                if self.written + len(data) >= count:
+                    self.f.write(data[:count - self.written])
+                    self.f.flush()
+                    os.fsync(self.f.fileno())
+                    die()
+                self.written += len(data)
+                return self.f.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self.f.__exit__(*exc)
+
+        def open_or_die(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            if os.path.basename(str(file)).startswith(moment) and ("w" in mode or "a" in mode):
+                return DyingFile(f)
+            return f
+
+        builtins.open = open_or_die
+    if snapshot is not None:
+        save = engine.save_checkpoint
+
+        def save_and_copy(state, path):
+            save(state, path)
+            if state["epoch"] == 1:
+                shutil.copytree(os.path.dirname(os.path.abspath(path)), snapshot, dirs_exist_ok=True)
+
+        engine.save_checkpoint = save_and_copy
+    sys.argv = ["main_voc2007.py", *arguments]
+    main_voc2007.main()
 
 
-if moment in ("train", "evaluate"):
-    forward, seen = DSDLLoss.forward, [0]
-
-    def forward_or_die(self, output, targets):
-        if torch.is_grad_enabled() == (moment == "train"):
-            seen[0] += 1
-            if seen[0] == count:
-                die()
-        return forward(self, output, targets)
-
-    DSDLLoss.forward = forward_or_die
-elif moment != "never":
-    real_open = builtins.open
-
-    class DyingFile:
-        def __init__(self, f):
-            self.f, self.written = f, 0
-
-        def write(self, data):
-            data = data if isinstance(data, str) else memoryview(data).cast("B")
-            if self.written + len(data) >= count:
-                self.f.write(data[:count - self.written])
-                self.f.flush()
-                os.fsync(self.f.fileno())
-                die()
-            self.written += len(data)
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-    def open_or_die(file, mode="r", *args, **kwargs):
-        f = real_open(file, mode, *args, **kwargs)
-        if os.path.basename(str(file)).startswith(moment) and ("w" in mode or "a" in mode):
-            return DyingFile(f)
-        return f
-
-    builtins.open = open_or_die
-
-if snapshot != "-":
-    save = engine.save_checkpoint
-
-    def save_and_copy(state, path):
-        save(state, path)
-        if state["epoch"] == 1:
-            shutil.copytree(os.path.dirname(os.path.abspath(path)), snapshot, dirs_exist_ok=True)
-
-    engine.save_checkpoint = save_and_copy
-
-main_voc2007.main()
-'''
+def offline_environment():
+    proxy = "http://127.0.0.1:9"  # nothing listens there: a download fails at once
+    return {"http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy,
+            "no_proxy": ""}
 
 
-def environment():
-    """One thread (identical numbers in every process) and a network that fails at once."""
-    proxy = "http://127.0.0.1:9"
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", http_proxy=proxy,
-                https_proxy=proxy, HTTP_PROXY=proxy, HTTPS_PROXY=proxy, no_proxy="")
+@pytest.fixture(scope="module")
+def child(tmp_path_factory):
+    """Starts `run_cli` in a fresh process and returns (exit code, its output).
+
+    The children fork from a server that imported torch and this project once (no thread pool
+    started yet, so forking is safe): a killed run costs its work, not seconds of imports.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "engine", "main_voc2007", __name__])
+    logs = tmp_path_factory.mktemp("logs")
+
+    def start(arguments, **kwargs):
+        log = logs / f"run{len(os.listdir(logs))}.log"
+        process = context.Process(target=run_cli, args=(arguments, str(log)), kwargs=kwargs)
+        process.start()
+        process.join(timeout=300)
+        if process.exitcode is None:
+            process.kill()
+        return process.exitcode, log.read_text()
+
+    return start
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The runs in this process use one thread too, as the subprocesses do."""
+    """The runs in this process use one thread too, as the children do."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -126,23 +150,19 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, one_thread):
+def reference(tmp_path_factory, child):
     """An uninterrupted two-epoch run, and a copy of its checkpoint folder as epoch 1 left it."""
     folder = tmp_path_factory.mktemp("faults")
-    harness = folder / "harness.py"
-    harness.write_text(HARNESS.format(root=ROOT))
     root = str(folder / "voc2007")
     write_voc_tree(root)
     embeddings = str(folder / "embeddings.npy")
     np.save(embeddings, np.random.default_rng(1).standard_normal((20, 300)).astype(np.float32))
     final, after_epoch_1 = folder / "uninterrupted", folder / "after_epoch_1"
-    result = subprocess.run(
-        [sys.executable, str(harness), "never", "0", str(after_epoch_1), root, *SMALL, *EPOCHS,
-         "--embeddings", embeddings, "--checkpoint-dir", str(final)],
-        capture_output=True, text=True, cwd=folder, env=environment(), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, output = child([root, *SMALL, *EPOCHS, "--embeddings", embeddings,
+                          "--checkpoint-dir", str(final)], snapshot=str(after_epoch_1))
+    assert code == 0, output[-3000:]
     assert load(after_epoch_1 / engine.CHECKPOINT)["epoch"] == 1
-    return types.SimpleNamespace(harness=harness, root=root, embeddings=embeddings, final=final,
+    return types.SimpleNamespace(root=root, embeddings=embeddings, final=final,
                                  after_epoch_1=after_epoch_1)
 
 
@@ -203,7 +223,7 @@ KILLS = [  # (moment, count, where the run is when it dies)
 
 
 def test_a_run_killed_again_and_again_loses_nothing_and_resumes_to_the_uninterrupted_weights(
-        reference, tmp_path):
+        reference, child, tmp_path):
     """Killed at five moments of epoch 2 in turn, each time resumed with --resume; then a plain
     command-line resume finishes it. After every kill both checkpoints load and hold epoch 1
     (model_best: epoch 2 once it was written whole); the end is the uninterrupted run bit for bit."""
@@ -212,11 +232,8 @@ def test_a_run_killed_again_and_again_loses_nothing_and_resumes_to_the_uninterru
     folder = copy_of_epoch_1(reference, tmp_path / "ck")
     epoch_1 = reference.after_epoch_1
     for moment, count, where in KILLS:
-        result = subprocess.run(
-            [sys.executable, str(reference.harness), moment, str(count), "-",
-             *resume_arguments(reference, folder)],
-            capture_output=True, text=True, cwd=tmp_path, env=environment(), timeout=300)
-        assert result.returncode == -signal.SIGKILL, f"not killed at {where}:\n{result.stderr[-3000:]}"
+        code, output = child(resume_arguments(reference, folder), moment=moment, count=count)
+        assert code == -signal.SIGKILL, f"not killed at {where}:\n{output[-3000:]}"
         assert same_bytes(folder / engine.CHECKPOINT, epoch_1 / engine.CHECKPOINT), where
         assert load(folder / engine.CHECKPOINT)["epoch"] == 1, where
         if moment == engine.CHECKPOINT:  # model_best of epoch 2 was written whole just before
@@ -229,15 +246,17 @@ def test_a_run_killed_again_and_again_loses_nothing_and_resumes_to_the_uninterru
         if moment in (engine.BEST, engine.CHECKPOINT):  # the kill came mid-write
             (partial,) = [name for name in temporaries(folder) if name.startswith(moment)]
             assert os.path.getsize(folder / partial) == count, where
-    with open(folder / engine.METRICS_LOG) as f:
-        assert not f.read().endswith("\n")  # ... a kill mid-line was seen before the last kills
+            assert len(temporaries(folder)) == 1, where  # an earlier kill's file was cleaned up
+        if moment == engine.METRICS_LOG:  # the kill left half a line, which is not read
+            with open(folder / engine.METRICS_LOG) as f:
+                assert not f.read().endswith("\n")
 
     # The plain command line, with the killed runs' partial temporary files still there.
     assert temporaries(folder), "the kills mid-write should have left a partial temporary file"
     result = subprocess.run([sys.executable, os.path.join(ROOT, "main_voc2007.py"),
                              *resume_arguments(reference, folder)],
-                            capture_output=True, text=True, cwd=tmp_path, env=environment(),
-                            timeout=300)
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", **offline_environment()))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(folder / engine.CHECKPOINT, reference.final / engine.CHECKPOINT)
     assert_same_weights(folder / engine.BEST, reference.final / engine.BEST)
@@ -262,7 +281,7 @@ def test_a_metrics_log_cut_mid_line_reads_and_takes_new_records_cleanly(tmp_path
     with open(log, "a") as f:  # damage that no kill makes (not at the end) is an error, not skipped
         f.write("garbage\n")
         f.write(json.dumps({"epoch": 4, "split": "test", "mAP": 40.0}) + "\n")
-    with pytest.raises(engine.DSDLError, match=r"line 4 is not a JSON record"):
+    with pytest.raises(DSDLError, match=r"line 4 is not a JSON record"):
         engine.read_metrics(log)
 
 
@@ -340,7 +359,7 @@ def rewrite_test_flags(root, change):
     """Apply `change(name, flags)` to every class's test split file of the tree at `root`."""
     main = os.path.join(root, "VOCdevkit", "VOC2007", "ImageSets", "Main")
     all_flags = []
-    for name in engine_classes():
+    for name in VOC_CLASSES:
         path = os.path.join(main, f"{name}_test.txt")
         with open(path) as f:
             ids, flags = zip(*(line.split() for line in f if line.strip()))
@@ -349,11 +368,6 @@ def rewrite_test_flags(root, change):
             f.writelines(f"{i} {v:2d}\n" for i, v in zip(ids, flags))
         all_flags.append(flags)
     return np.stack(all_flags, axis=1)
-
-
-def engine_classes():
-    from voc import VOC_CLASSES
-    return VOC_CLASSES
 
 
 @pytest.mark.parametrize("split", ["cow and dog without positives", "no positive at all"])
@@ -380,12 +394,12 @@ def test_a_class_without_positives_is_reported_undefined_and_the_map_says_over_h
     (record,) = engine.read_metrics(folder / engine.METRICS_LOG)
     assert record["num_classes_ap"] == defined.sum()
     assert [ap is not None for ap in record["AP"]] == defined.tolist()
-    for c, name in enumerate(engine_classes()):
+    for c, name in enumerate(VOC_CLASSES):
         if not defined[c]:
             assert any(line.split() == [name, "undefined", "(no", "positive)"] for line in out.splitlines())
     if defined.any():
         assert record["mAP"] == pytest.approx(np.mean([ap for ap in record["AP"] if ap is not None]))
-        assert not defined[engine_classes().index("cow")] and not defined[engine_classes().index("dog")]
+        assert not defined[VOC_CLASSES.index("cow")] and not defined[VOC_CLASSES.index("dog")]
     else:
         assert record["mAP"] is None and "mAP undefined (over 0 of 20 classes)" in out
     table = open(folder / "results_test.md").read().splitlines()
@@ -417,8 +431,8 @@ def test_a_checkpoint_that_needs_arbitrary_unpickling_is_refused_without_running
         reference, tmp_path, monkeypatch, capsys, payload):
     marker = tmp_path / "code-was-run"
     hostile = tmp_path / "hostile.pth.tar"
-    weights = load(reference.after_epoch_1 / engine.BEST)
-    torch.save({**weights, "payload": payloads(marker)[payload]}, hostile)
+    weights = load(reference.after_epoch_1 / engine.BEST)["model"]
+    torch.save({"model": weights, "epoch": 1, "payload": payloads(marker)[payload]}, hostile)
     with pytest.raises(SystemExit) as stopped:
         main_in_process(monkeypatch, cli_arguments(reference, tmp_path / "ck", "-e", "--resume", str(hostile)))
     assert stopped.value.code == 1
@@ -436,7 +450,7 @@ def test_an_embeddings_pickle_that_would_run_code_stops_the_run_before_anything_
     content = (np.array([["x"] * 300] * 20, dtype=object) if payload == "object array"
                else [payloads(marker)[payload], np.zeros((20, 300), np.float32)])
     with open(hostile, "wb") as f:
-        __import__("pickle").dump(content, f)
+        pickle.dump(content, f)
     folder = tmp_path / "ck"
     with pytest.raises(SystemExit) as stopped:
         main_in_process(monkeypatch, [reference.root, *SMALL, *EPOCHS, "--embeddings", str(hostile),
@@ -456,7 +470,7 @@ def test_a_standard_embeddings_file_swapped_for_a_hostile_one_is_refused_by_its_
     monkeypatch.chdir(tmp_path)
     os.makedirs("data")
     with open(os.path.join("data", "voc_glove_word2vec.pkl"), "wb") as f:
-        __import__("pickle").dump(payloads(marker)["os.system"], f)
+        pickle.dump(payloads(marker)["os.system"], f)
 
     def no_network(*args, **kwargs):
         raise AssertionError("the file is there: nothing should be downloaded")

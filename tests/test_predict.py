@@ -181,11 +181,12 @@ def test_class_maps_saved_for_each_predicted_class_of_each_image(trained, tmp_pa
     shutil.copy(images[0], twin / "a.jpg")  # the same file name as images[0]
     inputs = [*images, str(twin / "a.jpg")]
     out, maps = tmp_path / "out.json", tmp_path / "maps"
-    assert run(["--top-k", "2", "--json", str(out), "--cam", str(maps), *inputs], checkpoint) == 0
+    assert run(["--threshold", "0.53", "--json", str(out), "--cam", str(maps), *inputs],
+               checkpoint) == 0
     results = json.loads(out.read_text())
     stems = ["a-0", "b", "c", "a-3"]
     expected = {f"{stem}_{p['label']}.png" for stem, r in zip(stems, results) for p in r["predictions"]}
-    assert len(expected) == 8 and set(os.listdir(maps)) == expected
+    assert 0 < len(expected) < 4 * len(VOC_CLASSES) and set(os.listdir(maps)) == expected
     for name in expected:
         with Image.open(maps / name) as picture:
             assert picture.format == "PNG"
