@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import engine
 from models import ARCHS, DSDL, DSDLLoss
-from util import eval_transform, load_image, train_transform
+from util import load_image, train_transform
 
 # Dense bf16 / fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the MFU figure.
 PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0,
@@ -100,6 +100,8 @@ def measure_model(args, device, fast):
 def measure_pipeline(args, folder, fast):
     """Images per second of one data-loading worker: decode, then the train transform."""
     transform = train_transform(args.image_size, fast=fast)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
     paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))
     torch.manual_seed(0)
     for path in paths[:4]:  # warm-up
@@ -107,7 +109,9 @@ def measure_pipeline(args, folder, fast):
     start = time.perf_counter()
     for path in paths:
         transform(load_image(path))
-    return len(paths) / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    return len(paths) / seconds
 
 
 def write_jpegs(folder, count, size=(500, 375)):
@@ -140,9 +144,9 @@ def peak_tflops(device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--arch", choices=ARCHS, default="resnet101")
+    parser.add_argument("--arch", choices=ARCHS, default=None, help="default: resnet101 on a GPU, resnet18 on a CPU")
     parser.add_argument("--image-size", type=int, default=None, help="default: 448 on a GPU, 224 on a CPU")
-    parser.add_argument("-b", "--batch-size", type=int, default=None, help="default: 32 on a GPU, 4 on a CPU")
+    parser.add_argument("-b", "--batch-size", type=int, default=None, help="default: 32 on a GPU, 8 on a CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed batches (default: 20 GPU, 3 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed batches first (default: 5 GPU, 1 CPU)")
     parser.add_argument("--pipeline-images", type=int, default=60, help="JPEGs for the pipeline figure")
@@ -154,8 +158,9 @@ def main():
     gpu = device.type == "cuda"
     if gpu and not torch.cuda.is_available():
         parser.error("--device cuda, but no CUDA GPU is available")
+    args.arch = args.arch or ("resnet101" if gpu else "resnet18")
     args.image_size = args.image_size or (448 if gpu else 224)
-    args.batch_size = args.batch_size or (32 if gpu else 4)
+    args.batch_size = args.batch_size or (32 if gpu else 8)
     args.steps = args.steps or (20 if gpu else 3)
     args.warmup = args.warmup or (5 if gpu else 1)
     if gpu:

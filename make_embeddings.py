@@ -24,6 +24,7 @@ from util import DSDLError, download
 DIM = 300
 GLOVE_ZIP = "glove.840B.300d.zip"  # 2.0 GB; holds glove.840B.300d.txt (5.6 GB, 2.2M cased words)
 GLOVE_URLS = ["https://nlp.stanford.edu/data/glove.840B.300d.zip",
+              "https://downloads.cs.stanford.edu/nlp/data/glove.840B.300d.zip",
               "https://huggingface.co/stanfordnlp/glove/resolve/main/glove.840B.300d.zip"]
 
 
