@@ -17,6 +17,7 @@ import os
 import resource
 import tempfile
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -62,12 +63,9 @@ def measure_model(args, device, fast):
     torch.manual_seed(0)
     model = DSDL(args.num_classes, torch.randn(args.num_classes, 300), 10.0, args.arch,
                  pretrained=False).to(device)
-    amp_dtype, scaler = None, None
+    amp_dtype, scaler = engine.mixed_precision(device, fast)
     if fast:
         model.to(memory_format=torch.channels_last)
-        amp_dtype = torch.bfloat16
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            amp_dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
         if args.compile:
             engine.compile_trunk(model.features)
     loss_fn = DSDLLoss(10.0, 1e-4)
@@ -112,6 +110,28 @@ def measure_pipeline(args, folder, fast):
     seconds = time.perf_counter() - start
     torch.set_num_threads(threads)
     return len(paths) / seconds
+
+
+def release_pipeline_breakdown(folder, image_size=448):
+    """Milliseconds per image of each stage of the release's train pipeline, in one worker."""
+    stages = train_transform(image_size).transforms  # Resize, MultiScaleCrop, Flip, ToTensor, Normalize
+    names = ["JPEG decode", "resize to 8/7", "multi-scale crop + resize", "horizontal flip",
+             "ToTensor (float conversion)", "Normalize"]
+    totals = np.zeros(len(names))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))
+    for path in paths:
+        start = time.perf_counter()
+        image = load_image(path)
+        times = [time.perf_counter()]
+        for stage in stages:
+            image = stage(image)
+            times.append(time.perf_counter())
+        totals += np.diff([start] + times)
+    torch.set_num_threads(threads)
+    return dict(zip(names, 1000 * totals / len(paths)))
 
 
 def write_jpegs(folder, count, size=(500, 375)):
@@ -170,11 +190,16 @@ def main():
           f"{args.steps} timed steps after {args.warmup}; torch {torch.__version__}")
 
     release = measure_model(args, device, fast=False)
-    fast = measure_model(args, device, fast=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = measure_model(args, device, fast=True)
+    for warning in caught:
+        print(f"note: {warning.message}")
     with tempfile.TemporaryDirectory() as folder:
         write_jpegs(folder, args.pipeline_images)
         pipeline_release = measure_pipeline(SimpleNamespace(image_size=448), folder, fast=False)
         pipeline_fast = measure_pipeline(SimpleNamespace(image_size=448), folder, fast=True)
+        breakdown = release_pipeline_breakdown(folder)
 
     flops = forward_flops(args, device)
     figures = {
@@ -183,6 +208,7 @@ def main():
         "eval_img_s_release": release["eval"], "eval_img_s_fast": fast["eval"],
         "pipeline_img_s_release": pipeline_release, "pipeline_img_s_fast": pipeline_fast,
         "pipeline_image_size": 448, "forward_gflop_per_image": flops / 1e9,
+        "pipeline_release_breakdown_ms": breakdown,
     }
     if gpu:
         figures["peak_memory_gib_release"] = release["peak_memory_gib"]
@@ -211,6 +237,9 @@ def main():
     else:
         print(f"peak resident memory of the process: {figures['peak_rss_gib']:.2f} GiB")
     print(f"forward pass: {flops / 1e9:.1f} GFLOP per image at {args.image_size} px")
+    total = sum(breakdown.values())
+    print("release pipeline, one worker, 500 x 375 JPEG to 448 px: " + ", ".join(
+        f"{name} {ms:.2f} ms ({100 * ms / total:.0f}%)" for name, ms in breakdown.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

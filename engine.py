@@ -216,6 +216,21 @@ def compile_trunk(trunk):
     trunk.forward = forward
 
 
+def mixed_precision(device, enabled):
+    """(autocast dtype or None, GradScaler or None) for --amp on this device."""
+    if not enabled:
+        return None, None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, None
+        return torch.float16, torch.amp.GradScaler("cuda")  # fp16 needs loss scaling
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return torch.bfloat16, None
+    warnings.warn("--amp: this CPU has no bf16 units, and bf16 there is many times slower than "
+                  "float32; running in float32")
+    return None, None
+
+
 def autocast(device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
@@ -440,11 +455,7 @@ def run(args, train_set, test_set, default_embeddings, submission_set=None, writ
     if checkpoint is not None:
         load_weights(model, checkpoint, args.resume)
     model.to(device)
-    amp_dtype, scaler = None, None
-    if args.amp:
-        amp_dtype = torch.bfloat16
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            amp_dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
+    amp_dtype, scaler = mixed_precision(device, args.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if world_size > 1 and args.sync_bn:

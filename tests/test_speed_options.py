@@ -112,3 +112,14 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch):
     torch.testing.assert_close(first, reference)
     torch.testing.assert_close(second, reference)
     assert set(model.state_dict()) == keys  # checkpoints keep the release's key names
+
+
+def test_amp_on_a_cpu_without_bf16_units_warns_and_stays_float32(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.warns(UserWarning, match="no bf16 units"):
+        assert engine.mixed_precision(cpu, True) == (None, None)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert engine.mixed_precision(cpu, True) == (torch.bfloat16, None)
+    assert engine.mixed_precision(cpu, False) == (None, None)
