@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util import DSDLError, download, extract, load_image, md5sum
+from util import DSDLError, download, extract, interrupted_extraction, load_image, md5sum
 
 COCO_SITE = "http://images.cocodataset.org/"
 # archive -> (path on the COCO site, md5)
@@ -112,7 +112,7 @@ class COCO2014(Dataset):
         needed = [(self.annotation_file, "annotations_trainval2014.zip"),
                   (self.image_folder, f"{split}2014.zip")]
         for path, archive in needed:
-            if os.path.exists(path):
+            if os.path.exists(path) and not interrupted_extraction(archive, root):
                 continue
             if not download:
                 raise DSDLError(f"COCO 2014 {split}: {path} not found and download=False")

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from models import ARCHS, DSDL, DSDLLoss
 from util import plot_curves, read_metrics  # noqa: F401 (read_metrics: engine.read_metrics)
 from util import (DSDLError, format_metrics, compute_metrics, init_distributed, is_main_process,
-                  load_embeddings, normalize_on_device, results_table, standard_embeddings)
+                  load_embeddings, normalize_on_device, rank_zero_first, results_table,
+                  standard_embeddings)
 
 CHECKPOINT = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
@@ -199,21 +200,24 @@ def prepare_images(images, device, channels_last=False):
 
 
 def compile_trunk(trunk):
-    """torch.compile the trunk's forward in place (state-dict keys unchanged); on the first
-    failure (no compiler, unsupported platform) warn and run the trunk eagerly from then on."""
+    """torch.compile the trunk's forward in place (state-dict keys unchanged). If the first call
+    fails (no compiler, unsupported platform) warn and run the trunk eagerly from then on; later
+    errors (out of memory ...) are raised as they are."""
     eager = trunk.forward
     compiled = torch.compile(eager)
 
-    def forward(images):
+    def first_call(images):
         try:
-            return compiled(images)
+            output = compiled(images)
         except Exception as error:  # torch._dynamo / inductor raise many types
             warnings.warn(f"--compile does not work here ({type(error).__name__}: "
                           f"{str(error).splitlines()[0] if str(error) else ''}); running without it")
             trunk.forward = eager
             return eager(images)
+        trunk.forward = compiled
+        return output
 
-    trunk.forward = forward
+    trunk.forward = first_call
 
 
 def mixed_precision(device, enabled):
@@ -235,14 +239,13 @@ def autocast(device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
-def mean_over_processes(value):
-    """The loss averaged over torchrun's processes, so that every process sees the same number."""
+def mean_over_processes(loss):
+    """The loss as a number, averaged over torchrun's processes (every process sees the same)."""
     if not torch.distributed.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64,
-                          device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-    torch.distributed.all_reduce(tensor)
-    return tensor.item() / torch.distributed.get_world_size()
+        return loss.item()
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total.item() / torch.distributed.get_world_size()
 
 
 def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_norm,
@@ -254,11 +257,11 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_n
     start = time.perf_counter()
     for batch, (images, labels, _) in enumerate(bar):
         images = prepare_images(images, device, channels_last)
-        targets = training_targets(labels).to(device, non_blocking=True)
+        targets = training_targets(labels.to(device, non_blocking=True))
         with autocast(device, amp_dtype):
             output = model(images)
         loss = loss_fn(output, targets)  # float32: the head leaves autocast
-        value = mean_over_processes(loss.item())
+        value = mean_over_processes(loss)
         if not math.isfinite(value):
             raise DSDLError(f"the loss became {value} at epoch {epoch + 1}, batch {batch + 1}; "
                             f"stopping without taking this step. The last checkpoint is intact; "
@@ -300,14 +303,15 @@ def evaluate(model, loss_fn, loader, device, amp_dtype=None, channels_last=False
         with autocast(device, amp_dtype):
             output = model(prepare_images(images, device, channels_last))
         if labelled:
-            loss = loss_fn(output, training_targets(batch_labels).to(device))
-            total += loss.item() * images.shape[0]
+            loss = loss_fn(output, training_targets(batch_labels.to(device, non_blocking=True)))
+            total += loss.detach() * images.shape[0]  # stays on the device: no sync per batch
         count += images.shape[0]
-        scores.append(output.scores.float().cpu())
+        scores.append(output.scores.float())
         labels.append(batch_labels)
         ids.extend(batch_ids.tolist() if torch.is_tensor(batch_ids) else batch_ids)  # COCO: ints
         bar.set_postfix(img_s=f"{count / (time.perf_counter() - start):.1f}")
-    scores, labels = torch.cat(scores).numpy(), torch.cat(labels).numpy()
+    scores, labels = torch.cat(scores).cpu().numpy(), torch.cat(labels).numpy()
+    total = float(total)
     if torch.distributed.is_initialized():
         shares = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(
@@ -388,10 +392,31 @@ def make_loader(dataset, args, device, shuffle):
             sampler, shuffle = DistributedSampler(dataset, shuffle=True, seed=args.seed), False
         else:
             dataset = Subset(dataset, range(torch.distributed.get_rank(), len(dataset), world_size))
+    # Training workers start afresh every epoch: their seeds then come from the generator that
+    # each epoch reseeds, so a resumed run draws the same crops (persistent workers would not).
     return DataLoader(dataset, batch_size=args.batch_size // world_size, shuffle=shuffle,
                       sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda",
-                      persistent_workers=args.workers > 0,
+                      persistent_workers=args.workers > 0 and not shuffle,
                       generator=torch.Generator().manual_seed(args.seed))
+
+
+def step_schedule(optimizer, model, args, start_epoch):
+    """The release's step decay (x0.1 at each of --epoch_step), positioned at `start_epoch`.
+
+    The hyper-parameters always come from the command line, also when resuming (so a changed
+    --lr or --epoch_step takes effect, with a warning), and a resumed run, or one that starts
+    from the release's checkpoints (which have no optimizer state), decays at the same epochs
+    as an uninterrupted one.
+    """
+    for group, fresh in zip(optimizer.param_groups, model.parameter_groups(args.lr, args.lrp)):
+        lr = fresh["lr"]
+        for _ in range(sum(step < start_epoch for step in args.epoch_step)):
+            lr *= 0.1  # multiplied step by step, as the scheduler does: bit-exact on resume
+        group.update(initial_lr=fresh["lr"], lr=lr, momentum=args.momentum,
+                     weight_decay=args.weight_decay)
+    # Creating it at start_epoch - 1 takes its first step to start_epoch (and decays there).
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, args.epoch_step, gamma=0.1,
+                                                last_epoch=start_epoch - 1)
 
 
 def check_args(args):
@@ -449,9 +474,10 @@ def run(args, train_set, test_set, default_embeddings, submission_set=None, writ
                         f"({', '.join(checkpoint['classes'][:4])}, ...), but this dataset has "
                         f"{len(classes)} ({', '.join(classes[:4])}, ...)")
     torch.manual_seed(args.seed)
-    semantics = semantics_for(args, classes, checkpoint, default_embeddings)
-    model = DSDL(len(classes), semantics, args.lambd, args.arch,
-                 pretrained=not args.no_pretrained and checkpoint is None)
+    with rank_zero_first():  # downloads (class vectors, ImageNet weights) happen once
+        semantics = semantics_for(args, classes, checkpoint, default_embeddings)
+        model = DSDL(len(classes), semantics, args.lambd, args.arch,
+                     pretrained=not args.no_pretrained and checkpoint is None)
     if checkpoint is not None:
         load_weights(model, checkpoint, args.resume)
     model.to(device)
@@ -474,6 +500,11 @@ def run(args, train_set, test_set, default_embeddings, submission_set=None, writ
 
     def test(epoch, train_loss=None):
         # The unwrapped model: DDP's forward would synchronise buffers, and the shares differ.
+        # DDP copies rank 0's buffers before each training forward only: after the last step
+        # every rank has its own BatchNorm statistics, so take rank 0's (the ones it saves).
+        if world_size > 1:
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, 0)
         result = evaluate(model, loss_fn, test_loader, device, amp_dtype, args.channels_last)
         if not getattr(test_set, "labelled", True):
             say(f"epoch {epoch}: {test_set.split} has no labels; {len(result['ids'])} images "
@@ -497,24 +528,24 @@ def run(args, train_set, test_set, default_embeddings, submission_set=None, writ
 
     optimizer = torch.optim.SGD(model.parameter_groups(args.lr, args.lrp), lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.epoch_step, gamma=0.1)
     start_epoch, best_score = 0, -math.inf
     if checkpoint is not None:
         if "optimizer" in checkpoint:
             warn_changed_args(checkpoint, args)
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            optimizer.load_state_dict(checkpoint["optimizer"])  # the momentum buffers
             if scaler is not None and "scaler" in checkpoint:
                 scaler.load_state_dict(checkpoint["scaler"])
         start_epoch = checkpoint.get("epoch", 0)
         best_score = float(checkpoint.get("best_score", -math.inf))  # the release's is a tensor
         say(f"resumed from {args.resume} at epoch {start_epoch} (best mAP {best_score:.2f})")
+    scheduler = step_schedule(optimizer, model, args, start_epoch)
     train_loader = make_loader(train_set, args, device, shuffle=True)
     metrics = None
     for epoch in range(start_epoch, args.epochs):
         # Seeding from the epoch makes a resumed run draw the same batches and crops.
-        torch.manual_seed(args.seed + epoch)
-        train_loader.generator.manual_seed(args.seed + epoch)
+        # (each process its own stream; the DistributedSampler shuffles with seed + epoch)
+        torch.manual_seed(args.seed + epoch + 100_003 * rank)
+        train_loader.generator.manual_seed(args.seed + epoch + 100_003 * rank)
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         lrs = ", ".join(f"{group['lr']:g}" for group in optimizer.param_groups)
@@ -558,13 +589,10 @@ def main(args, train_set_fn, test_set_fn, default_embeddings, submission_set_fn=
     try:
         check_args(args)
         init_distributed(args.device)
-        if not is_main_process():
-            torch.distributed.barrier()  # rank 0 downloads and extracts the data first
-        train_set = None if args.evaluate else train_set_fn(args)
-        test_set = test_set_fn(args)
-        submission_set = submission_set_fn(args) if submission_set_fn else None
-        if is_main_process() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        with rank_zero_first():  # rank 0 downloads and extracts the data first
+            train_set = None if args.evaluate else train_set_fn(args)
+            test_set = test_set_fn(args)
+            submission_set = submission_set_fn(args) if submission_set_fn else None
         run(args, train_set, test_set, default_embeddings, submission_set, write_submission)
     except DSDLError as error:
         print(f"error: {error}", file=sys.stderr)

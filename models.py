@@ -34,30 +34,25 @@ def at_least_float32(tensor):
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
-def ridge_coefficients(features, dictionary, lambd):
-    """A = argmin ||F - A D||^2 + lambd ||A||^2 = F D^T (D D^T + lambd I)^-1, in float32.
-
-    Solving the C x C system (never forming the inverse) keeps the solution accurate; the
-    gradient flows through the solve into both the features and the dictionary (APUS).
-    """
-    features, dictionary = at_least_float32(features), at_least_float32(dictionary)
-    num_classes = dictionary.shape[0]
-    gram = dictionary @ dictionary.T + lambd * torch.eye(
-        num_classes, dtype=dictionary.dtype, device=dictionary.device)  # C x C, symmetric
-    # (D D^T + lambd I) A^T = D F^T; the matrix is symmetric positive definite.
-    return torch.linalg.solve(gram, dictionary @ features.T).T  # B x C
-
-
 def ridge_projection(dictionary, lambd):
-    """P = D^T (D D^T + lambd I)^-1, d_f x C: the closed-form coefficients are A = F P.
+    """P = D^T (D D^T + lambd I)^-1, d_f x C, in float32: the closed-form coefficients are A = F P.
 
-    The coefficients are linear in the features, so P reads the scores of any feature vector,
-    including those of single positions of a feature map (see `DSDL.class_maps`).
+    Solving the C x C system (never forming the inverse) keeps the solution accurate. The
+    coefficients are linear in the features, so P also reads the scores of single positions of
+    a feature map (see `DSDL.class_maps`).
     """
     dictionary = at_least_float32(dictionary)
     gram = dictionary @ dictionary.T + lambd * torch.eye(
-        dictionary.shape[0], dtype=dictionary.dtype, device=dictionary.device)  # C x C, symmetric
+        dictionary.shape[0], dtype=dictionary.dtype, device=dictionary.device)  # C x C, SPD
     return torch.linalg.solve(gram, dictionary).T  # d_f x C
+
+
+def ridge_coefficients(features, dictionary, lambd):
+    """A = argmin ||F - A D||^2 + lambd ||A||^2 = F D^T (D D^T + lambd I)^-1, B x C, in float32.
+
+    The gradient flows through the solve into both the features and the dictionary (APUS).
+    """
+    return at_least_float32(features) @ ridge_projection(dictionary, lambd)
 
 
 def load_trunk(arch, pretrained):
@@ -152,11 +147,11 @@ class DSDL(nn.Module):
             # The model's own pooling (global max), with the position each maximum is read at.
             features, where = F.adaptive_max_pool2d(feature_map, 1, return_indices=True)
             features, where = features.flatten(1), where.flatten(1)  # B x d_f, flat positions
-            dictionary = self.encode(self.semantics)             # C x d_f
-            scores = ridge_coefficients(features, dictionary, self.lambd)  # B x C
+            projection = ridge_projection(self.encode(self.semantics), self.lambd)  # d_f x C
+            scores = features @ projection                       # B x C, as in forward
             pooled = torch.zeros_like(feature_map.flatten(2)).scatter(
                 2, where.unsqueeze(2), features.unsqueeze(2))    # B x d_f x hw, M_k kept at x_k
-            maps = torch.einsum("bkx,kc->bcx", pooled, ridge_projection(dictionary, self.lambd))
+            maps = torch.einsum("bkx,kc->bcx", pooled, projection)
         return ClassMaps(scores, maps.unflatten(2, feature_map.shape[2:]))
 
     def parameter_groups(self, lr, lrp):

@@ -10,6 +10,7 @@ its score (the score is a logit, spec section 6). Unreadable images are reported
 skipped; the exit status is 1 when there was any.
 """
 import argparse
+import collections
 import csv
 import json
 import os
@@ -172,7 +173,7 @@ def class_map_figure(image, class_map, label, probability):
 def map_names(paths):
     """A file-name stem per image, unique even when two folders hold the same name."""
     stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
-    repeated = {stem for stem in stems if stems.count(stem) > 1}
+    repeated = {stem for stem, count in collections.Counter(stems).items() if count > 1}
     return [f"{stem}-{index}" if stem in repeated else stem for index, stem in enumerate(stems)]
 
 
@@ -196,7 +197,7 @@ def predict(model, classes, paths, args, image_size):
     loader = DataLoader(ImageFiles(paths, eval_transform(image_size)), batch_size=args.batch_size,
                         num_workers=args.workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")
-    names = map_names(paths)
+    names = map_names(paths) if args.cam else None
     if args.cam:
         os.makedirs(args.cam, exist_ok=True)
     results = [None] * len(paths)

@@ -1,5 +1,7 @@
 """Small shared pieces: metrics, transforms, label embeddings, downloads and safe extraction,
 the training log and its pictures."""
+import contextlib
+import functools
 import hashlib
 import http.client
 import json
@@ -72,7 +74,8 @@ def compute_metrics(scores, labels):
 
     `scores` (N x C) are logits; `labels` (N x C) are 1 (present), 0 (difficult), -1 (absent).
     A label counts as predicted when its score >= 0; the top-3 variants allow at most the 3
-    highest-scoring labels of each image. Difficult labels count as negatives there.
+    highest-scoring labels of each image. Difficult labels count as negatives there. CR is the
+    mean over the classes that have ground truth (the release's would be NaN otherwise).
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels)
@@ -256,10 +259,17 @@ def to_uint8_tensor(image):
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
 
 
+@functools.lru_cache(maxsize=None)
+def _normalisation(device):
+    """ImageNet mean and std in 0..255 units, made once per device (no copy per batch)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def normalize_on_device(images):
     """B x H x W x 3 uint8 batch -> B x 3 x H x W float, ImageNet-normalised (channels-last memory)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = _normalisation(images.device)
     return (images.permute(0, 3, 1, 2).float() - mean) / std
 
 
@@ -600,3 +610,14 @@ def init_distributed(device):
 
 def is_main_process():
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Under torchrun, rank 0 runs the block (downloads, extraction) before the other ranks."""
+    distributed = torch.distributed.is_initialized()
+    if distributed and not is_main_process():
+        torch.distributed.barrier()
+    yield
+    if distributed and is_main_process():
+        torch.distributed.barrier()

@@ -196,6 +196,14 @@ def test_coco_extracts_the_official_zips_found_in_root(tmp_path, monkeypatch):
     np.testing.assert_array_equal(dataset.labels, expected_labels("val")[1])
     assert dataset[0][0].size == (48, 48)
 
+    # An extraction cut short (its staging folder is still there, images are missing) is redone.
+    first = sorted(os.listdir(root / "val2014"))[0]
+    os.remove(root / "val2014" / first)
+    os.makedirs(root / ".extracting-val2014.zip" / "val2014")
+    COCO2014(str(root), "val")
+    assert os.path.isfile(root / "val2014" / first)
+    assert not os.path.exists(root / ".extracting-val2014.zip")
+
 
 def test_main_coco_trains_one_epoch_with_the_coco_defaults(coco_root, coco_embeddings, tmp_path, monkeypatch,
                                                            capsys):

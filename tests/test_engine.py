@@ -45,11 +45,13 @@ def test_a_few_epochs_learn_visually_distinct_classes(tmp_path, random_embedding
     assert learned > chance + 20 and learned > 2 * chance
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(voc_root, random_embeddings, tmp_path):
+@pytest.mark.parametrize("workers", ["0", "1"])  # with loading processes too
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(voc_root, random_embeddings, tmp_path, workers):
     root, _ = voc_root
-    run(parse(root, random_embeddings, tmp_path / "straight", "--epochs", "2", "--epoch_step", "1"))
-    run(parse(root, random_embeddings, tmp_path / "split", "--epochs", "1", "--epoch_step", "1"))
-    resumed = parse(root, random_embeddings, tmp_path / "split", "--epochs", "2", "--epoch_step", "1",
+    common = ("--epoch_step", "1", "-j", workers)
+    run(parse(root, random_embeddings, tmp_path / "straight", "--epochs", "2", *common))
+    run(parse(root, random_embeddings, tmp_path / "split", "--epochs", "1", *common))
+    resumed = parse(root, random_embeddings, tmp_path / "split", "--epochs", "2", *common,
                     "--resume", str(tmp_path / "split" / engine.CHECKPOINT))
     run(resumed)
     straight = torch.load(tmp_path / "straight" / engine.CHECKPOINT, weights_only=True)
@@ -183,3 +185,28 @@ def test_cli_checkpoint_for_another_feature_size_is_an_error(voc_root, random_em
                  "--resume", str(path), "--checkpoint-dir", str(tmp_path / "ck"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "feature size 512" in result.stderr and "resnet50 has feature size 2048" in result.stderr
+
+
+def test_resuming_with_a_new_learning_rate_uses_it(voc_root, random_embeddings, tmp_path):
+    root, _ = voc_root
+    run(parse(root, random_embeddings, tmp_path, "--epochs", "1"))
+    with pytest.warns(UserWarning, match="lr: 0.01 -> 0.05"):
+        run(parse(root, random_embeddings, tmp_path, "--epochs", "2", "--lr", "0.05",
+                  "--resume", str(tmp_path / engine.CHECKPOINT)))
+    groups = torch.load(tmp_path / engine.CHECKPOINT, weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([0.005, 0.05])  # trunk lr * lrp, dictionary lr
+
+
+@pytest.mark.parametrize("start_epoch", [0, 1, 2, 3, 5, 7])
+def test_the_step_schedule_at_any_start_epoch_is_the_uninterrupted_one(start_epoch):
+    """Also for the release's checkpoints, which carry an epoch but no optimizer state."""
+    model = DSDL(3, torch.randn(3, 300), 10.0, arch="resnet18", pretrained=False)
+    args = engine.get_args_parser("t").parse_args(["data", "--epoch_step", "2", "5"])
+    # the uninterrupted run: lr x 0.1 once epoch 2, then epoch 5, is reached (0-based epochs)
+    expected = [[1e-3 * f, 1e-2 * f] for f in (1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01)]
+    optimizer = torch.optim.SGD(model.parameter_groups(args.lr, args.lrp), lr=args.lr)
+    scheduler = engine.step_schedule(optimizer, model, args, start_epoch)
+    for epoch in range(start_epoch, 8):
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected[epoch], rel=1e-12)
+        optimizer.step()
+        scheduler.step()
