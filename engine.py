@@ -46,8 +46,8 @@ def get_args_parser(description, **defaults):
                         help="epochs at which every learning rate is multiplied by 0.1")
     parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the dictionary (W1, W2)")
     parser.add_argument("--lrp", type=float, default=0.1, help="the CNN trunk learns at lr * lrp")
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     parser.add_argument("--max-grad-norm", type=float, default=10.0,
                         help="total gradient norm is clipped to this before each step")
     parser.add_argument("--lambd", type=float, default=10.0,
@@ -61,15 +61,18 @@ def get_args_parser(description, **defaults):
                              "this project's or one of the authors' released checkpoints")
     parser.add_argument("-j", "--workers", type=int, default=default_workers(),
                         help="data-loading processes")
-    parser.add_argument("--arch", default="resnet101", choices=ARCHS)
+    parser.add_argument("--arch", default="resnet101", choices=ARCHS, help="torchvision ResNet trunk")
     parser.add_argument("--no-pretrained", action="store_true",
                         help="start the trunk from random weights instead of ImageNet")
     parser.add_argument("--embeddings", default=None, metavar="PATH",
                         help="C x 300 class vectors (.pkl or .npy); default: the standard GloVe "
                              "file, downloaded (md5 checked) into data/")
-    parser.add_argument("--checkpoint-dir", default="checkpoints")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-dir", default="checkpoints",
+                        help="where checkpoints, metrics.jsonl, tables and plots are written")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (under torchrun each process takes its LOCAL_RANK's GPU)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the initialisation and, per epoch, the batches and crops")
     speed = parser.add_argument_group(
         "speed", "off by default: the defaults train exactly as the release (float32, PIL pipeline)")
     speed.add_argument("--amp", action="store_true",
@@ -595,7 +598,10 @@ def main(args, train_set_fn, test_set_fn, default_embeddings, submission_set_fn=
             submission_set = submission_set_fn(args) if submission_set_fn else None
         run(args, train_set, test_set, default_embeddings, submission_set, write_submission)
     except DSDLError as error:
-        print(f"error: {error}", file=sys.stderr)
+        message = str(error)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its own message
+            message = message.rsplit("DSDLError: ", 1)[-1].strip()
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     finally:
         if torch.distributed.is_initialized():

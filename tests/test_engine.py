@@ -210,3 +210,16 @@ def test_the_step_schedule_at_any_start_epoch_is_the_uninterrupted_one(start_epo
         assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected[epoch], rel=1e-12)
         optimizer.step()
         scheduler.step()
+
+
+def test_cli_a_broken_image_read_by_a_loader_worker_is_named_without_a_traceback(voc_root, random_embeddings,
+                                                                                 tmp_path):
+    root, written = voc_root
+    path = os.path.join(root, "VOCdevkit", "VOC2007", "JPEGImages", written["trainval"][0][0] + ".jpg")
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    result = cli(root, *SMALL, "-j", "1", "--epochs", "1", "--embeddings", random_embeddings,
+                 "--checkpoint-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert f"error: cannot read image {path}" in result.stderr
+    assert "Traceback" not in result.stderr and "DataLoader worker" not in result.stderr
