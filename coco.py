@@ -20,6 +20,21 @@ COCO2014_ARCHIVES = {
 }
 CACHE_VERSION = 1
 
+# The 80 COCO category names in the model's order: sorted alphabetically (spec section 5), the
+# row order of coco_glove_word2vec.pkl. The dataset reads them from the annotations; this list
+# serves checkpoints that carry no class names (the release's) in predict.py.
+COCO_CLASSES = sorted((
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"))
+
 
 def read_instance_labels(path):
     """Classes, image ids, file names and N x C labels (1 / -1) from an `instances_*.json`.
@@ -65,7 +80,7 @@ def load_labels_cached(annotation_file, cache_file):
     try:
         with np.load(cache_file, allow_pickle=False) as cache:
             if np.array_equal(cache["source"], stamp):
-                return (list(cache["classes"]), cache["image_ids"], cache["file_names"],
+                return (cache["classes"].tolist(), cache["image_ids"], cache["file_names"],
                         cache["labels"])
     except FileNotFoundError:
         pass

@@ -24,8 +24,11 @@ MAX_PROBLEMS_SHOWN = 50
 def parse_classes(names):
     """The class list of `--classes`: names, or one file listing one name per line."""
     if len(names) == 1 and os.path.isfile(names[0]):
-        with open(names[0], encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
+        with open(names[0], encoding="utf-8-sig") as f:
+            try:
+                names = [line.strip() for line in f if line.strip()]
+            except UnicodeDecodeError as error:
+                raise DSDLError(f"{names[0]} is not UTF-8 text ({error}); save it as UTF-8") from error
     if len(set(names)) != len(names):
         repeated = sorted({name for name in names if names.count(name) > 1})
         raise DSDLError(f"--classes lists {', '.join(repeated)} more than once")
@@ -45,26 +48,29 @@ def read_label_csv(path):
     if not os.path.isfile(path):
         raise DSDLError(f"label file not found: {path}")
     rows, problems = [], []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if [field.strip() for field in header or []] != HEADER:
-            raise DSDLError(f"{path}, line 1: the header must be 'image,labels', got "
-                            f"{','.join(header or [])!r}")
-        for fields in reader:
-            line = reader.line_num
-            if not fields or not any(field.strip() for field in fields):
-                continue  # blank line
-            if len(fields) != 2:
-                problems.append(f"{path}, line {line}: expected 2 fields (image,labels), got "
-                                f"{len(fields)}: {','.join(fields)!r}")
-                continue
-            image, labels = fields[0].strip(), fields[1]
-            if not image:
-                problems.append(f"{path}, line {line}: empty image path")
-                continue
-            names = list(dict.fromkeys(name.strip() for name in labels.split(";") if name.strip()))
-            rows.append((line, image, names))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if [field.strip() for field in header or []] != HEADER:
+                raise DSDLError(f"{path}, line 1: the header must be 'image,labels', got "
+                                f"{','.join(header or [])!r}")
+            for fields in reader:
+                line = reader.line_num
+                if not fields or not any(field.strip() for field in fields):
+                    continue  # blank line
+                if len(fields) != 2:
+                    problems.append(f"{path}, line {line}: expected 2 fields (image,labels), got "
+                                    f"{len(fields)}: {','.join(fields)!r}")
+                    continue
+                image, labels = fields[0].strip(), fields[1]
+                if not image:
+                    problems.append(f"{path}, line {line}: empty image path")
+                    continue
+                names = list(dict.fromkeys(name.strip() for name in labels.split(";") if name.strip()))
+                rows.append((line, image, names))
+    except UnicodeDecodeError as error:
+        raise DSDLError(f"{path} is not UTF-8 text ({error}); save it as \"CSV UTF-8\"") from error
     return rows, problems
 
 

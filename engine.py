@@ -471,7 +471,7 @@ def run(args, train_set, test_set, default_embeddings, submission_set=None, writ
         raise DSDLError(f"--batch-size {args.batch_size} (the global batch) does not divide over "
                         f"{world_size} processes; pass a multiple of {world_size}")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
-    classes = list(test_set.classes)
+    classes = [str(name) for name in test_set.classes]  # plain str: checkpoints load weights_only
     if checkpoint is not None and checkpoint.get("classes") not in (None, classes):
         raise DSDLError(f"{args.resume} was trained on {len(checkpoint['classes'])} classes "
                         f"({', '.join(checkpoint['classes'][:4])}, ...), but this dataset has "

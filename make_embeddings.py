@@ -46,13 +46,15 @@ def open_glove(path):
     return open(path, "rb"), os.path.getsize(path)
 
 
-def read_glove(path, words):
+def read_glove(path, words, enough=None):
     """The vectors of `words` (a set) found in a GloVe text file: {word: 300-d float64 array}.
 
     Lines are `word v1 .. v300`; a few tokens of the 840B file contain spaces, so the vector is
     the last 300 fields. Only lines whose word is wanted are parsed, and reading stops once
-    every word is found (the file is sorted by frequency, common words come early).
+    every word of `enough` (default: all of `words`) is found (the file is sorted by frequency,
+    common words come early).
     """
+    enough = set(words if enough is None else enough)
     found = {}
     stream, size = open_glove(path)
     with stream, tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
@@ -69,7 +71,7 @@ def read_glove(path, words):
                 found[word] = np.array(fields[-DIM:], dtype=np.float64)
             except ValueError as error:
                 raise DSDLError(f"{path}, line {number}: not a {DIM}-d GloVe line ({error})") from error
-            if len(found) == len(words):
+            if enough <= found.keys():
                 break
     return found
 
@@ -85,7 +87,8 @@ def class_vectors(classes, glove_path):
     if empty:
         raise DSDLError(f"class names without any word: {empty}")
     wanted = {form for parts in words.values() for word in parts for form in (word, word.lower())}
-    found = read_glove(glove_path, wanted)
+    # Once every word is found as written, its lower-case fallback is not needed.
+    found = read_glove(glove_path, wanted, enough={word for parts in words.values() for word in parts})
     vectors, missing = [], []
     for name in classes:
         parts = [found.get(word, found.get(word.lower())) for word in words[name]]

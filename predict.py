@@ -27,6 +27,7 @@ from tqdm import tqdm
 import engine
 from models import ARCHS, DSDL
 from util import DSDLError, eval_transform, load_embeddings, load_image, standard_embeddings
+from coco import COCO_CLASSES
 from voc import VOC_CLASSES
 
 
@@ -36,18 +37,6 @@ class KnownDataset(NamedTuple):
     lambd: float
 
 
-# The 80 COCO category names, in the model's order: sorted alphabetically (spec section 5).
-COCO_CLASSES = sorted((
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
-    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"))
 DATASETS = {
     "voc": KnownDataset(list(VOC_CLASSES), "voc_glove_word2vec.pkl", 10.0),
     "coco": KnownDataset(COCO_CLASSES, "coco_glove_word2vec.pkl", 0.1),
@@ -55,8 +44,7 @@ DATASETS = {
 # (blocks in layer3, bottleneck blocks) -> arch: tells the release's checkpoints apart.
 ARCH_BY_LAYER3 = {(2, False): "resnet18", (6, False): "resnet34", (6, True): "resnet50",
                   (23, True): "resnet101", (36, True): "resnet152"}
-IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items()
-                    if kind in Image.OPEN}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def infer_arch(weights):
@@ -104,7 +92,8 @@ def find_images(inputs):
             for folder, subfolders, files in os.walk(entry):
                 subfolders.sort()
                 found += [(os.path.join(folder, name), None) for name in sorted(files)
-                          if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+                          if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                          and not name.startswith(".")]  # e.g. macOS ._photo.jpg
         elif os.path.isfile(entry):
             found.append((entry, None))
         else:
@@ -283,6 +272,9 @@ def main(argv=None):
             raise DSDLError("--top-k must be at least 1")
         model, classes, image_size = load_model(args)
         found = find_images(args.images)
+        if not found:
+            raise DSDLError(f"no images found in {', '.join(args.images)} (looked for "
+                            f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
         readable = [path for path, problem in found if problem is None]
         predicted = iter(predict(model, classes, readable, args, image_size) if readable else [])
     except DSDLError as error:

@@ -313,7 +313,7 @@ def load_image(path):
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DSDLError(f"cannot read image {path} ({error}). The file is truncated or not "
                         f"an image; restore it from the original archive.") from error
 

@@ -48,7 +48,7 @@ def read_split_labels(main_folder, split, classes):
         elif set(flags) != set(ids):
             raise DSDLError(f"{path} lists other images than {classes[0]}_{split}.txt")
         columns.append([flags[i] for i in ids])
-    return ids, np.array(columns, dtype=np.int64).T.reshape(len(ids), len(classes))
+    return ids, np.stack(columns, axis=1).astype(np.int64)  # N x C
 
 
 class VOC2007(Dataset):

@@ -56,8 +56,9 @@ def write_coco_tree(root, objects=None, size=48, extra_annotations=0):
                 os.path.join(root, f"{split}2014", file_name))
             images.append({"id": number, "file_name": file_name, "width": size, "height": size})
             for name in names:
+                # a crowd annotation names its category like any other (spec section 5)
                 annotations.append({"id": len(annotations) + 1, "image_id": number,
-                                    "category_id": CATEGORIES[name], "iscrowd": 0,
+                                    "category_id": CATEGORIES[name], "iscrowd": int(index == 1),
                                     "bbox": [1.0, 2.0, 10.0, 12.0], "area": 120.0,
                                     "segmentation": [[1.0, 2.0, 11.0, 2.0, 11.0, 14.0]]})
         if split == "train":
@@ -130,6 +131,20 @@ def test_coco_labels_are_cached_and_a_second_start_skips_the_json(coco_root, mon
     np.testing.assert_array_equal(second.labels, first.labels)
     np.testing.assert_array_equal(second.image_ids, first.image_ids)
     assert second[4][2] == first[4][2] and second[4][1].tolist() == first[4][1].tolist()
+    # plain str, not numpy.str_: the class names go into checkpoints read with weights_only=True
+    assert all(type(name) is str for name in second.classes)
+
+
+def test_main_coco_resumes_a_checkpoint_written_after_the_labels_came_from_the_cache(
+        coco_root, coco_embeddings, tmp_path, monkeypatch):
+    out = tmp_path / "ck"
+    common = [coco_root, *SMALL, "--embeddings", coco_embeddings, "--checkpoint-dir", str(out)]
+    for epochs in ("1", "2"):  # the second start reads the label cache and writes a checkpoint
+        monkeypatch.setattr(sys, "argv", ["main_coco.py", *common, "--epochs", epochs,
+                                          *(["--resume", str(out / engine.CHECKPOINT)] if epochs == "2" else [])])
+        main_coco.main()
+    checkpoint = torch.load(out / engine.CHECKPOINT, weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["classes"] == CLASSES
 
 
 def test_coco_cache_is_rebuilt_when_the_annotations_change(coco_root):
@@ -233,3 +248,9 @@ def test_main_coco_trains_one_epoch_with_the_coco_defaults(coco_root, coco_embed
     assert "| | mAP | CP | CR | CF1 | OP | OR | OF1 | top-3 CP |" in table
     assert f"| ours | {expected['mAP']:.1f} | {expected['CP']:.1f} |" in table
     assert table in capsys.readouterr().out
+
+
+def test_the_80_coco_names_for_release_checkpoints_are_sorted_and_unique():
+    assert len(coco.COCO_CLASSES) == len(set(coco.COCO_CLASSES)) == 80
+    assert coco.COCO_CLASSES == sorted(coco.COCO_CLASSES)
+    assert {"person", "dining table", "tv", "hair drier", "toothbrush"} <= set(coco.COCO_CLASSES)

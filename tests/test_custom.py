@@ -184,3 +184,13 @@ def test_class_vectors_of_another_length_are_refused(tmp_path, capsys):
                           str(tmp_path / "wrong.npy"), "--checkpoint-dir", str(tmp_path / "ck")])
     assert "have shape (4, 300); expected (3, 300)" in capsys.readouterr().err
     assert not (tmp_path / "ck" / engine.CHECKPOINT).exists()
+
+
+def test_a_class_file_with_a_byte_order_mark_and_a_non_utf8_csv(tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes("\ufeffcat\r\ndog\r\n".encode("utf-8"))  # as Windows editors save it
+    assert custom.parse_classes([str(classes)]) == ["cat", "dog"]
+    latin = tmp_path / "train.csv"
+    latin.write_bytes("image,labels\ncaf\xe9.jpg,cat\n".encode("cp1252"))  # Excel's "CSV"
+    with pytest.raises(custom.DSDLError, match=r"train\.csv is not UTF-8.*CSV UTF-8"):
+        custom.read_label_csv(str(latin))

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 import predict
+import torchvision
+from models import ARCHS
 from conftest import class_image
 from models import DSDL
 from voc import VOC_CLASSES
@@ -166,12 +168,24 @@ def test_release_checkpoint_takes_classes_and_semantics_from_dataset(trained, tm
 
 
 def test_release_arch_is_read_from_the_layer3_blocks():
-    for arch, blocks, bottleneck in (("resnet18", 2, False), ("resnet34", 6, False),
-                                     ("resnet50", 6, True), ("resnet101", 23, True)):
-        conv = "conv3" if bottleneck else "conv2"
-        weights = {f"features.6.{b}.{conv}.weight": None for b in range(blocks)}
-        weights.update({f"features.6.{b}.conv1.weight": None for b in range(blocks)})
+    """Key names of the release's format, built from each torchvision ResNet itself."""
+    for arch in ARCHS:
+        resnet = torchvision.models.get_model(arch, weights=None)
+        trunk = torch.nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
+                                    resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+        weights = {f"features.{key}": None for key in trunk.state_dict()}
         assert predict.infer_arch(weights) == arch
+
+
+def test_folders_yield_common_image_files_only_and_no_images_is_an_error(trained, tmp_path, capsys):
+    for name in ("a.JPG", "b.jpeg", "c.png", "._a.jpg", "d.h5", "e.eps", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    found = [os.path.basename(path) for path, problem in predict.find_images([str(tmp_path)])]
+    assert found == ["a.JPG", "b.jpeg", "c.png"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run([str(empty)], trained[0]) == 1
+    assert f"error: no images found in {empty}" in capsys.readouterr().err
 
 
 def test_class_maps_saved_for_each_predicted_class_of_each_image(trained, tmp_path):

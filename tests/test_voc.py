@@ -130,3 +130,11 @@ def test_a_standard_embeddings_file_with_another_checksum_is_refused(tmp_path):
         pickle.dump(np.zeros((20, 300), np.float32), f)
     with pytest.raises(DSDLError, match=md5sum(str(path))):
         load_embeddings(str(path), num_classes=20)
+
+
+def test_an_image_too_large_to_decode_safely_is_an_error_naming_it(voc_root, monkeypatch):
+    root, written = voc_root
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is over twice this
+    path = os.path.join(root, "VOCdevkit", "VOC2007", "JPEGImages", written["test"][0][0] + ".jpg")
+    with pytest.raises(DSDLError, match=path):
+        VOC2007(root, "test", download=False)[0]
