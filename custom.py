@@ -142,7 +142,7 @@ class LabelCSV(Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        image = load_image(os.path.join(self.images_dir, self.images[index]))
+        image = load_image(os.path.join(self.images_dir, self.images[index]), upright=True)
         if self.transform is not None:
             image = self.transform(image)
         return image, torch.from_numpy(self.labels[index]), self.images[index]

@@ -113,7 +113,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index):
         try:
-            return index, self.transform(load_image(self.paths[index])), None
+            return index, self.transform(load_image(self.paths[index], upright=True)), None
         except DSDLError as error:
             return index, None, str(error)
 
@@ -168,7 +168,7 @@ def map_names(paths):
 
 def save_class_maps(path, maps, predictions, classes, folder, stem):
     """One PNG per predicted class of one image: `<folder>/<stem>_<label>.png`."""
-    image = load_image(path)
+    image = load_image(path, upright=True)
     written = []
     for prediction in predictions:
         c = classes.index(prediction["label"])

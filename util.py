@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms
 from tqdm import tqdm
 
@@ -305,14 +305,18 @@ def eval_transform(image_size=448, fast=False):
     ])
 
 
-def load_image(path):
-    """An RGB PIL image; grey-scale, CMYK and PNG-in-.jpg files are converted. Errors name the file."""
+def load_image(path, upright=False):
+    """An RGB PIL image; grey-scale, CMYK and PNG-in-.jpg files are converted. Errors name the file.
+
+    `upright`: turn the image as its EXIF orientation says (phone photos). Off for VOC and COCO,
+    whose images the release read as stored; on for your own images (predict.py, CSV datasets).
+    """
     if not os.path.isfile(path):
         raise DSDLError(f"image not found: {path}. The dataset folder is incomplete; "
                         f"delete it to download it again, or restore the file.")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return (ImageOps.exif_transpose(image) if upright else image).convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DSDLError(f"cannot read image {path} ({error}). The file is truncated or not "
                         f"an image; restore it from the original archive.") from error

@@ -138,3 +138,18 @@ def test_an_image_too_large_to_decode_safely_is_an_error_naming_it(voc_root, mon
     path = os.path.join(root, "VOCdevkit", "VOC2007", "JPEGImages", written["test"][0][0] + ".jpg")
     with pytest.raises(DSDLError, match=path):
         VOC2007(root, "test", download=False)[0]
+
+
+def test_exif_orientation_is_applied_only_when_asked(tmp_path):
+    from util import load_image
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = str(tmp_path / "phone.jpg")
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    assert load_image(path).size == (40, 20)  # as stored: VOC and COCO, as the release read them
+    upright = load_image(path, upright=True)
+    assert upright.size == (20, 40)
+    top, bottom = np.asarray(upright)[:20].mean(), np.asarray(upright)[20:].mean()
+    assert top > 200 and bottom < 50  # the white left half is on top once turned clockwise
