@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from tqdm import tqdm
 
 from models import ARCHS, DSDL, DSDLLoss
@@ -72,7 +72,8 @@ def get_args_parser(description, **defaults):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (under torchrun each process takes its LOCAL_RANK's GPU)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the initialisation and, per epoch, the batches and crops")
+                        help="seeds the initialisation, and per epoch the order of the images and "
+                             "each image's crop and flip")
     speed = parser.add_argument_group(
         "speed", "off by default: the defaults train exactly as the release (float32, PIL pipeline)")
     speed.add_argument("--amp", action="store_true",
@@ -382,25 +383,53 @@ def warn_changed_args(checkpoint, args):
                       + "\n  ".join(changed), stacklevel=2)
 
 
+class EpochSeeded(Dataset):
+    """The training set with reproducible augmentation: image i in epoch e is transformed with
+    the random numbers of the seed (seed, e, i), whichever worker loads it and however many
+    workers or processes there are. A run resumed at epoch e thus draws the crops and flips an
+    uninterrupted run draws, with persistent workers too. The epoch is a tensor in shared memory,
+    set by the main process (`set_epoch`) and read by the workers."""
+
+    def __init__(self, dataset, seed):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        seed = np.random.SeedSequence([self.seed, int(self.epoch), index]).generate_state(1)[0]
+        torch.default_generator.manual_seed(int(seed))  # what the transforms draw from
+        return self.dataset[index]
+
+
 def make_loader(dataset, args, device, shuffle):
     """Training loader (shuffled) or evaluation loader; under torchrun each process loads its share.
 
-    The training share comes from a DistributedSampler (set_epoch every epoch); the evaluation
-    share is every world_size-th image, without the sampler's padding.
+    The training share comes from a DistributedSampler; the evaluation share is every
+    world_size-th image, without the sampler's padding. Call `set_epoch` before each epoch.
     """
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     sampler = None
-    if world_size > 1:
-        if shuffle:
-            sampler, shuffle = DistributedSampler(dataset, shuffle=True, seed=args.seed), False
-        else:
-            dataset = Subset(dataset, range(torch.distributed.get_rank(), len(dataset), world_size))
-    # Training workers start afresh every epoch: their seeds then come from the generator that
-    # each epoch reseeds, so a resumed run draws the same crops (persistent workers would not).
-    return DataLoader(dataset, batch_size=args.batch_size // world_size, shuffle=shuffle,
-                      sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda",
-                      persistent_workers=args.workers > 0 and not shuffle,
-                      generator=torch.Generator().manual_seed(args.seed))
+    if shuffle:
+        dataset = EpochSeeded(dataset, args.seed)
+        sampler = (DistributedSampler(dataset, shuffle=True, seed=args.seed) if world_size > 1
+                   else RandomSampler(dataset, generator=torch.Generator()))
+    elif world_size > 1:
+        dataset = Subset(dataset, range(torch.distributed.get_rank(), len(dataset), world_size))
+    return DataLoader(dataset, batch_size=args.batch_size // world_size, sampler=sampler,
+                      num_workers=args.workers, pin_memory=device.type == "cuda",
+                      persistent_workers=args.workers > 0)
+
+
+def set_epoch(loader, epoch, seed):
+    """Make the training loader's order and augmentation those of `epoch` (seeded from it)."""
+    loader.dataset.epoch.fill_(epoch)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)  # shuffles with seed + epoch, the same on every process
+    else:
+        loader.sampler.generator.manual_seed(seed + epoch)
 
 
 def step_schedule(optimizer, model, args, start_epoch):
@@ -545,12 +574,7 @@ def run(args, train_set, test_set, default_embeddings, submission_set=None, writ
     train_loader = make_loader(train_set, args, device, shuffle=True)
     metrics = None
     for epoch in range(start_epoch, args.epochs):
-        # Seeding from the epoch makes a resumed run draw the same batches and crops.
-        # (each process its own stream; the DistributedSampler shuffles with seed + epoch)
-        torch.manual_seed(args.seed + epoch + 100_003 * rank)
-        train_loader.generator.manual_seed(args.seed + epoch + 100_003 * rank)
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
+        set_epoch(train_loader, epoch, args.seed)  # a resumed run draws the same batches and crops
         lrs = ", ".join(f"{group['lr']:g}" for group in optimizer.param_groups)
         say(f"epoch {epoch + 1}/{args.epochs}, learning rates {lrs}")
         train_loss = train_one_epoch(train_model, loss_fn, optimizer, train_loader, device, epoch,

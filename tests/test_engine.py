@@ -223,3 +223,31 @@ def test_cli_a_broken_image_read_by_a_loader_worker_is_named_without_a_traceback
     assert result.returncode == 1
     assert f"error: cannot read image {path}" in result.stderr
     assert "Traceback" not in result.stderr and "DataLoader worker" not in result.stderr
+
+
+def test_augmentation_does_not_depend_on_the_number_of_loader_workers(voc_root, random_embeddings, tmp_path):
+    """Image i of epoch e is augmented from the seed (seed, e, i), whichever worker loads it."""
+    root, _ = voc_root
+    for workers in ("0", "2"):
+        run(parse(root, random_embeddings, tmp_path / workers, "--epochs", "1", "-j", workers))
+    zero, two = (torch.load(tmp_path / w / engine.CHECKPOINT, weights_only=True)["model"] for w in ("0", "2"))
+    for key, value in zero.items():
+        assert torch.equal(value, two[key]), key
+
+
+def test_epoch_seeded_augmentation_follows_the_epoch_and_the_image():
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return torch.rand(2)
+
+    data = engine.EpochSeeded(Draws(), seed=7)
+    first = [data[i] for i in range(3)]
+    assert torch.equal(torch.stack([data[i] for i in reversed(range(3))]), torch.stack(first[::-1]))
+    data.epoch.fill_(1)
+    seen = [data[i] for i in range(3)]
+    assert not any(torch.equal(a, b) for a, b in zip(first, seen))  # another epoch, other crops
+    data.epoch.fill_(0)
+    assert all(torch.equal(a, data[i]) for i, a in enumerate(first))
