@@ -123,3 +123,28 @@ def test_amp_on_a_cpu_without_bf16_units_warns_and_stays_float32(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert engine.mixed_precision(cpu, True) == (torch.bfloat16, None)
     assert engine.mixed_precision(cpu, False) == (None, None)
+
+
+def test_a_gradient_scaler_step_clips_and_updates_as_the_unscaled_float32_step(monkeypatch):
+    """fp16 training scales the loss by 65536: clipping must see (and the step use) the true gradients."""
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm):
+        norm = clip(parameters, max_norm)
+        norms.append(float(norm))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    batch = [(torch.randn(4, 3, 32, 32), torch.tensor([[1, -1, 0, -1, 1]] * 4), [""] * 4)]
+    weights = []
+    for scaler in (None, torch.amp.GradScaler("cpu")):
+        torch.manual_seed(0)
+        model = DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=False)
+        optimizer = torch.optim.SGD(model.parameter_groups(0.01, 0.1), lr=0.01, momentum=0.9)
+        engine.train_one_epoch(model, engine.DSDLLoss(10.0, 1e-4), optimizer, batch,
+                               torch.device("cpu"), 0, 1.0, scaler=scaler)
+        weights.append(model.W2.detach().clone())
+    assert norms[0] > 1.0  # the clip is active
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)  # unscaled before clipping
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-6)
