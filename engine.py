@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from tqdm import tqdm
 
 from models import ARCHS, DSDL, DSDLLoss
-from util import plot_curves, read_metrics  # noqa: F401 (read_metrics: engine.read_metrics)
+from util import read_metrics  # noqa: F401 (tests and scripts read the log as engine.read_metrics)
 from util import (DSDLError, format_metrics, compute_metrics, init_distributed, is_main_process,
-                  load_embeddings, normalize_on_device, rank_zero_first, results_table,
-                  standard_embeddings)
+                  load_embeddings, normalize_on_device, plot_curves, rank_zero_first,
+                  results_table, standard_embeddings)
 
 CHECKPOINT = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
@@ -175,8 +175,7 @@ def load_weights(model, checkpoint, path):
                         f"unexpected {unexpected[:5]}. Is --arch right?")
     for key, value in weights.items():
         if value.shape != expected[key].shape:
-            what = {"semantics": "classes x 300", "W1": "300 x 1024",
-                    "W2": f"1024 x feature size ({model.feature_dim} for {model.arch})"}
+            what = {"semantics": "classes x 300", "W1": "300 x 1024"}  # W2 is checked above
             raise DSDLError(
                 f"{path} does not match this model: {key} is {tuple(value.shape)} in the "
                 f"checkpoint but {tuple(expected[key].shape)} here "
@@ -451,10 +450,14 @@ def step_schedule(optimizer, model, args, start_epoch):
                                                 last_epoch=start_epoch - 1)
 
 
+def check_device(device):
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DSDLError(f"--device {device}, but no CUDA GPU is available; pass --device cpu")
+
+
 def check_args(args):
     """Mistakes in the command line, found before any dataset is loaded or downloaded."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DSDLError(f"--device {args.device}, but no CUDA GPU is available; pass --device cpu")
+    check_device(args.device)
     if args.evaluate and not args.resume:
         raise DSDLError("-e/--evaluate needs the checkpoint to evaluate: --resume PATH")
     if args.resume and not os.path.isfile(args.resume):

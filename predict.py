@@ -266,8 +266,7 @@ def main(argv=None):
     """Returns the exit status: 0, or 1 when something (an image, the checkpoint) failed."""
     args = get_args_parser().parse_args(argv)
     try:
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise DSDLError(f"--device {args.device}, but no CUDA GPU is available; pass --device cpu")
+        engine.check_device(args.device)
         if args.top_k is not None and args.top_k < 1:
             raise DSDLError("--top-k must be at least 1")
         model, classes, image_size = load_model(args)
