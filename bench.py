@@ -2,55 +2,74 @@
 
     python bench.py                      # GPU when present: ResNet-101, 448 px, batch 32
     python bench.py --device cpu         # CPU: smaller sizes by default (printed)
+    python bench.py --pipeline-only      # only the input pipeline (one data-loading worker)
     python bench.py --json bench.json    # also write the figures as JSON
 
 Release-style: float32, contiguous memory, the PIL pipeline (ToTensor + Normalize per image).
 Fast: --amp (bf16, or fp16 with a scaler), --channels-last, uint8 batches normalised on the
-device, the single-resize pipeline, and optionally --compile. The model figures run the real
-training step (engine.train_one_epoch) and evaluation (engine.evaluate) on synthetic batches
-already on the device, so they measure the model, not the disk; the pipeline figures measure one
-data-loading worker (decode + transform) on generated VOC-sized JPEGs.
+device, the tensor pipeline (JPEGs decoded by torchvision, uint8 resampling), and optionally
+--compile. The model figures run the real training step (engine.train_one_epoch) and evaluation
+(engine.evaluate) through a DataLoader of synthetic images that are already on the device, so
+they measure the model, not the disk; the pipeline figures measure one data-loading worker
+(read + decode + train transform) on generated VOC-sized JPEGs. On a GPU, bench.py also times
+decoding on the GPU (nvJPEG) and turns the training and evaluation images/s into the wall-clock
+time of the paper's recipes.
 """
 import argparse
 import json
+import math
 import os
 import resource
+import sys
 import tempfile
 import time
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.io import ImageReadMode, decode_jpeg
 
 import engine
 from models import ARCHS, DSDL, DSDLLoss
-from util import load_image, train_transform
+from util import (DSDLError, load_image, load_image_tensor, normalize_on_device, read_image,
+                  train_transform)
 
 # Dense bf16 / fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the MFU figure.
 PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0,
                "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+# The paper's recipes (spec sections 1 and 4): the release's 200 epochs, each one pass over the
+# training images and one evaluation of the evaluated split.
+RECIPES = {"VOC 2007": (200, 5011, 4952), "VOC 2012": (200, 5717, 5823),
+           "COCO 2014": (200, 82081, 40137)}
+PIPELINE_SIZE = 448  # the pipeline figures: VOC-sized JPEGs to the paper's input size
 
 
-class Batches(list):
-    """A list of (images, labels, ids) batches that engine.evaluate accepts as a loader."""
-    dataset = None
+class SyntheticImages(Dataset):
+    """Random images and labels, as a loader of the fast pipeline (uint8, H x W x 3) or of the
+    release's (normalised float, 3 x H x W) yields them. The images are made on the device, so
+    the timed loop measures the model; the labels stay on the CPU, as a real loader's do."""
 
+    labelled = True
+    split = "synthetic"
 
-def synthetic_batches(count, batch_size, image_size, num_classes, device, uint8):
-    generator = torch.Generator().manual_seed(0)
-    batches = Batches()
-    for _ in range(count):
-        if uint8:  # what the fast pipeline hands over: B x H x W x 3 uint8
-            images = torch.randint(0, 256, (batch_size, image_size, image_size, 3), dtype=torch.uint8,
-                                   generator=generator)
+    def __init__(self, count, image_size, num_classes, device, uint8):
+        self.classes = [f"class {c}" for c in range(num_classes)]
+        generator = torch.Generator(device).manual_seed(0)
+        if uint8:
+            self.images = torch.randint(0, 256, (count, image_size, image_size, 3), dtype=torch.uint8,
+                                        generator=generator, device=device)
         else:
-            images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
-        labels = torch.randint(-1, 2, (batch_size, num_classes), generator=generator)
-        batches.append((images.to(device), labels.to(device), [""] * batch_size))
-    return batches
+            self.images = torch.randn(count, 3, image_size, image_size, generator=generator, device=device)
+        self.labels = torch.randint(-1, 2, (count, num_classes), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index], str(index)
 
 
 def synchronize(device):
@@ -58,20 +77,25 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure_model(args, device, fast):
-    """Training and evaluation images/s, and peak memory, of one configuration."""
+def measure_model(device, arch, image_size, batch_size, num_classes, steps, warmup, fast, compile=False):
+    """Training, evaluation and inference images/s, and on a GPU the peak memory, of one
+    configuration. Inference is the forward pass alone, of the model and of its folded form
+    (`DSDL.folded`: the head as one linear layer, as export.py writes it)."""
     torch.manual_seed(0)
-    model = DSDL(args.num_classes, torch.randn(args.num_classes, 300), 10.0, args.arch,
-                 pretrained=False).to(device)
+    model = DSDL(num_classes, torch.randn(num_classes, 300), 10.0, arch, pretrained=False).to(device)
     amp_dtype, scaler = engine.mixed_precision(device, fast)
     if fast:
         model.to(memory_format=torch.channels_last)
-        if args.compile:
-            engine.compile_trunk(model.features)
+        if compile:
+            engine.compile_trunk(model.trunk)
     loss_fn = DSDLLoss(10.0, 1e-4)
     optimizer = torch.optim.SGD(model.parameter_groups(0.01, 0.1), lr=0.01, momentum=0.9)
-    warmup = synthetic_batches(args.warmup, args.batch_size, args.image_size, args.num_classes, device, fast)
-    timed = synthetic_batches(args.steps, args.batch_size, args.image_size, args.num_classes, device, fast)
+
+    def loader(batches):
+        return DataLoader(SyntheticImages(batches * batch_size, image_size, num_classes, device, fast),
+                          batch_size=batch_size)
+
+    warmup_loader, timed_loader = loader(warmup), loader(steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -82,49 +106,73 @@ def measure_model(args, device, fast):
     def evaluate(batches):
         engine.evaluate(model, loss_fn, batches, device, amp_dtype, channels_last=fast)
 
+    def inference(network):
+        def run(batches):
+            network.eval()
+            with torch.no_grad(), engine.autocast(device, amp_dtype):
+                for images, _, _ in batches:
+                    network(engine.prepare_images(images, device, channels_last=fast))
+        return run
+
     figures = {}
-    for name, function in (("train", train), ("eval", evaluate)):
-        function(warmup)
+    for name, function in (("train", train), ("eval", evaluate), ("infer", inference(model)),
+                           ("infer_folded", inference(model.eval().folded()))):
+        function(warmup_loader)
         synchronize(device)
         start = time.perf_counter()
-        function(timed)
+        function(timed_loader)
         synchronize(device)
-        figures[name] = args.steps * args.batch_size / (time.perf_counter() - start)
+        figures[name] = steps * batch_size / (time.perf_counter() - start)
     if device.type == "cuda":
         figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return figures
 
 
-def measure_pipeline(args, folder, fast):
-    """Images per second of one data-loading worker: decode, then the train transform."""
-    transform = train_transform(args.image_size, fast=fast)
+def jpeg_paths(folder):
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder))
+
+
+def measure_pipelines(folder, image_size, rounds=3):
+    """Images per second of one data-loading worker (read, decode, train transform) for the
+    release's pipeline and the fast one: the best of `rounds` passes over the JPEGs, the two
+    pipelines taking turns, so that other work on the machine slows neither more than the other."""
+    transforms = {"release": train_transform(image_size), "fast": train_transform(image_size, fast=True)}
+    paths = jpeg_paths(folder)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
-    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))
-    torch.manual_seed(0)
-    for path in paths[:4]:  # warm-up
-        transform(load_image(path))
-    start = time.perf_counter()
-    for path in paths:
-        transform(load_image(path))
-    seconds = time.perf_counter() - start
+    best = dict.fromkeys(transforms, math.inf)
+    for _ in range(rounds):
+        for name, transform in transforms.items():
+            torch.manual_seed(0)
+            for path in paths[:4]:  # warm-up
+                read_image(path, transform)
+            start = time.perf_counter()
+            for path in paths:
+                read_image(path, transform)
+            best[name] = min(best[name], time.perf_counter() - start)
     torch.set_num_threads(threads)
-    return len(paths) / seconds
+    return {name: len(paths) / seconds for name, seconds in best.items()}
 
 
-def release_pipeline_breakdown(folder, image_size=448):
-    """Milliseconds per image of each stage of the release's train pipeline, in one worker."""
-    stages = train_transform(image_size).transforms  # Resize, MultiScaleCrop, Flip, ToTensor, Normalize
-    names = ["JPEG decode", "resize to 8/7", "multi-scale crop + resize", "horizontal flip",
-             "ToTensor (float conversion)", "Normalize"]
+def pipeline_breakdown(folder, image_size, fast):
+    """Milliseconds per image of each stage of a train pipeline, in one worker."""
+    if fast:
+        stages = [train_transform(image_size, fast=True)]
+        names = ["JPEG decode (torchvision)", "resize, crop + resize, flip (uint8)"]
+        decode = load_image_tensor
+    else:
+        stages = train_transform(image_size).transforms  # Resize, MultiScaleCrop, Flip, ToTensor, Normalize
+        names = ["JPEG decode (PIL)", "resize to 8/7", "multi-scale crop + resize", "horizontal flip",
+                 "ToTensor (float conversion)", "Normalize"]
+        decode = load_image
     totals = np.zeros(len(names))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))
+    paths = jpeg_paths(folder)
     for path in paths:
         start = time.perf_counter()
-        image = load_image(path)
+        image = decode(path)
         times = [time.perf_counter()]
         for stage in stages:
             image = stage(image)
@@ -132,6 +180,27 @@ def release_pipeline_breakdown(folder, image_size=448):
         totals += np.diff([start] + times)
     torch.set_num_threads(threads)
     return dict(zip(names, 1000 * totals / len(paths)))
+
+
+def measure_gpu_decode(folder, image_size, device, batch_size=32):
+    """Images per second, end to end, of decoding on the GPU: read the files, decode each batch
+    with nvJPEG, the fast train transform on the device, stack and normalise."""
+    transform = train_transform(image_size, fast=True)
+    paths = jpeg_paths(folder)
+
+    def run():
+        for first in range(0, len(paths), batch_size):
+            data = [torch.from_numpy(np.fromfile(path, dtype=np.uint8)) for path in paths[first:first + batch_size]]
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            normalize_on_device(torch.stack([transform(image) for image in images]))
+
+    torch.manual_seed(0)
+    run()  # warm-up: nvJPEG's state, the kernels
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return len(paths) / (time.perf_counter() - start)
 
 
 def write_jpegs(folder, count, size=(500, 375)):
@@ -143,13 +212,12 @@ def write_jpegs(folder, count, size=(500, 375)):
         Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.jpg"), quality=90)
 
 
-def forward_flops(args, device):
+def forward_flops(device, arch, image_size, num_classes):
     """FLOPs of one image's forward pass, counted by PyTorch (spec: about 62 G for ResNet-101 at 448)."""
-    model = DSDL(args.num_classes, torch.randn(args.num_classes, 300), 10.0, args.arch,
-                 pretrained=False).to(device).eval()
+    model = DSDL(num_classes, torch.randn(num_classes, 300), 10.0, arch, pretrained=False).to(device).eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(torch.randn(1, 3, args.image_size, args.image_size, device=device))
+        model(torch.randn(1, 3, image_size, image_size, device=device))
     return counter.get_total_flops()
 
 
@@ -161,56 +229,77 @@ def peak_tflops(device):
     return None
 
 
+def hours_to_reproduce(train_img_s, eval_img_s):
+    """Wall-clock hours of each paper recipe at these rates (data loading keeping up)."""
+    return {name: epochs * (train / train_img_s + test / eval_img_s) / 3600
+            for name, (epochs, train, test) in RECIPES.items()}
+
+
+def print_row(title, release, fast, unit="{:>13.1f}"):
+    ratio = f"{fast / release:>5.2f}x" if release and fast else ""
+    print(f"| {title:<42} | {unit.format(release)} | {unit.format(fast).strip():>9} | {ratio:>6} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--arch", choices=ARCHS, default=None, help="default: resnet101 on a GPU, resnet18 on a CPU")
     parser.add_argument("--image-size", type=int, default=None, help="default: 448 on a GPU, 224 on a CPU")
     parser.add_argument("-b", "--batch-size", type=int, default=None, help="default: 32 on a GPU, 8 on a CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed batches (default: 20 GPU, 3 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed batches first (default: 5 GPU, 1 CPU)")
-    parser.add_argument("--pipeline-images", type=int, default=60, help="JPEGs for the pipeline figure")
+    parser.add_argument("--pipeline-images", type=int, default=60, help="JPEGs for the pipeline figures")
+    parser.add_argument("--pipeline-only", action="store_true", help="time only the input pipeline")
     parser.add_argument("--num-classes", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
     parser.add_argument("--json", metavar="FILE", help="write the figures to this JSON file")
     args = parser.parse_args()
+    try:
+        engine.check_device(args.device)
+    except DSDLError as error:
+        sys.exit(f"error: {error}")
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    if gpu and not torch.cuda.is_available():
-        parser.error("--device cuda, but no CUDA GPU is available")
-    args.arch = args.arch or ("resnet101" if gpu else "resnet18")
-    args.image_size = args.image_size or (448 if gpu else 224)
-    args.batch_size = args.batch_size or (32 if gpu else 8)
-    args.steps = args.steps or (20 if gpu else 3)
-    args.warmup = args.warmup or (5 if gpu else 1)
+    arch = args.arch or ("resnet101" if gpu else "resnet18")
+    image_size = args.image_size or (448 if gpu else 224)
+    batch_size = args.batch_size or (32 if gpu else 8)
+    steps, warmup = args.steps or (20 if gpu else 3), args.warmup or (5 if gpu else 1)
     if gpu:
         torch.backends.cudnn.benchmark = True
     where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {where}; {args.arch}, {args.image_size} px, batch {args.batch_size}, "
-          f"{args.steps} timed steps after {args.warmup}; torch {torch.__version__}")
+    print(f"device: {where}; torch {torch.__version__}"
+          + ("" if args.pipeline_only else f"; {arch}, {image_size} px, batch {batch_size}, "
+                                            f"{steps} timed steps after {warmup}"))
+    figures = {"device": where, "torch": torch.__version__, "pipeline_image_size": PIPELINE_SIZE}
 
-    release = measure_model(args, device, fast=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fast = measure_model(args, device, fast=True)
-    for warning in caught:
-        print(f"note: {warning.message}")
+    if not args.pipeline_only:
+        model = dict(device=device, arch=arch, image_size=image_size, batch_size=batch_size,
+                     num_classes=args.num_classes, steps=steps, warmup=warmup)
+        release = measure_model(**model, fast=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fast = measure_model(**model, fast=True, compile=args.compile)
+        for warning in caught:
+            print(f"note: {warning.message}")
+        flops = forward_flops(device, arch, image_size, args.num_classes)
+        figures.update({
+            "arch": arch, "image_size": image_size, "batch_size": batch_size,
+            "train_img_s_release": release["train"], "train_img_s_fast": fast["train"],
+            "eval_img_s_release": release["eval"], "eval_img_s_fast": fast["eval"],
+            "infer_img_s_release": release["infer"], "infer_img_s_fast": fast["infer"],
+            "infer_folded_img_s_release": release["infer_folded"], "infer_folded_img_s_fast": fast["infer_folded"],
+            "forward_gflop_per_image": flops / 1e9,
+        })
     with tempfile.TemporaryDirectory() as folder:
         write_jpegs(folder, args.pipeline_images)
-        pipeline_release = measure_pipeline(SimpleNamespace(image_size=448), folder, fast=False)
-        pipeline_fast = measure_pipeline(SimpleNamespace(image_size=448), folder, fast=True)
-        breakdown = release_pipeline_breakdown(folder)
+        pipelines = measure_pipelines(folder, PIPELINE_SIZE)
+        figures["pipeline_img_s_release"], figures["pipeline_img_s_fast"] = pipelines["release"], pipelines["fast"]
+        figures["pipeline_release_breakdown_ms"] = pipeline_breakdown(folder, PIPELINE_SIZE, fast=False)
+        figures["pipeline_fast_breakdown_ms"] = pipeline_breakdown(folder, PIPELINE_SIZE, fast=True)
+        if gpu:
+            figures["gpu_decode_img_s"] = measure_gpu_decode(folder, PIPELINE_SIZE, device)
 
-    flops = forward_flops(args, device)
-    figures = {
-        "device": where, "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
-        "train_img_s_release": release["train"], "train_img_s_fast": fast["train"],
-        "eval_img_s_release": release["eval"], "eval_img_s_fast": fast["eval"],
-        "pipeline_img_s_release": pipeline_release, "pipeline_img_s_fast": pipeline_fast,
-        "pipeline_image_size": 448, "forward_gflop_per_image": flops / 1e9,
-        "pipeline_release_breakdown_ms": breakdown,
-    }
-    if gpu:
+    if gpu and not args.pipeline_only:
         figures["peak_memory_gib_release"] = release["peak_memory_gib"]
         figures["peak_memory_gib_fast"] = fast["peak_memory_gib"]
         peak = peak_tflops(device)
@@ -218,28 +307,45 @@ def main():
             figures["mfu_release"] = 3 * flops * release["train"] / (peak * 1e12)
             figures["mfu_fast"] = 3 * flops * fast["train"] / (peak * 1e12)
             figures["peak_tflops_bf16"] = peak
-    else:
+        figures["hours_to_reproduce_release"] = hours_to_reproduce(release["train"], release["eval"])
+        figures["hours_to_reproduce_fast"] = hours_to_reproduce(fast["train"], fast["eval"])
+        # One worker's images/s against the training images/s: the -j that keeps the GPU fed.
+        figures["workers_to_feed_training_fast"] = math.ceil(fast["train"] / figures["pipeline_img_s_fast"])
+    if not gpu:
         figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
-    rows = [("training images/s", "train_img_s"), ("evaluation images/s", "eval_img_s"),
-            ("pipeline images/s per worker (448 px)", "pipeline_img_s")]
-    print(f"\n| {'figure':<38} | {'release-style':>13} | {'fast':>9} | {'ratio':>6} |")
-    print(f"|{'-' * 40}|{'-' * 15}|{'-' * 11}|{'-' * 8}|")
+    print(f"\n| {'figure':<42} | {'release-style':>13} | {'fast':>9} | {'ratio':>6} |")
+    print(f"|{'-' * 44}|{'-' * 15}|{'-' * 11}|{'-' * 8}|")
+    rows = [("pipeline images/s per worker (448 px)", "pipeline_img_s")]
+    if not args.pipeline_only:
+        rows = [("training images/s", "train_img_s"), ("evaluation images/s", "eval_img_s"),
+                ("inference images/s", "infer_img_s"),
+                ("inference images/s, head folded", "infer_folded_img_s")] + rows
     for title, key in rows:
-        a, b = figures[key + "_release"], figures[key + "_fast"]
-        print(f"| {title:<38} | {a:>13.1f} | {b:>9.1f} | {b / a:>5.2f}x |")
+        print_row(title, figures[key + "_release"], figures[key + "_fast"])
     if gpu:
-        print(f"| {'peak GPU memory (GiB)':<38} | {figures['peak_memory_gib_release']:>13.2f} | "
-              f"{figures['peak_memory_gib_fast']:>9.2f} | {'':>6} |")
+        print(f"| {'pipeline images/s, decoded on the GPU':<42} | {'':>13} | "
+              f"{figures['gpu_decode_img_s']:>9.1f} | {'':>6} |")
+    if gpu and not args.pipeline_only:
+        print_row("peak GPU memory (GiB)", figures["peak_memory_gib_release"],
+                  figures["peak_memory_gib_fast"], unit="{:>13.2f}")
         if "mfu_fast" in figures:
-            print(f"| {'model FLOP utilisation':<38} | {100 * figures['mfu_release']:>12.1f}% | "
-                  f"{100 * figures['mfu_fast']:>8.1f}% | {'':>6} |")
-    else:
+            print_row("model FLOP utilisation (%)", 100 * figures["mfu_release"],
+                      100 * figures["mfu_fast"])
+        for name in RECIPES:
+            print_row(f"hours to reproduce {name}", figures["hours_to_reproduce_release"][name],
+                      figures["hours_to_reproduce_fast"][name])
+        print(f"(the hours assume data loading keeps up: the fast path's training needs "
+              f"-j {figures['workers_to_feed_training_fast']} or more workers like the one measured)")
+    if not gpu:
         print(f"peak resident memory of the process: {figures['peak_rss_gib']:.2f} GiB")
-    print(f"forward pass: {flops / 1e9:.1f} GFLOP per image at {args.image_size} px")
-    total = sum(breakdown.values())
-    print("release pipeline, one worker, 500 x 375 JPEG to 448 px: " + ", ".join(
-        f"{name} {ms:.2f} ms ({100 * ms / total:.0f}%)" for name, ms in breakdown.items()))
+    if not args.pipeline_only:
+        print(f"forward pass: {figures['forward_gflop_per_image']:.1f} GFLOP per image at {image_size} px")
+    for name in ("release", "fast"):
+        breakdown = figures[f"pipeline_{name}_breakdown_ms"]
+        total = sum(breakdown.values())
+        print(f"{name} pipeline, one worker, 500 x 375 JPEG to 448 px ({total:.2f} ms): " + ", ".join(
+            f"{stage} {ms:.2f} ms ({100 * ms / total:.0f}%)" for stage, ms in breakdown.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

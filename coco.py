@@ -1,4 +1,5 @@
 """MS-COCO 2014: image-level labels from the instance annotations (spec section 5)."""
+import collections
 import json
 import os
 import warnings
@@ -8,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util import DSDLError, download, extract, interrupted_extraction, load_image, md5sum
+from util import DSDLError, atomic_write, check_images_exist, fetch, interrupted_extraction, read_image
 
 COCO_SITE = "http://images.cocodataset.org/"
 # archive -> (path on the COCO site, md5)
@@ -46,15 +47,33 @@ def read_instance_labels(path):
     try:
         with open(path) as f:
             data = json.load(f)
-        classes = sorted(category["name"] for category in data["categories"])
+        names = [category["name"] for category in data["categories"]]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise DSDLError(f"{path} names two categories {', '.join(map(repr, repeated))}; a class "
+                            f"name must be unique (its column is its place among the sorted names)")
+        classes = sorted(names)
         column = {category["id"]: classes.index(category["name"]) for category in data["categories"]}
+        if not data["annotations"]:
+            raise DSDLError(f"{path} holds no annotations, so no image has a label; is it the "
+                            f"instances file (instances_*2014.json)?")
         present = {}  # image id -> class indices of its annotations
         for annotation in data["annotations"]:
+            if annotation["category_id"] not in column:
+                raise DSDLError(f"{path}: annotation {annotation.get('id')} of image "
+                                f"{annotation['image_id']} has category id "
+                                f"{annotation['category_id']}, which is not among its categories")
             present.setdefault(annotation["image_id"], set()).add(column[annotation["category_id"]])
         kept = [image for image in data["images"] if image["id"] in present]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DSDLError(f"cannot read the COCO annotations {path} ({error!r}); delete it to "
                         f"download annotations_trainval2014.zip again") from error
+    counts = collections.Counter(image["id"] for image in kept)
+    duplicated = sorted(image_id for image_id, count in counts.items() if count > 1)
+    if duplicated:
+        warnings.warn(f"{path} lists {len(duplicated)} image id(s) more than once (e.g. "
+                      f"{', '.join(map(str, duplicated[:5]))}); each entry is kept as an image",
+                      stacklevel=2)
     del data  # the annotations (most of the file) are not kept
     labels = np.full((len(kept), len(classes)), -1, dtype=np.int8)  # N x C
     for row, image in enumerate(kept):
@@ -89,15 +108,11 @@ def load_labels_cached(annotation_file, cache_file):
                       stacklevel=2)
     print(f"reading {annotation_file} (once; the labels are cached in {cache_file})")
     classes, image_ids, file_names, labels = read_instance_labels(annotation_file)
-    temporary = f"{cache_file}.tmp{os.getpid()}"
     try:
-        with open(temporary, "wb") as f:
+        with atomic_write(cache_file) as f:
             np.savez(f, source=stamp, classes=np.array(classes, dtype=str), image_ids=image_ids,
                      file_names=file_names, labels=labels)
-        os.replace(temporary, cache_file)
     except OSError as error:  # a read-only dataset folder: work without the cache
-        if os.path.exists(temporary):
-            os.remove(temporary)
         warnings.warn(f"could not write the label cache {cache_file} ({error}); the annotations "
                       f"will be read again at the next start", stacklevel=2)
     return classes, image_ids, file_names, labels
@@ -112,7 +127,8 @@ class COCO2014(Dataset):
     an int vector of 1 (present) and -1 (absent); `classes` are the category names sorted.
     """
 
-    benchmark = "coco2014"  # key of the paper's results (util.PAPER_RESULTS)
+    name = "COCO 2014"
+    benchmark = "coco2014"  # key of the paper's results (report.PAPER_RESULTS)
     labelled = True
     splits = ("train", "val")
 
@@ -123,7 +139,8 @@ class COCO2014(Dataset):
         self.split = split
         self.transform = transform
         self.image_folder = os.path.join(root, f"{split}2014")
-        self.annotation_file = os.path.join(root, "annotations", f"instances_{split}2014.json")
+        self.annotation_file = self.label_source = os.path.join(root, "annotations",
+                                                                f"instances_{split}2014.json")
         needed = [(self.annotation_file, "annotations_trainval2014.zip"),
                   (self.image_folder, f"{split}2014.zip")]
         for path, archive in needed:
@@ -135,20 +152,15 @@ class COCO2014(Dataset):
         cache_file = os.path.join(root, "annotations", f"instances_{split}2014.labels.npz")
         self.classes, self.image_ids, self.file_names, self.labels = load_labels_cached(
             self.annotation_file, cache_file)
+        check_images_exist([os.path.join(self.image_folder, str(name)) for name in self.file_names],
+                           f"COCO 2014 {split} ({self.image_folder})")
 
     def _download(self, filename, expected):
         """Fetch and extract `filename` unless a verified copy is already in `root`."""
         site_path, md5 = COCO2014_ARCHIVES[filename]
         archive = os.path.join(self.root, filename)
-        if not (os.path.isfile(archive) and md5sum(archive) == md5):
-            try:
-                download(COCO_SITE + site_path, archive, md5)
-            except DSDLError as error:
-                raise DSDLError(
-                    f"COCO 2014 {self.split}: {expected} is absent and could not be "
-                    f"downloaded.\n{error}\nExtract the official {filename} into {self.root}, "
-                    f"or put the zip there.") from error
-        extract(archive, self.root)
+        fetch(archive, [COCO_SITE + site_path], md5, self.root, f"COCO 2014 {self.split} ({expected})",
+              f"Extract the official {filename} into {self.root}, or put the zip there.")
         if not os.path.exists(expected):
             raise DSDLError(f"{archive} did not contain {expected}; is it the right archive?")
 
@@ -156,8 +168,6 @@ class COCO2014(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, index):
-        image = load_image(os.path.join(self.image_folder, str(self.file_names[index])))
-        if self.transform is not None:
-            image = self.transform(image)
+        image = read_image(os.path.join(self.image_folder, str(self.file_names[index])), self.transform)
         labels = torch.from_numpy(self.labels[index].astype(np.int64))
         return image, labels, int(self.image_ids[index])

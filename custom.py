@@ -10,12 +10,13 @@ or is every label of the CSVs, sorted, so that it never depends on the order of 
 """
 import csv
 import os
+import warnings
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util import DSDLError, load_image
+from util import DSDLError, read_image
 
 HEADER = ["image", "labels"]
 MAX_PROBLEMS_SHOWN = 50
@@ -100,37 +101,58 @@ def problems_error(problems):
 def classes_from_csv(*paths, skip_malformed=False):
     """Every label named in the CSVs, sorted: the class list when none is given.
 
-    Malformed rows are an error, or skipped with `skip_malformed` (by `load_split`, which
-    reports them together with the other problems).
+    Malformed rows are an error, or skipped with `skip_malformed`.
     """
-    names, problems = set(), []
-    for path in paths:
-        rows, found = read_label_csv(path)
-        problems += found
-        names.update(name for _, _, row_names in rows for name in row_names)
+    parsed = [read_label_csv(path) for path in paths]
+    problems = [problem for _, found in parsed for problem in found]
     if problems and not skip_malformed:
         raise problems_error(problems)
+    return labels_of(paths, [rows for rows, _ in parsed])
+
+
+def labels_of(paths, row_lists):
+    names = sorted({name for rows in row_lists for _, _, row_names in rows for name in row_names})
     if not names:
         raise DSDLError(f"no labels in {', '.join(paths)}")
-    return sorted(names)
+    return names
+
+
+def warn_duplicates(parsed):
+    """Warn (with line numbers) about images listed twice in a file or in two of the files."""
+    first_seen = {}  # image -> (path, line) of its first row
+    notes = []
+    for path, rows in parsed.items():
+        for line, image, _ in rows:
+            if image in first_seen:
+                where, first_line = first_seen[image]
+                kind = "listed twice" if where == path else "in two splits"
+                notes.append(f"{path}, line {line}: {image} {kind} (first at {where}, line {first_line})")
+            else:
+                first_seen[image] = (path, line)
+    if notes:
+        shown = notes[:MAX_PROBLEMS_SHOWN]
+        more = len(notes) - len(shown)
+        warnings.warn(f"{len(notes)} repeated image(s) in the label files; a test image that is "
+                      f"also trained on inflates the test mAP:\n  " + "\n  ".join(shown)
+                      + (f"\n  ... and {more} more" if more else ""), stacklevel=2)
 
 
 class LabelCSV(Dataset):
     """A split given as a label CSV. `dataset[i]` is `(image, labels, image path)`, labels an
-    int vector of 1 (present) and -1 (absent), in the order of `classes`."""
+    int vector of 1 (present) and -1 (absent), in the order of `classes`. The split is named
+    after the file (test.csv: "test")."""
 
     labelled = True
+    benchmark = None  # not one of the paper's
 
-    def __init__(self, csv_path, images_dir, classes, split, transform=None):
-        rows, problems = read_label_csv(csv_path)
-        problems += check_rows(csv_path, rows, images_dir, classes)
-        if problems:
-            raise problems_error(problems)
+    def __init__(self, rows, csv_path, images_dir, classes, name, transform=None):
         if not rows:
             raise DSDLError(f"{csv_path} lists no images")
+        self.label_source = csv_path
         self.images_dir = images_dir
         self.classes = list(classes)
-        self.split = split
+        self.name = name
+        self.split = os.path.splitext(os.path.basename(csv_path))[0]
         self.transform = transform
         self.images = [image for _, image, _ in rows]
         column = {name: c for c, name in enumerate(self.classes)}
@@ -142,43 +164,31 @@ class LabelCSV(Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        image = load_image(os.path.join(self.images_dir, self.images[index]), upright=True)
-        if self.transform is not None:
-            image = self.transform(image)
+        image = read_image(os.path.join(self.images_dir, self.images[index]), self.transform,
+                           upright=True)
         return image, torch.from_numpy(self.labels[index]), self.images[index]
 
 
-def split_files(args):
-    """(train CSV, test CSV, images folder) of the command line, defaults inside `data`."""
-    return (args.train_csv or os.path.join(args.data, "train.csv"),
-            args.test_csv or os.path.join(args.data, "test.csv"),
-            args.images or os.path.join(args.data, "images"))
+def load_splits(train_csv, test_csv, images_dir, classes=None, name="custom",
+                train_transform=None, test_transform=None, evaluate=False):
+    """(train LabelCSV or None with `evaluate`, test LabelCSV), each CSV read once.
 
-
-def class_list(args):
-    """`--classes`, else every label of the train and test CSVs, sorted."""
-    if args.classes:
-        return parse_classes(args.classes)
-    train_csv, test_csv, _ = split_files(args)
-    # Evaluating needs no train CSV, but its labels, when it is there, keep the class list
-    # the one the model was trained with.
-    paths = [test_csv] + ([train_csv] if not args.evaluate or os.path.isfile(train_csv) else [])
-    return classes_from_csv(*paths, skip_malformed=True)
-
-
-def load_split(args, split, transform):
-    """The `train` or `test` LabelCSV of the command line.
-
-    Loading `train` (the first thing a training run does) also checks the test CSV, so that
-    every malformed row of both files is reported before anything trains.
+    The class list is `classes`, else every label of both files, sorted (when evaluating
+    without the train CSV, the test file's). Every problem of every file that is used is
+    reported together, before anything trains; repeated images are warned about.
     """
-    train_csv, test_csv, images = split_files(args)
-    classes = class_list(args)
-    if split == "train":
-        problems = []
-        for path in (train_csv, test_csv):
-            rows, found = read_label_csv(path)
-            problems += found + check_rows(path, rows, images, classes)
-        if problems:
-            raise problems_error(problems)
-    return LabelCSV(train_csv if split == "train" else test_csv, images, classes, split, transform)
+    paths = [test_csv] if evaluate and not os.path.isfile(train_csv) else [train_csv, test_csv]
+    parsed, problems = {}, []
+    for path in paths:
+        parsed[path], found = read_label_csv(path)
+        if not evaluate or path == test_csv:
+            problems += found
+    classes = classes or labels_of(paths, parsed.values())
+    for path in ([test_csv] if evaluate else paths):
+        problems += check_rows(path, parsed[path], images_dir, classes)
+    if problems:
+        raise problems_error(problems)
+    warn_duplicates(parsed if not evaluate else {test_csv: parsed[test_csv]})
+    train = None if evaluate else LabelCSV(parsed[train_csv], train_csv, images_dir, classes, name,
+                                           train_transform)
+    return train, LabelCSV(parsed[test_csv], test_csv, images_dir, classes, name, test_transform)

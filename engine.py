@@ -1,12 +1,20 @@
-"""The training and evaluation loop shared by every dataset (main_*.py only wire data and defaults)."""
-import argparse
-import json
+"""The training and evaluation loop shared by every dataset (main_*.py only wire data and defaults).
+
+`run` reads as the method trains: check the command line, read the checkpoint the run starts
+from, claim the run folder, build the data and the model, then for each epoch train, step the
+schedule, evaluate, report and save. `-e` evaluates once and writes only eval_<split>.* files.
+"""
+import contextlib
 import math
 import os
 import pickle
+import re
+import socket
 import sys
 import time
+import uuid
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,81 +22,31 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from tqdm import tqdm
 
-from models import ARCHS, DSDL, DSDLLoss
-from util import read_metrics  # noqa: F401 (tests and scripts read the log as engine.read_metrics)
-from util import (DSDLError, format_metrics, compute_metrics, init_distributed, is_main_process,
-                  load_embeddings, normalize_on_device, plot_curves, rank_zero_first,
-                  results_table, standard_embeddings)
+import report
+from models import DSDL, DSDLLoss
+from options import HYPER_PARAMETERS
+from util import (DSDLError, atomic_write, compute_metrics, init_distributed, is_main_process,
+                  load_embeddings, normalize_on_device, rank_zero_first, standard_embeddings,
+                  user_message)
 
-CHECKPOINT = "checkpoint.pth.tar"
-BEST = "model_best.pth.tar"
-METRICS_LOG = "metrics.jsonl"
-# Arguments that may change between a run and its resumption without changing the method.
-RUNTIME_ARGS = {"data", "resume", "evaluate", "epochs", "workers", "device", "checkpoint_dir",
-                "amp", "channels_last", "compile", "fast_pipeline",
-                "train_csv", "test_csv", "images"}  # main_custom.py: where the files are
-
-
-def default_workers():
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+CHECKPOINT = "checkpoint.pth.tar"   # the last epoch: what --resume continues from
+BEST = "model_best.pth.tar"         # the epoch of the best test mAP (the release's selection)
+METRICS_LOG = report.METRICS_LOG    # one record per epoch
+LOCK = "run.lock"                   # the pid of the run writing into the folder
+RUN_FILES = (CHECKPOINT, BEST, METRICS_LOG)
+DEFAULT_ARCH, DEFAULT_IMAGE_SIZE = "resnet101", 448  # the paper's, where no checkpoint says
 
 
-def get_args_parser(description, **defaults):
-    """Every flag of the entry scripts; each script sets its dataset's defaults."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("data", help="dataset root; the dataset is downloaded there when absent")
-    parser.add_argument("--image-size", type=int, default=448, help="input side in pixels")
-    parser.add_argument("-b", "--batch-size", type=int, default=32,
-                        help="global batch: under torchrun it is divided over the processes")
-    parser.add_argument("--epochs", type=int, default=200, help="total number of epochs")
-    parser.add_argument("--epoch_step", type=int, nargs="+", default=[40],
-                        help="epochs at which every learning rate is multiplied by 0.1")
-    parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the dictionary (W1, W2)")
-    parser.add_argument("--lrp", type=float, default=0.1, help="the CNN trunk learns at lr * lrp")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    parser.add_argument("--max-grad-norm", type=float, default=10.0,
-                        help="total gradient norm is clipped to this before each step")
-    parser.add_argument("--lambd", type=float, default=10.0,
-                        help="ridge regulariser of the coefficients, also the weight of ||A||")
-    parser.add_argument("--beta", type=float, default=1e-4,
-                        help="weight of the reconstruction and sparsity terms of the loss")
-    parser.add_argument("-e", "--evaluate", action="store_true",
-                        help="only evaluate the checkpoint given by --resume")
-    parser.add_argument("--resume", default=None, metavar="PATH",
-                        help="checkpoint to continue training from (or to evaluate with -e): "
-                             "this project's or one of the authors' released checkpoints")
-    parser.add_argument("-j", "--workers", type=int, default=default_workers(),
-                        help="data-loading processes")
-    parser.add_argument("--arch", default="resnet101", choices=ARCHS, help="torchvision ResNet trunk")
-    parser.add_argument("--no-pretrained", action="store_true",
-                        help="start the trunk from random weights instead of ImageNet")
-    parser.add_argument("--embeddings", default=None, metavar="PATH",
-                        help="C x 300 class vectors (.pkl or .npy); default: the standard GloVe "
-                             "file, downloaded (md5 checked) into data/")
-    parser.add_argument("--checkpoint-dir", default="checkpoints",
-                        help="where checkpoints, metrics.jsonl, tables and plots are written")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda or cpu (under torchrun each process takes its LOCAL_RANK's GPU)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the initialisation, and per epoch the order of the images and "
-                             "each image's crop and flip")
-    speed = parser.add_argument_group(
-        "speed", "off by default: the defaults train exactly as the release (float32, PIL pipeline)")
-    speed.add_argument("--amp", action="store_true",
-                       help="mixed precision: bf16 where supported, else fp16 with a gradient scaler; "
-                            "the dictionary, the C x C solve and the loss stay float32")
-    speed.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
-    speed.add_argument("--compile", action="store_true",
-                       help="torch.compile the trunk (falls back to eager with a warning)")
-    speed.add_argument("--fast-pipeline", action="store_true",
-                       help="one resize instead of two and uint8 batches normalised on the device: "
-                            "the same crops, pixels within 0.6 grey levels on average of the release's")
-    speed.add_argument("--sync-bn", action="store_true",
-                       help="synchronise BatchNorm statistics across processes (torchrun)")
-    parser.set_defaults(**defaults)
-    return parser
+class Datasets(NamedTuple):
+    """What an entry script gives the engine."""
+    train: Dataset            # None with -e
+    test: Dataset             # labelled; evaluated after every epoch, selects model_best
+    submission: Dataset = None  # unlabelled, scored by the best model at the end (VOC 2012 test)
+
+
+def check_device(device):
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DSDLError(f"--device {device}, but no CUDA GPU is available; pass --device cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,56 +54,68 @@ def get_args_parser(description, **defaults):
 # --------------------------------------------------------------------------------------------
 
 def save_checkpoint(state, path):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
+    """Write `state` whole or not at all (util.atomic_write)."""
     try:
-        with open(temporary, "wb") as f:
+        with atomic_write(path) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
     except (OSError, RuntimeError) as error:
         # torch.save reports a failed write (disk full) as a RuntimeError raised from the OSError.
         cause = error.__context__ if isinstance(error.__context__, OSError) else error
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise DSDLError(f"could not write checkpoint {path} ({cause}); the previous checkpoint "
-                        f"there is intact. Free disk space and resume with --resume {path}.") from error
-    remove_stale_temporaries(path)
+        kept = (f"the previous {os.path.basename(path)} there is intact" if os.path.isfile(path)
+                else f"no {os.path.basename(path)} was written")
+        raise DSDLError(f"could not write checkpoint {path} ({cause}); {kept}. Free disk space, "
+                        f"then {resume_advice(os.path.dirname(path))}") from error
 
 
-def remove_stale_temporaries(path):
-    """Delete `path.tmp<pid>` files left by runs that were killed while writing `path`."""
-    folder, name = os.path.split(os.path.abspath(path))
-    for leftover in os.listdir(folder):
-        pid = leftover[len(name) + 4:]
-        if not (leftover.startswith(name + ".tmp") and pid.isdigit()) or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)  # a live process (another run in this folder) keeps its file
-        except ProcessLookupError:
-            os.remove(os.path.join(folder, leftover))
-        except OSError:  # PermissionError: the pid belongs to someone else's live process
-            pass
+def resume_advice(folder):
+    """How to go on after a run in `folder` stopped."""
+    last = os.path.join(folder, CHECKPOINT)
+    if os.path.isfile(last):
+        return f"continue with --resume {last}"
+    return "start the run again (no epoch was saved yet)"
 
 
-def load_checkpoint(path):
-    """torch.load with weights_only=True: loading a checkpoint never runs code."""
+def describe_non_checkpoint(head):
+    """What a file that is not a PyTorch checkpoint looks like, from its first bytes."""
+    text = head.lstrip().lower()
+    if text.startswith(b"version https://git-lfs"):
+        return "a git-lfs pointer, not the file itself: fetch it with `git lfs pull`"
+    if text.startswith((b"<!doctype", b"<html", b"<?xml", b"<")):
+        return "an HTML or XML page (a failed download?)"
+    if all(byte in b"\t\n\r" or 32 <= byte < 127 for byte in head):
+        return "a text file"
+    return "neither a zip archive nor a pickle"
+
+
+def load_checkpoint(path, option="--resume"):
+    """torch.load with weights_only=True (loading never runs code), with one clear error for each
+    way a file can fail to be a checkpoint."""
+    if os.path.isdir(path):
+        raise DSDLError(f"{option} {path} is a folder, not a PyTorch checkpoint; pass the "
+                        f"checkpoint file in it, e.g. {os.path.join(path, CHECKPOINT)}")
     if not os.path.isfile(path):
-        raise DSDLError(f"--resume {path}: no such file")
+        raise DSDLError(f"{option} {path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        raise DSDLError(f"{option} {path} is empty (0 bytes): not a PyTorch checkpoint")
+    # torch.save writes a zip archive (PK); PyTorch < 1.6 and the release wrote a pickle (0x80).
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise DSDLError(f"{option} {path} is not a PyTorch checkpoint: it is "
+                        f"{describe_non_checkpoint(head)}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise DSDLError(f"refusing to load {path}: it needs arbitrary unpickling, which can run "
-                        f"code ({str(error).splitlines()[0]}). Only plain weight checkpoints "
-                        f"are accepted.") from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise DSDLError(f"cannot read checkpoint {path} ({error}); the file is truncated or "
-                        f"not a PyTorch checkpoint.") from error
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" ({refused.group(1)})" if refused else ""
+        raise DSDLError(f"refusing to load {path}: it needs arbitrary unpickling{what}, which can "
+                        f"run code. Only plain weight checkpoints are accepted.") from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise DSDLError(f"cannot read {path}: it is truncated or not a PyTorch checkpoint "
+                        f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from error
     if not isinstance(checkpoint, dict) or not ("model" in checkpoint or "state_dict" in checkpoint):
-        raise DSDLError(f"{path} is not a DSDL checkpoint (no 'model' or 'state_dict' entry)")
+        raise DSDLError(f"{path} is a PyTorch file but not a DSDL checkpoint (no 'model' or "
+                        f"'state_dict' entry)")
     return checkpoint
 
 
@@ -155,11 +125,15 @@ def checkpoint_weights(checkpoint):
     return {key.removeprefix("module."): value for key, value in weights.items()}
 
 
-def load_weights(model, checkpoint, path):
-    """Load weights, saying which shape differs (classes, feature size) instead of a traceback."""
+def load_weights(model, checkpoint, path, class_independent_only=False):
+    """Load weights, saying which shape differs (classes, feature size) instead of a traceback.
+
+    `class_independent_only` (--init-from): only the trunk and the auto-encoder (W1, W2), which
+    do not depend on the class list; the class vectors stay the model's own.
+    """
     weights = checkpoint_weights(checkpoint)
     expected = model.state_dict()
-    if "semantics" not in weights:  # the release's checkpoints store no semantics
+    if class_independent_only or "semantics" not in weights:  # the release stores no semantics
         weights["semantics"] = expected["semantics"]
     for key in expected:  # BatchNorm counters, absent from checkpoints of PyTorch < 0.4.1
         if key.endswith("num_batches_tracked") and key not in weights:
@@ -182,6 +156,94 @@ def load_weights(model, checkpoint, path):
                 f"({what.get(key, 'trunk weights')}); the model has {model.num_classes} classes "
                 f"and --arch {model.arch}.")
     model.load_state_dict(weights)
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder: it belongs to one run
+# --------------------------------------------------------------------------------------------
+
+def check_run_folder(args, checkpoint):
+    """Refuse, before anything is written, what would overwrite or splice another run.
+
+    A fresh run needs a folder without a run in it; --resume continues the run whose latest
+    checkpoint it is (never an older one: that would overwrite the newer epochs). -e writes
+    only its own eval_* files, so any writable folder will do.
+    """
+    folder = args.checkpoint_dir
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DSDLError(f"--checkpoint-dir {folder} is a file, not a folder; pass a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise DSDLError(f"cannot create --checkpoint-dir {folder} ({error.strerror}); pass a "
+                        f"folder you can write to") from error
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DSDLError(f"--checkpoint-dir {folder} is not writable; pass a folder you can write to")
+    if args.evaluate:
+        return
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
+    last = os.path.join(folder, CHECKPOINT)
+    if not args.resume:
+        if present:
+            way_on = (f"To continue it, pass --resume {last}; to" if os.path.isfile(last) else "To")
+            raise DSDLError(f"{folder} already holds a run ({', '.join(present)}); a new run would "
+                            f"overwrite it. {way_on} start a new run, pass another "
+                            f"--checkpoint-dir (or delete that folder)")
+        return
+    if not present or os.path.abspath(args.resume) == os.path.abspath(last):
+        return
+    if not os.path.isfile(last):
+        raise DSDLError(f"{folder} holds another run's {', '.join(present)}; continuing "
+                        f"{args.resume} there would mix the two. Pass another --checkpoint-dir")
+    current = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    same_run = checkpoint.get("run_id") is not None and current.get("run_id") == checkpoint.get("run_id")
+    if not same_run or current.get("epoch", 0) > checkpoint.get("epoch", 0):
+        which = "an older epoch of this run" if same_run else "another run"
+        raise DSDLError(f"{args.resume} (epoch {checkpoint.get('epoch', 0)}) is {which} than "
+                        f"{last} (epoch {current.get('epoch', 0)}); continuing it in {folder} would "
+                        f"overwrite that. Continue the latest with --resume {last}, or write the "
+                        f"continuation elsewhere with --checkpoint-dir NEW_FOLDER")
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(folder):
+    """Hold `folder/run.lock` (this process's pid and host) while the block runs: a second run
+    into the same folder is refused while the first lives; a lock left by a process that no
+    longer runs is taken over with a note."""
+    path = os.path.join(folder, LOCK)
+    host = socket.gethostname()
+    while True:
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            break
+        except FileExistsError:
+            with open(path) as f:
+                fields = f.read().split()
+            pid = int(fields[0]) if fields and fields[0].isdigit() else None
+            owner_host = fields[1] if len(fields) > 1 else host
+            if pid is not None and pid != os.getpid() and (owner_host != host or process_alive(pid)):
+                raise DSDLError(f"another run (process {pid} on {owner_host}) is writing into "
+                                f"{folder}; wait for it to end or pass another --checkpoint-dir. "
+                                f"If no run uses that folder any more, delete {path}")
+            print(f"note: taking over {path}, left by process {pid} which no longer runs")
+            os.remove(path)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(f"{os.getpid()} {host}\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,17 +286,19 @@ def compile_trunk(trunk):
 
 
 def mixed_precision(device, enabled):
-    """(autocast dtype or None, GradScaler or None) for --amp on this device."""
+    """(autocast dtype or None, GradScaler or None) for --amp on this device.
+
+    GPUs: bf16 where supported, else fp16 with loss scaling. CPUs: float32 with a warning, as
+    --help says: bf16 is only fast on CPUs with bf16 units, and PyTorch offers no public way to
+    ask whether this one has them (on one without, bf16 was 23x slower than float32).
+    """
     if not enabled:
         return None, None
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, None
-        return torch.float16, torch.amp.GradScaler("cuda")  # fp16 needs loss scaling
-    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-        return torch.bfloat16, None
-    warnings.warn("--amp: this CPU has no bf16 units, and bf16 there is many times slower than "
-                  "float32; running in float32")
+        return torch.float16, torch.amp.GradScaler("cuda")
+    warnings.warn("--amp has no effect on the CPU; running in float32")
     return None, None
 
 
@@ -251,8 +315,13 @@ def mean_over_processes(loss):
     return total.item() / torch.distributed.get_world_size()
 
 
+class NonFiniteLoss(DSDLError):
+    """The loss became NaN or infinite; the step was not taken."""
+
+
 def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_norm,
                     amp_dtype=None, scaler=None, channels_last=False):
+    """One pass over `loader`; returns the mean training loss."""
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"train {epoch + 1}", leave=False, dynamic_ncols=True,
@@ -266,9 +335,8 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_n
         loss = loss_fn(output, targets)  # float32: the head leaves autocast
         value = mean_over_processes(loss)
         if not math.isfinite(value):
-            raise DSDLError(f"the loss became {value} at epoch {epoch + 1}, batch {batch + 1}; "
-                            f"stopping without taking this step. The last checkpoint is intact; "
-                            f"resume from it with a lower --lr.")
+            raise NonFiniteLoss(f"the loss became {value} at epoch {epoch + 1}, batch {batch + 1}; "
+                                f"stopped without taking this step.")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16: scale the loss, unscale before clipping
             scaler.scale(loss).backward()
@@ -286,9 +354,16 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_n
     return total / max(count, 1)
 
 
+class Evaluation(NamedTuple):
+    scores: np.ndarray   # N x C, the coefficients A of every image of the split, in its order
+    labels: np.ndarray   # N x C, in {1, 0, -1}
+    ids: list            # N image ids
+    loss: float          # mean loss over the images; NaN for a split without labels
+
+
 @torch.no_grad()
 def evaluate(model, loss_fn, loader, device, amp_dtype=None, channels_last=False):
-    """Scores (N x C), labels (N x C) and ids of the whole split, and the mean loss.
+    """Score the whole split of `loader`.
 
     A split without labels (`dataset.labelled` false, VOC 2012 test) gets scores only: loss NaN.
     Under torchrun each process scores its share (a Subset, no padding) and the shares are
@@ -296,7 +371,6 @@ def evaluate(model, loss_fn, loader, device, amp_dtype=None, channels_last=False
     """
     model.eval()
     dataset = loader.dataset.dataset if isinstance(loader.dataset, Subset) else loader.dataset
-    labelled = getattr(dataset, "labelled", True)
     scores, labels, ids = [], [], []
     total, count = 0.0, 0
     bar = tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True,
@@ -305,7 +379,7 @@ def evaluate(model, loss_fn, loader, device, amp_dtype=None, channels_last=False
     for images, batch_labels, batch_ids in bar:
         with autocast(device, amp_dtype):
             output = model(prepare_images(images, device, channels_last))
-        if labelled:
+        if dataset.labelled:
             loss = loss_fn(output, training_targets(batch_labels.to(device, non_blocking=True)))
             total += loss.detach() * images.shape[0]  # stays on the device: no sync per batch
         count += images.shape[0]
@@ -326,61 +400,23 @@ def evaluate(model, loss_fn, loader, device, amp_dtype=None, channels_last=False
         ids = [i for share in shares for i in share[3]]
         ids = [ids[i] for i in order]
         total, count = sum(share[4] for share in shares), sum(share[5] for share in shares)
-    return {"scores": scores, "labels": labels, "ids": ids,
-            "loss": total / max(count, 1) if labelled else math.nan}
+    return Evaluation(scores, labels, ids, total / max(count, 1) if dataset.labelled else math.nan)
 
 
-def log_metrics(path, record):
-    """Append one JSON line (NaN, e.g. an undefined AP, is written as null)."""
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
+def share_rank_zero_buffers(model):
+    """Give every process rank 0's BatchNorm statistics (the ones it saves) before evaluating.
 
-    drop_partial_last_line(path)
-    with open(path, "a") as f:
-        f.write(json.dumps({key: clean(value) for key, value in record.items()}) + "\n")
-
-
-def drop_partial_last_line(path):
-    """Cut a line that a killed run left half-written, so the next record starts a line of its own.
-
-    Its epoch has no checkpoint yet (the log is written first), so the resumed run logs it again.
+    DDP copies rank 0's buffers before each training forward only: after the last step every
+    rank has its own statistics.
     """
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        return
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) != b"\n":
-            f.seek(0)
-            f.truncate(f.read().rfind(b"\n") + 1)
+    if torch.distributed.is_initialized():
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
 
 
 # --------------------------------------------------------------------------------------------
-# The whole run
+# Data loading
 # --------------------------------------------------------------------------------------------
-
-def semantics_for(args, classes, checkpoint, default_embeddings):
-    """The C x 300 class vectors: from our checkpoint, else --embeddings, else the standard file."""
-    if checkpoint is not None and "semantics" in checkpoint:
-        return checkpoint["semantics"]
-    if not args.embeddings and default_embeddings is None:
-        raise DSDLError("this dataset has no standard class vectors: pass --embeddings PATH, a "
-                        "C x 300 file in the class order (make_embeddings.py writes one)")
-    path = args.embeddings or standard_embeddings(default_embeddings)
-    return load_embeddings(path, num_classes=len(classes))
-
-
-def warn_changed_args(checkpoint, args):
-    stored = checkpoint.get("args") or {}
-    changed = [f"{key}: {stored[key]!r} -> {value!r}" for key, value in vars(args).items()
-               if key in stored and key not in RUNTIME_ARGS and stored[key] != value]
-    if changed:
-        warnings.warn("resuming with other hyper-parameters than the checkpoint's:\n  "
-                      + "\n  ".join(changed), stacklevel=2)
-
 
 class EpochSeeded(Dataset):
     """The training set with reproducible augmentation: image i in epoch e is transformed with
@@ -403,7 +439,7 @@ class EpochSeeded(Dataset):
         return self.dataset[index]
 
 
-def make_loader(dataset, args, device, shuffle):
+def make_loader(dataset, batch_size, workers, seed, device, shuffle):
     """Training loader (shuffled) or evaluation loader; under torchrun each process loads its share.
 
     The training share comes from a DistributedSampler; the evaluation share is every
@@ -412,14 +448,14 @@ def make_loader(dataset, args, device, shuffle):
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     sampler = None
     if shuffle:
-        dataset = EpochSeeded(dataset, args.seed)
-        sampler = (DistributedSampler(dataset, shuffle=True, seed=args.seed) if world_size > 1
+        dataset = EpochSeeded(dataset, seed)
+        sampler = (DistributedSampler(dataset, shuffle=True, seed=seed) if world_size > 1
                    else RandomSampler(dataset, generator=torch.Generator()))
     elif world_size > 1:
         dataset = Subset(dataset, range(torch.distributed.get_rank(), len(dataset), world_size))
-    return DataLoader(dataset, batch_size=args.batch_size // world_size, sampler=sampler,
-                      num_workers=args.workers, pin_memory=device.type == "cuda",
-                      persistent_workers=args.workers > 0)
+    return DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
+                      num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0)
 
 
 def set_epoch(loader, epoch, seed):
@@ -429,6 +465,101 @@ def set_epoch(loader, epoch, seed):
         loader.sampler.set_epoch(epoch)  # shuffles with seed + epoch, the same on every process
     else:
         loader.sampler.generator.manual_seed(seed + epoch)
+
+
+# --------------------------------------------------------------------------------------------
+# Building a run
+# --------------------------------------------------------------------------------------------
+
+def check_args(args):
+    """Mistakes in the command line, found before any file is read or written."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(args.device)
+    if args.evaluate and not args.resume:
+        raise DSDLError("-e/--evaluate needs the checkpoint to evaluate: --resume PATH")
+    if args.resume and args.init_from:
+        raise DSDLError("--resume continues a run and --init-from starts a new one from another "
+                        "run's weights: pass one of them")
+    if not args.evaluate and args.batch_size < 2:
+        raise DSDLError(f"--batch-size {args.batch_size}: training needs at least 2 images per "
+                        f"batch (BatchNorm statistics)")
+
+
+def settle_args(args, checkpoint):
+    """What the command line left open: the trunk and input size of the checkpoint the run
+    starts from (else the paper's), and the run folder (with --resume: the checkpoint's)."""
+    source = args.resume or args.init_from
+    stored = (checkpoint or {}).get("args") or {}
+    for key, default in (("arch", DEFAULT_ARCH), ("image_size", DEFAULT_IMAGE_SIZE)):
+        option, theirs = "--" + key.replace("_", "-"), stored.get(key)
+        if getattr(args, key) is None:
+            setattr(args, key, theirs or default)
+        elif theirs is not None and theirs != getattr(args, key):
+            warnings.warn(f"{option} {getattr(args, key)} differs from the {theirs} that {source} "
+                          f"was trained with; using {getattr(args, key)}", stacklevel=2)
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = (os.path.dirname(args.resume) or ".") if args.resume else args.run_folder
+
+
+def dataset_record(datasets):
+    """What a checkpoint says of the data it was trained on."""
+    test = datasets.test
+    sizes = {test.split: len(test)}
+    if datasets.train is not None:
+        sizes[datasets.train.split] = len(datasets.train)
+    return {"name": test.name, "benchmark": test.benchmark, "sizes": sizes,
+            "classes": [str(name) for name in test.classes]}  # plain str: loads weights_only
+
+
+def check_datasets(datasets, checkpoint, args):
+    """The class lists of the splits agree, and --resume continues a run on its own dataset."""
+    train, test = datasets.train, datasets.test
+    if train is not None and list(train.classes) != list(test.classes):
+        only_train = [name for name in train.classes if name not in test.classes]
+        only_test = [name for name in test.classes if name not in train.classes]
+        raise DSDLError(f"the classes of {train.label_source} and {test.label_source} differ"
+                        + (f": only in {train.split}: {', '.join(only_train[:5])}" if only_train else "")
+                        + (f"; only in {test.split}: {', '.join(only_test[:5])}" if only_test else "")
+                        + ("" if only_train or only_test else ": same names, another order")
+                        + ". Both splits must name the same classes")
+    if not test.labelled:
+        raise DSDLError(f"the {test.split} split has no labels, so it cannot select the best "
+                        f"model; evaluate every epoch on a labelled split")
+    if checkpoint is None or args.init_from:
+        return
+    classes = [str(name) for name in test.classes]
+    theirs = checkpoint.get("classes")
+    if theirs is not None and list(theirs) != classes:
+        raise DSDLError(f"{args.resume} was trained on {len(theirs)} classes "
+                        f"({', '.join(theirs[:4])}, ...), but this dataset has {len(classes)} "
+                        f"({', '.join(classes[:4])}, ...). To start a run on this dataset from its "
+                        f"weights, use --init-from {args.resume}")
+    trained_on = (checkpoint.get("dataset") or {}).get("name")
+    if not args.evaluate and trained_on is not None and trained_on != test.name:
+        raise DSDLError(f"{args.resume} is a run on {trained_on}, not {test.name}: --resume "
+                        f"continues a run on its own dataset. To start a {test.name} run from its "
+                        f"weights, use --init-from {args.resume}")
+
+
+def semantics_for(args, classes, checkpoint, default_embeddings):
+    """The C x 300 class vectors: from our checkpoint, else --embeddings, else the standard file."""
+    if checkpoint is not None and "semantics" in checkpoint and not args.init_from:
+        return checkpoint["semantics"]
+    if not args.embeddings and default_embeddings is None:
+        raise DSDLError("this dataset has no standard class vectors: pass --embeddings PATH, a "
+                        "C x 300 file in the class order (make_embeddings.py writes one)")
+    path = args.embeddings or standard_embeddings(default_embeddings)
+    return load_embeddings(path, num_classes=len(classes))
+
+
+def warn_changed_args(checkpoint, args):
+    stored = checkpoint.get("args") or {}
+    changed = [f"{key}: {stored[key]!r} -> {getattr(args, key)!r}" for key in HYPER_PARAMETERS
+               if key in stored and stored[key] != getattr(args, key)]
+    if changed:
+        warnings.warn("resuming with other hyper-parameters than the checkpoint's:\n  "
+                      + "\n  ".join(changed), stacklevel=2)
 
 
 def step_schedule(optimizer, model, args, start_epoch):
@@ -450,73 +581,74 @@ def step_schedule(optimizer, model, args, start_epoch):
                                                 last_epoch=start_epoch - 1)
 
 
-def check_device(device):
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DSDLError(f"--device {device}, but no CUDA GPU is available; pass --device cpu")
+def learning_rates(optimizer):
+    trunk, dictionary = (group["lr"] for group in optimizer.param_groups)
+    return f"learning rates: trunk {trunk:g}, dictionary {dictionary:g}"
 
 
-def check_args(args):
-    """Mistakes in the command line, found before any dataset is loaded or downloaded."""
-    check_device(args.device)
-    if args.evaluate and not args.resume:
-        raise DSDLError("-e/--evaluate needs the checkpoint to evaluate: --resume PATH")
-    if args.resume and not os.path.isfile(args.resume):
-        raise DSDLError(f"--resume {args.resume}: no such file")
+def table_title(args, dataset, epoch, source):
+    return (f"DSDL {args.arch} at {args.image_size} px, epoch {epoch} of {source}, on "
+            f"{dataset.name} {dataset.split}")
 
 
-def report_table(metrics, classes, dataset, args, epoch):
-    """Print the evaluation as the paper's table (with its row in its setting); save it as Markdown."""
-    benchmark = getattr(dataset, "benchmark", None)
-    source = args.resume if args.evaluate else "this run"
-    title = (f"DSDL {args.arch} at {args.image_size} px, epoch {epoch} of {source}, on "
-             f"{benchmark or type(dataset).__name__} {dataset.split}")
-    table = results_table(metrics, classes, benchmark, args.arch, title)
-    path = os.path.join(args.checkpoint_dir, f"results_{dataset.split}.md")
-    with open(path, "w") as f:
-        f.write(table + "\n")
-    print(f"{table}\n(saved as {path})")
-
-
-def submit(model, loss_fn, dataset, args, device, write_submission, amp_dtype=None):
+def score_submission(model, loss_fn, dataset, args, device, write_submission, amp_dtype):
     """Score a split without labels and write the evaluation server's files (VOC 2012 test)."""
-    result = evaluate(model, loss_fn, make_loader(dataset, args, device, shuffle=False), device,
-                      amp_dtype, args.channels_last)
+    loader = make_loader(dataset, args.batch_size, args.workers, args.seed, device, shuffle=False)
+    result = evaluate(model, loss_fn, loader, device, amp_dtype, args.channels_last)
     if not is_main_process():
         return None
-    folder, archive = write_submission(result["scores"], result["ids"], list(dataset.classes),
+    folder, archive = write_submission(result.scores, result.ids, list(dataset.classes),
                                        args.checkpoint_dir)
-    print(f"evaluation-server files for {len(result['ids'])} {dataset.split} images: {folder}\n"
+    print(f"evaluation-server files for {len(result.ids)} {dataset.split} images: {folder}\n"
           f"upload {archive} to the evaluation server")
     return archive
 
 
-def run(args, train_set, test_set, default_embeddings, submission_set=None, write_submission=None):
-    """Train (or with -e only evaluate); `submission_set` is then scored by the best model."""
+# --------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------
+
+def run(args, datasets_fn, default_embeddings, write_submission=None):
+    """Train (or with -e only evaluate). `datasets_fn(args)` returns the `Datasets`; when it
+    has a submission split, the best model scores it at the end with `write_submission`."""
     check_args(args)
-    if not args.evaluate and not getattr(test_set, "labelled", True):
-        raise DSDLError(f"the {test_set.split} split has no labels, so it cannot select the best "
-                        f"model; evaluate every epoch on a labelled split")
-    rank, world_size, device = init_distributed(args.device)
-    main_process = rank == 0
-    say = print if main_process else (lambda *_, **__: None)  # only rank 0 prints and writes
-    if args.batch_size % world_size:
+    source = args.resume or args.init_from
+    checkpoint = load_checkpoint(source, "--resume" if args.resume else "--init-from") if source else None
+    settle_args(args, checkpoint)
+    processes = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
+    if args.batch_size % processes:
         raise DSDLError(f"--batch-size {args.batch_size} (the global batch) does not divide over "
-                        f"{world_size} processes; pass a multiple of {world_size}")
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    classes = [str(name) for name in test_set.classes]  # plain str: checkpoints load weights_only
-    if checkpoint is not None and checkpoint.get("classes") not in (None, classes):
-        raise DSDLError(f"{args.resume} was trained on {len(checkpoint['classes'])} classes "
-                        f"({', '.join(checkpoint['classes'][:4])}, ...), but this dataset has "
-                        f"{len(classes)} ({', '.join(classes[:4])}, ...)")
+                        f"{processes} processes; pass a multiple of {processes}")
+    rank, world_size, device = init_distributed(args.device)
+    if rank == 0:
+        check_run_folder(args, checkpoint)
+    if args.resume and not args.evaluate and "optimizer" in checkpoint:
+        warn_changed_args(checkpoint, args)
+    if args.resume and not args.evaluate and checkpoint.get("epoch", 0) >= args.epochs:
+        done = checkpoint.get("epoch", 0)
+        print(f"{args.resume} has already trained {done} epoch{'s' * (done != 1)}, and --epochs "
+              f"is {args.epochs}: nothing to do. Pass a larger --epochs to train on.")
+        return None
+    lock = run_lock(args.checkpoint_dir) if rank == 0 and not args.evaluate else contextlib.nullcontext()
+    with lock:
+        with rank_zero_first():  # rank 0 downloads and extracts the data first
+            datasets = Datasets(*datasets_fn(args))
+        check_datasets(datasets, checkpoint, args)
+        return train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_submission,
+                                  device, world_size)
+
+
+def build_model(args, classes, checkpoint, default_embeddings, device, world_size):
+    """The model on its device, with the checkpoint's weights and the speed options."""
     torch.manual_seed(args.seed)
     with rank_zero_first():  # downloads (class vectors, ImageNet weights) happen once
         semantics = semantics_for(args, classes, checkpoint, default_embeddings)
         model = DSDL(len(classes), semantics, args.lambd, args.arch,
                      pretrained=not args.no_pretrained and checkpoint is None)
     if checkpoint is not None:
-        load_weights(model, checkpoint, args.resume)
+        load_weights(model, checkpoint, args.resume or args.init_from,
+                     class_independent_only=bool(args.init_from))
     model.to(device)
-    amp_dtype, scaler = mixed_precision(device, args.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if world_size > 1 and args.sync_bn:
@@ -524,112 +656,138 @@ def run(args, train_set, test_set, default_embeddings, submission_set=None, writ
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        compile_trunk(model.features)
+        compile_trunk(model.trunk)
+    return model
+
+
+def train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_submission, device,
+                       world_size):
+    main_process = is_main_process()
+    say = print if main_process else (lambda *_, **__: None)  # only rank 0 prints and writes
+    test_set = datasets.test
+    classes = [str(name) for name in test_set.classes]
+    model = build_model(args, classes, checkpoint, default_embeddings, device, world_size)
+    amp_dtype, scaler = mixed_precision(device, args.amp)
+    loss_fn = DSDLLoss(args.lambd, args.beta)
+    test_loader = make_loader(test_set, args.batch_size, args.workers, args.seed, device, shuffle=False)
+    folder = args.checkpoint_dir
+    dataset = dataset_record(datasets)
+    provenance = report.provenance(world_size) if main_process else None
+    settings = {**{key: getattr(args, key) for key in HYPER_PARAMETERS}, "dataset": test_set.name,
+                "benchmark": test_set.benchmark, "amp": args.amp, "fast_pipeline": args.fast_pipeline}
+
+    if args.evaluate:
+        result = evaluate(model, loss_fn, test_loader, device, amp_dtype, args.channels_last)
+        metrics = compute_metrics(result.scores, result.labels)
+        epoch = checkpoint.get("epoch", 0)
+        if main_process:
+            record = {"checkpoint": os.path.abspath(args.resume), "epoch": epoch,
+                      "split": test_set.split, "loss": result.loss, **metrics,
+                      "settings": settings, "run": provenance}
+            report.report_evaluation(
+                metrics, classes, table_title(args, test_set, epoch, args.resume),
+                test_set.benchmark, args.arch, record,
+                log_path=os.path.join(folder, f"eval_{test_set.split}.jsonl"),
+                table_path=os.path.join(folder, f"eval_{test_set.split}.md"))
+            say(f"{test_set.split} loss {result.loss:.4f}; written to "
+                f"{os.path.join(folder, f'eval_{test_set.split}.md')} and .jsonl")
+        if datasets.submission is not None:
+            score_submission(model, loss_fn, datasets.submission, args, device, write_submission,
+                             amp_dtype)
+        return metrics
+
     train_model = model  # what the training step calls: DDP-wrapped under torchrun
     if world_size > 1:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = DSDLLoss(args.lambd, args.beta)
-    os.makedirs(args.checkpoint_dir, exist_ok=True)
-    log_path = os.path.join(args.checkpoint_dir, METRICS_LOG)
-    test_loader = make_loader(test_set, args, device, shuffle=False)
-
-    def test(epoch, train_loss=None):
-        # The unwrapped model: DDP's forward would synchronise buffers, and the shares differ.
-        # DDP copies rank 0's buffers before each training forward only: after the last step
-        # every rank has its own BatchNorm statistics, so take rank 0's (the ones it saves).
-        if world_size > 1:
-            for buffer in model.buffers():
-                torch.distributed.broadcast(buffer, 0)
-        result = evaluate(model, loss_fn, test_loader, device, amp_dtype, args.channels_last)
-        if not getattr(test_set, "labelled", True):
-            say(f"epoch {epoch}: {test_set.split} has no labels; {len(result['ids'])} images "
-                  f"scored, no metrics")
-            return None
-        metrics = compute_metrics(result["scores"], result["labels"])
-        if not main_process:
-            return metrics
-        print(f"epoch {epoch}: test loss {result['loss']:.4f}\n" + format_metrics(metrics, classes))
-        log_metrics(log_path, {"epoch": epoch, "split": test_set.split, "loss": result["loss"],
-                               "train_loss": train_loss, **metrics})
-        report_table(metrics, classes, test_set, args, epoch)
-        plot_curves(log_path, args.checkpoint_dir, classes)
-        return metrics
-
-    if args.evaluate:
-        metrics = test(checkpoint.get("epoch", 0))
-        if submission_set is not None:
-            submit(model, loss_fn, submission_set, args, device, write_submission, amp_dtype)
-        return metrics
-
     optimizer = torch.optim.SGD(model.parameter_groups(args.lr, args.lrp), lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
-    start_epoch, best_score = 0, -math.inf
-    if checkpoint is not None:
+    start_epoch, best_score, run_id = 0, -math.inf, uuid.uuid4().hex
+    if args.resume:
         if "optimizer" in checkpoint:
-            warn_changed_args(checkpoint, args)
             optimizer.load_state_dict(checkpoint["optimizer"])  # the momentum buffers
             if scaler is not None and "scaler" in checkpoint:
                 scaler.load_state_dict(checkpoint["scaler"])
         start_epoch = checkpoint.get("epoch", 0)
         best_score = float(checkpoint.get("best_score", -math.inf))  # the release's is a tensor
+        run_id = checkpoint.get("run_id") or run_id
         say(f"resumed from {args.resume} at epoch {start_epoch} (best mAP {best_score:.2f})")
+    elif args.init_from:
+        say(f"starting from the trunk and auto-encoder weights of {args.init_from}")
     scheduler = step_schedule(optimizer, model, args, start_epoch)
-    train_loader = make_loader(train_set, args, device, shuffle=True)
+    train_loader = make_loader(datasets.train, args.batch_size, args.workers, args.seed, device,
+                               shuffle=True)
+    log_path = os.path.join(folder, METRICS_LOG)
+    say(f"training on {len(datasets.train)} {datasets.train.split} images, evaluating on "
+        f"{len(test_set)} {test_set.split} images; {learning_rates(optimizer)}")
     metrics = None
     for epoch in range(start_epoch, args.epochs):
+        started = time.perf_counter()
         set_epoch(train_loader, epoch, args.seed)  # a resumed run draws the same batches and crops
-        lrs = ", ".join(f"{group['lr']:g}" for group in optimizer.param_groups)
-        say(f"epoch {epoch + 1}/{args.epochs}, learning rates {lrs}")
-        train_loss = train_one_epoch(train_model, loss_fn, optimizer, train_loader, device, epoch,
-                                     args.max_grad_norm, amp_dtype, scaler, args.channels_last)
+        try:
+            train_loss = train_one_epoch(train_model, loss_fn, optimizer, train_loader, device,
+                                         epoch, args.max_grad_norm, amp_dtype, scaler,
+                                         args.channels_last)
+        except NonFiniteLoss as error:
+            last = os.path.join(folder, CHECKPOINT)
+            if os.path.isfile(last):
+                raise DSDLError(f"{error} {last} is intact: lower --lr and continue with "
+                                f"--resume {last}") from error
+            raise DSDLError(f"{error} No epoch was saved yet: start again with a lower --lr") from error
         scheduler.step()
-        metrics = test(epoch + 1, train_loss)
-        is_best = metrics["mAP"] > best_score
-        best_score = max(best_score, metrics["mAP"])
+        share_rank_zero_buffers(model)  # the unwrapped model: the processes' shares differ
+        result = evaluate(model, loss_fn, test_loader, device, amp_dtype, args.channels_last)
+        metrics = compute_metrics(result.scores, result.labels)
+        is_best = metrics["mAP"] > best_score  # False for an undefined (NaN) mAP
+        best_score = max(best_score, metrics["mAP"]) if is_best else best_score
+        seconds = time.perf_counter() - started
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "lr_scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                  "best_score": best_score, "args": vars(args), "classes": classes,
-                 "semantics": model.semantics.cpu()}
+                 "semantics": model.semantics.cpu(), "dataset": dataset, "run_id": run_id,
+                 "provenance": provenance}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         if main_process:
+            record = {"epoch": epoch + 1, "split": test_set.split, "loss": result.loss,
+                      "train_loss": train_loss, "epoch_seconds": seconds, **metrics,
+                      "classes": classes, "settings": settings, "run": provenance}
+            report.report_evaluation(
+                metrics, classes, table_title(args, test_set, epoch + 1, "this run"),
+                test_set.benchmark, args.arch, record, log_path,
+                table_path=os.path.join(folder, f"results_{test_set.split}.md"))
+            report.plot_curves(log_path, folder, classes)
             # The best model first: a run killed between the two writes redoes this epoch on
             # resume and so writes both again; the other order would lose this epoch's best.
             if is_best:
-                save_checkpoint(state, os.path.join(args.checkpoint_dir, BEST))
-            save_checkpoint(state, os.path.join(args.checkpoint_dir, CHECKPOINT))
-        say(f"train loss {train_loss:.4f}, test mAP {metrics['mAP']:.2f}, best {best_score:.2f}")
-    if submission_set is not None:
+                save_checkpoint(state, os.path.join(folder, BEST))
+            save_checkpoint(state, os.path.join(folder, CHECKPOINT))
+        say(report.epoch_line(epoch + 1, args.epochs, train_loss, test_set.split, metrics["mAP"],
+                              best_score, seconds, saved=True, is_best=is_best))
+        if epoch + 1 in args.epoch_step:
+            say(f"from epoch {epoch + 2}: {learning_rates(optimizer)}")
+    if datasets.submission is not None:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every process reads the best model once rank 0 wrote it
-        best = os.path.join(args.checkpoint_dir, BEST)
+        best = os.path.join(folder, BEST)
         if os.path.isfile(best):  # the submission comes from the best model, not the last
             load_weights(model, load_checkpoint(best), best)
-        submit(model, loss_fn, submission_set, args, device, write_submission, amp_dtype)
+        score_submission(model, loss_fn, datasets.submission, args, device, write_submission,
+                         amp_dtype)
     return metrics
 
 
-def main(args, train_set_fn, test_set_fn, default_embeddings, submission_set_fn=None,
-         write_submission=None):
-    """Entry point of the main_*.py scripts: user errors are printed, not raised.
-
-    `submission_set_fn` gives a split without labels (VOC 2012 test) that the best model scores
-    at the end, and `write_submission(scores, ids, classes, folder)` writes those scores.
-    """
+def main(args, datasets_fn, default_embeddings, write_submission=None):
+    """Entry point of the main_*.py scripts: a user's mistake ends in one `error:` line
+    (exit status 1), Ctrl-C in a line saying how to go on (exit status 130)."""
     try:
-        check_args(args)
-        init_distributed(args.device)
-        with rank_zero_first():  # rank 0 downloads and extracts the data first
-            train_set = None if args.evaluate else train_set_fn(args)
-            test_set = test_set_fn(args)
-            submission_set = submission_set_fn(args) if submission_set_fn else None
-        run(args, train_set, test_set, default_embeddings, submission_set, write_submission)
+        run(args, datasets_fn, default_embeddings, write_submission)
     except DSDLError as error:
-        message = str(error)
-        if "Original Traceback" in message:  # raised in a DataLoader worker: its own message
-            message = message.rsplit("DSDLError: ", 1)[-1].strip()
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {user_message(error)}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        folder = args.checkpoint_dir or args.run_folder
+        print(f"\ninterrupted; {resume_advice(folder)}", file=sys.stderr)
+        sys.exit(130)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1,18 +1,26 @@
 """Train or evaluate DSDL on MS-COCO 2014 (train2014 -> val2014) with the release's defaults."""
-import engine
-from coco import COCO2014
-from util import eval_transform, train_transform
+import options
 
 
-def main():
-    parser = engine.get_args_parser(
+def get_args_parser():
+    return options.get_args_parser(
         "DSDL on MS-COCO 2014: train on train2014, evaluate on val2014 after every epoch.",
-        lambd=0.1, beta=1e-6, checkpoint_dir="checkpoints/coco2014")
-    args = parser.parse_args()
-    engine.main(args,
-                train_set_fn=lambda a: COCO2014(a.data, "train", train_transform(a.image_size, a.fast_pipeline)),
-                test_set_fn=lambda a: COCO2014(a.data, "val", eval_transform(a.image_size, a.fast_pipeline)),
-                default_embeddings="coco_glove_word2vec.pkl")
+        run_folder="checkpoints/coco2014", lambd=0.1, beta=1e-6)
+
+
+def datasets(args):
+    """train2014 (None with -e) and val2014, downloaded into args.data when absent."""
+    from coco import COCO2014
+    from util import eval_transform, train_transform
+    train = None if args.evaluate else COCO2014(
+        args.data, "train", train_transform(args.image_size, args.fast_pipeline))
+    return train, COCO2014(args.data, "val", eval_transform(args.image_size, args.fast_pipeline))
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    import engine  # torch loads only now: --help and typos are answered at once
+    engine.main(args, datasets, default_embeddings="coco_glove_word2vec.pkl")
 
 
 if __name__ == "__main__":

@@ -6,16 +6,16 @@
     python make_embeddings.py --csv my_data/train.csv my_data/test.csv -o my_data/classes.npy
     python main_custom.py my_data --embeddings my_data/classes.npy
 """
-import custom
-import engine
-from util import eval_transform, train_transform
+import os
+
+import options
 
 
 def get_args_parser():
     # The VOC 2007 hyper-parameters: the release's setting for a dataset of a few thousand images.
-    parser = engine.get_args_parser(
+    parser = options.get_args_parser(
         "DSDL on your own dataset: train on a label CSV, evaluate on another after every epoch.",
-        lambd=10.0, beta=1e-4, checkpoint_dir="checkpoints/custom")
+        run_folder="checkpoints/custom", lambd=10.0, beta=1e-4)
     parser.add_argument("--train-csv", metavar="CSV", help="training labels (default: DATA/train.csv)")
     parser.add_argument("--test-csv", metavar="CSV", help="test labels (default: DATA/test.csv)")
     parser.add_argument("--images", metavar="DIR",
@@ -27,12 +27,25 @@ def get_args_parser():
     return parser
 
 
+def datasets(args):
+    """The train (None with -e) and test CSVs of the command line, each read once."""
+    import custom
+    from util import eval_transform, train_transform
+    return custom.load_splits(
+        args.train_csv or os.path.join(args.data, "train.csv"),
+        args.test_csv or os.path.join(args.data, "test.csv"),
+        args.images or os.path.join(args.data, "images"),
+        classes=custom.parse_classes(args.classes) if args.classes else None,
+        name=os.path.basename(os.path.normpath(args.data)),
+        train_transform=train_transform(args.image_size, args.fast_pipeline),
+        test_transform=eval_transform(args.image_size, args.fast_pipeline),
+        evaluate=args.evaluate)
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    engine.main(args,
-                train_set_fn=lambda a: custom.load_split(a, "train", train_transform(a.image_size, a.fast_pipeline)),
-                test_set_fn=lambda a: custom.load_split(a, "test", eval_transform(a.image_size, a.fast_pipeline)),
-                default_embeddings=None)
+    import engine  # torch loads only now: --help and typos are answered at once
+    engine.main(args, datasets, default_embeddings=None)
 
 
 if __name__ == "__main__":

@@ -2,23 +2,40 @@
 
 The best model by val mAP scores the test split, whose labels only the evaluation server has:
 its files are written to <checkpoint-dir>/results/VOC2012/Main/ and <checkpoint-dir>/results.tar.gz.
+Without the test images (VOC2012test.tar) the run trains and selects on val all the same.
 """
-import engine
-from util import eval_transform, train_transform
-from voc import VOC2012, write_submission
+import options
 
 
-def main():
-    parser = engine.get_args_parser(
+def get_args_parser():
+    return options.get_args_parser(
         "DSDL on PASCAL VOC 2012: train on train, evaluate on val after every epoch, write the "
         "evaluation server's files for test from the best model.",
-        lambd=10.0, beta=1.9e-4, checkpoint_dir="checkpoints/voc2012")
-    args = parser.parse_args()
-    engine.main(args,
-                train_set_fn=lambda a: VOC2012(a.data, "train", train_transform(a.image_size, a.fast_pipeline)),
-                test_set_fn=lambda a: VOC2012(a.data, "val", eval_transform(a.image_size, a.fast_pipeline)),
-                default_embeddings="voc_glove_word2vec.pkl",
-                submission_set_fn=lambda a: VOC2012(a.data, "test", eval_transform(a.image_size, a.fast_pipeline)),
+        run_folder="checkpoints/voc2012", lambd=10.0, beta=1.9e-4)
+
+
+def datasets(args):
+    """train (None with -e), val, and test when its images are there or can be downloaded."""
+    from util import DSDLError, eval_transform, train_transform
+    from voc import VOC2012
+    train = None if args.evaluate else VOC2012(
+        args.data, "train", train_transform(args.image_size, args.fast_pipeline))
+    val = VOC2012(args.data, "val", eval_transform(args.image_size, args.fast_pipeline))
+    try:
+        test = VOC2012(args.data, "test", eval_transform(args.image_size, args.fast_pipeline))
+    except DSDLError as error:
+        print(f"warning: no evaluation-server submission will be written: {error}\n"
+              f"Training and model selection on val go on. Once the test images are in place, "
+              f"write the submission with -e --resume <checkpoint-dir>/model_best.pth.tar")
+        test = None
+    return train, val, test
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    import engine  # torch loads only now: --help and typos are answered at once
+    from voc import write_submission
+    engine.main(args, datasets, default_embeddings="voc_glove_word2vec.pkl",
                 write_submission=write_submission)
 
 

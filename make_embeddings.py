@@ -81,7 +81,10 @@ def class_vectors(classes, glove_path):
 
     A word is looked up as written, then in lower case (GloVe 840B is cased: "Dog" and "dog"
     are different words). Raises DSDLError naming every word found in neither form.
+    Also used by predict.py --classes-from-glove (labels scored zero-shot).
     """
+    if not os.path.isfile(glove_path):
+        raise DSDLError(f"GloVe file not found: {glove_path}")
     words = {name: class_words(name) for name in classes}
     empty = [name for name, parts in words.items() if not parts]
     if empty:

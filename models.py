@@ -11,7 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+from options import ARCHS
+from util import DSDLError
+
 SEMANTIC_DIM = 300   # d_s: size of a GloVe class vector
 HIDDEN_DIM = 1024    # width of the auto-encoder's hidden layer (W1 is 300 x 1024)
 
@@ -72,7 +74,7 @@ def load_trunk(arch, pretrained):
     except OSError as error:  # URLError and friends: no internet, proxy, interrupted download
         folder = os.path.join(torch.hub.get_dir(), "checkpoints")
         filename = os.path.basename(weights.url)
-        raise RuntimeError(
+        raise DSDLError(
             f"could not download the ImageNet weights of {arch} ({error}).\n"
             f"Either download {weights.url} on a machine with internet and place it as "
             f"{os.path.join(folder, filename)}, or pass --no-pretrained to start from random "
@@ -94,6 +96,8 @@ class DSDL(nn.Module):
         self.num_classes = num_classes
         self.lambd = lambd
         self.arch = arch
+        # The CNN trunk, stored as `features` so that the state-dict keys are the release's
+        # (features.0 ...); the code calls it `trunk`, and "features" means the pooled F.
         self.features, self.feature_dim = load_trunk(arch, pretrained)
         # The release used a fixed 14x14 max pool, i.e. global max pooling at 448 px.
         self.pooling = nn.AdaptiveMaxPool2d(1)
@@ -106,6 +110,11 @@ class DSDL(nn.Module):
         # Fixed class-level semantics S, one copy for the model (saved with its weights).
         self.register_buffer("semantics", semantics)
 
+    @property
+    def trunk(self):
+        """conv1 .. layer4 of the ResNet (the module the release named `features`)."""
+        return self.features
+
     def encode(self, semantics):
         """The semantic dictionary D = LeakyReLU(S W1) W2, C x d_f."""
         return F.leaky_relu(semantics @ self.W1, 0.2) @ self.W2
@@ -115,7 +124,7 @@ class DSDL(nn.Module):
         return F.leaky_relu(dictionary @ self.W2.T, 0.2) @ self.W1.T
 
     def forward(self, images):
-        feature_map = self.features(images)                      # B x d_f x h x w
+        feature_map = self.trunk(images)                      # B x d_f x h x w
         features = self.pooling(feature_map).flatten(1)          # B x d_f
         # The head runs in float32 even under autocast: the C x C solve needs the precision.
         with torch.autocast(images.device.type, enabled=False):
@@ -141,7 +150,7 @@ class DSDL(nn.Module):
         is not used: its maximum is not the score, because channels peak at different places.)
         Returns ClassMaps(scores B x C as `forward` computes them, maps B x C x h x w).
         """
-        feature_map = self.features(images)                      # B x d_f x h x w
+        feature_map = self.trunk(images)                      # B x d_f x h x w
         with torch.autocast(images.device.type, enabled=False):
             feature_map = at_least_float32(feature_map)
             # The model's own pooling (global max), with the position each maximum is read at.
@@ -157,9 +166,17 @@ class DSDL(nn.Module):
     def parameter_groups(self, lr, lrp):
         """The release's two groups: the CNN trunk at lr * lrp, the dictionary (W1, W2) at lr."""
         return [
-            {"params": self.features.parameters(), "lr": lr * lrp},
+            {"params": self.trunk.parameters(), "lr": lr * lrp},
             {"params": [self.W1, self.W2], "lr": lr},
         ]
+
+    @torch.no_grad()
+    def folded(self):
+        """This model for inference with the head folded into one bias-free linear layer
+        (`FoldedDSDL`): the dictionary is fixed once trained, so the coefficients are A = F P with
+        one constant P = D^T (D D^T + lambd I)^-1. Shares this model's trunk (no copy)."""
+        projection = ridge_projection(self.encode(self.semantics), self.lambd)  # d_f x C
+        return FoldedDSDL(self.trunk, projection).train(self.training)
 
 
 class DSDLLoss(nn.Module):
@@ -181,3 +198,20 @@ class DSDLLoss(nn.Module):
         sparsity = torch.linalg.norm(scores)
         cosine = F.cosine_similarity(semantics, reconstructed, dim=1).mean()
         return (classification + self.beta * (reconstruction + self.lambd * sparsity)) / cosine
+
+
+class FoldedDSDL(nn.Module):
+    """A trained DSDL as it runs at inference: trunk, global max pooling, and the closed-form
+    coefficients as one linear map without bias, A = F P (weight P^T, C x d_f): no solve at run
+    time. `forward` returns the scores A (B x C), the same as `DSDL.forward(images).scores`."""
+
+    def __init__(self, trunk, projection):
+        super().__init__()
+        self.features = trunk  # the release's name for the trunk, as in DSDL
+        self.pooling = nn.AdaptiveMaxPool2d(1)
+        self.classifier = nn.Linear(*projection.shape, bias=False)
+        self.classifier.weight = nn.Parameter(projection.T.contiguous())  # C x d_f
+
+    def forward(self, images):
+        features = self.pooling(self.features(images)).flatten(1)  # B x d_f
+        return self.classifier(features)                            # B x C

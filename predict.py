@@ -3,30 +3,40 @@
     python predict.py --resume checkpoints/voc2007/model_best.pth.tar photo.jpg more/*.jpg folder/
     python predict.py --resume model.pth.tar --json out.json --top-k 3 folder/
     python predict.py --resume model.pth.tar --cam maps/ photo.jpg
+    python predict.py --resume model.pth.tar --classes zebra kite --embeddings new.npy folder/
 
 Class names and semantics come from the checkpoint; for the authors' released checkpoints,
 which store neither, `--dataset voc|coco` supplies them. A label's probability is the sigmoid of
-its score (the score is a logit, spec section 6). Unreadable images are reported by path and
-skipped; the exit status is 1 when there was any.
+its score (the score is a logit, spec section 6). `--classes` scores other labels from their word
+vectors (zero-shot for labels the model was not trained on). Unreadable images are reported by
+path and skipped; the exit status is 1 when there was any.
 """
-import argparse
+import sys
+
+import options
+
+if __name__ == "__main__":  # parse before importing torch: --help and bad options answer at once
+    options.predict_parser().parse_args()
+
 import collections
 import csv
 import json
 import os
-import sys
+import tempfile
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import custom
 import engine
-from models import ARCHS, DSDL
-from util import DSDLError, eval_transform, load_embeddings, load_image, standard_embeddings
+import make_embeddings
+from models import DSDL
+from util import (DSDLError, eval_transform, load_embeddings, load_image, standard_embeddings,
+                  user_message)
 from coco import COCO_CLASSES
 from voc import VOC_CLASSES
 
@@ -57,29 +67,82 @@ def infer_arch(weights):
     return arch
 
 
+def label_vectors(args):
+    """The labels of `--classes` and their word vectors (C x 300, float32), from `--embeddings`
+    (rows in the order of the names) or read from GloVe (`--classes-from-glove`)."""
+    names = custom.parse_classes(args.classes)
+    if args.classes_from_glove:
+        vectors = torch.from_numpy(make_embeddings.class_vectors(names, args.classes_from_glove))
+    else:
+        vectors = load_embeddings(args.embeddings, num_classes=len(names))
+    return names, vectors
+
+
+def warn_zero_shot(labels, trained, path):
+    """One line on stderr naming the labels the checkpoint was not trained on."""
+    note = ("scored zero-shot, from their word vectors alone; the accuracy of zero-shot labels "
+            "has not been measured in this project")
+    if trained is None:
+        print(f"warning: {path} does not list its training classes: those of --classes it was "
+              f"not trained on are {note}", file=sys.stderr)
+        return
+    unseen = [label for label in labels if label not in trained]
+    if unseen:
+        shown = ", ".join(unseen[:10]) + (", ..." if len(unseen) > 10 else "")
+        print(f"warning: {len(unseen)} label(s) the checkpoint was not trained on ({shown}) are "
+              f"{note}", file=sys.stderr)
+
+
+def checkpoint_setting(option, given, recorded):
+    """The value the user gave (with a warning when the checkpoint records another), else the
+    checkpoint's (None when it records none)."""
+    if given is not None and recorded is not None and given != recorded:
+        print(f"warning: {option} {given} differs from the checkpoint's {recorded}; using {given}",
+              file=sys.stderr)
+    return recorded if given is None else given
+
+
 def load_model(args):
-    """The model of `--resume`, its class names and its input size."""
+    """The model of `--resume`, its class names and its input size.
+
+    With `--classes`, the model scores those labels instead of its training classes: their
+    word vectors become the semantics S, the trained auto-encoder turns them into the dictionary
+    D = encode(S), and the coefficients are the ridge solve over that D. The trunk and W1, W2 are
+    the checkpoint's; labels it was not trained on are scored zero-shot.
+    """
+    if args.classes_from_glove and not args.classes:
+        raise DSDLError("--classes-from-glove needs --classes NAME ...: the labels to look up")
+    if args.classes and not (args.embeddings or args.classes_from_glove):
+        raise DSDLError("--classes needs the labels' word vectors: --embeddings FILE (C x 300, "
+                        "rows in the order of the names) or --classes-from-glove GLOVE_FILE")
     checkpoint = engine.load_checkpoint(args.resume)
     weights = engine.checkpoint_weights(checkpoint)
     stored = checkpoint.get("args") or {}
     known = DATASETS.get(args.dataset)
-    classes = checkpoint.get("classes") or (known.classes if known else None)
-    if not classes:
-        raise DSDLError(f"{args.resume} stores no class names (a checkpoint of the authors' "
-                        f"release?); pass --dataset voc or --dataset coco")
-    semantics = checkpoint.get("semantics", weights.get("semantics"))
-    if semantics is None:  # the release stores no semantics: the dataset's standard vectors
-        if not (args.embeddings or known):
-            raise DSDLError(f"{args.resume} stores no class vectors; pass --embeddings or --dataset")
-        semantics = load_embeddings(args.embeddings or standard_embeddings(known.embeddings),
-                                    num_classes=len(classes))
+    trained = checkpoint.get("classes") or (known.classes if known else None)
+    if args.classes:
+        classes, semantics = label_vectors(args)
+        warn_zero_shot(classes, trained, args.resume)
+    else:
+        classes, semantics = trained, checkpoint.get("semantics", weights.get("semantics"))
+        if not classes:
+            raise DSDLError(f"{args.resume} stores no class names (a checkpoint of the authors' "
+                            f"release?); pass --dataset voc or --dataset coco")
+        if semantics is None:  # the release stores no semantics: the dataset's standard vectors
+            if not (args.embeddings or known):
+                raise DSDLError(f"{args.resume} stores no class vectors; pass --embeddings or --dataset")
+            semantics = load_embeddings(args.embeddings or standard_embeddings(known.embeddings),
+                                        num_classes=len(classes))
     lambd = args.lambd or stored.get("lambd") or (known.lambd if known else None)
     if lambd is None:
         raise DSDLError(f"{args.resume} does not say its lambda; pass --lambd or --dataset")
-    arch = args.arch or stored.get("arch") or checkpoint.get("arch") or infer_arch(weights)
+    arch = (checkpoint_setting("--arch", args.arch, stored.get("arch") or checkpoint.get("arch"))
+            or infer_arch(weights))
+    image_size = (checkpoint_setting("--image-size", args.image_size, stored.get("image_size"))
+                  or 448)
     model = DSDL(len(classes), semantics, lambd, arch, pretrained=False)
-    engine.load_weights(model, checkpoint, args.resume)
-    image_size = args.image_size or stored.get("image_size") or 448
+    # With --classes, only the trunk and W1, W2 load: the semantics are the new labels' vectors.
+    engine.load_weights(model, checkpoint, args.resume, class_independent_only=bool(args.classes))
     return model, list(classes), image_size
 
 
@@ -234,41 +297,34 @@ def write_csv(results, path):
                 writer.writerow([result["image"], p["label"], p["probability"], p["score"]])
 
 
-def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
-    parser.add_argument("--resume", required=True, metavar="PATH", help="the trained checkpoint")
-    parser.add_argument("--dataset", choices=sorted(DATASETS),
-                        help="class names, semantics and lambda of a checkpoint that has none "
-                             "(the authors' released ones)")
-    parser.add_argument("--embeddings", metavar="PATH",
-                        help="with --dataset: the class vectors, instead of the standard file "
-                             "(downloaded into data/)")
-    parser.add_argument("--top-k", type=int, metavar="K", help="at most K labels per image")
-    parser.add_argument("--threshold", type=float, metavar="P",
-                        help="only labels with probability >= P (default 0.5 unless --top-k "
-                             "is given; 0 lists every class)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--csv", metavar="FILE", help="also write the results as CSV")
-    parser.add_argument("--cam", metavar="DIR",
-                        help="save a class-map overlay per image and predicted class in DIR")
-    parser.add_argument("--image-size", type=int, help="input side (default: the checkpoint's, else 448)")
-    parser.add_argument("--arch", choices=ARCHS, help="default: the checkpoint's (or inferred)")
-    parser.add_argument("--lambd", type=float, help="default: the checkpoint's, else the dataset's")
-    parser.add_argument("-b", "--batch-size", type=int, default=32)
-    parser.add_argument("-j", "--workers", type=int, default=engine.default_workers())
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser
+def check_writable(option, path, folder=False):
+    """An output that cannot be written is an error now, before the model loads or an image is
+    scored: a file option given a folder (or the reverse), a missing or read-only folder."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise DSDLError(f"{option} {path} is a file; {option} takes a folder (made if absent)")
+    if not folder and os.path.isdir(path):
+        raise DSDLError(f"{option} {path} is a folder; {option} takes a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise DSDLError(f"{option} {path}: the folder {parent} does not exist")
+    where = path if os.path.isdir(path) else parent
+    try:  # the one sure test of "can write here" (permissions, read-only mounts, root or not)
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as error:
+        raise DSDLError(f"{option} {path} cannot be written ({error.strerror}: {where})") from error
+    if os.path.isfile(path) and not os.access(path, os.W_OK):
+        raise DSDLError(f"{option} {path} cannot be written: the file is read-only")
 
 
 def main(argv=None):
     """Returns the exit status: 0, or 1 when something (an image, the checkpoint) failed."""
-    args = get_args_parser().parse_args(argv)
+    args = options.predict_parser().parse_args(argv)
     try:
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         engine.check_device(args.device)
-        if args.top_k is not None and args.top_k < 1:
-            raise DSDLError("--top-k must be at least 1")
+        for option, path in (("--json", args.json), ("--csv", args.csv), ("--cam", args.cam)):
+            if path:
+                check_writable(option, path, folder=option == "--cam")
         model, classes, image_size = load_model(args)
         found = find_images(args.images)
         if not found:
@@ -277,7 +333,7 @@ def main(argv=None):
         readable = [path for path, problem in found if problem is None]
         predicted = iter(predict(model, classes, readable, args, image_size) if readable else [])
     except DSDLError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_message(error)}", file=sys.stderr)
         return 1
     results = [next(predicted) if problem is None else
                {"image": path, "error": problem, "predictions": []} for path, problem in found]

@@ -1,10 +1,9 @@
-"""Small shared pieces: metrics, transforms, label embeddings, downloads and safe extraction,
-the training log and its pictures."""
+"""Small shared pieces: metrics, transforms, image loading, files (atomic writes, downloads, safe
+extraction, label embeddings) and the distributed set-up. What a run reports is in report.py."""
 import contextlib
 import functools
 import hashlib
 import http.client
-import json
 import os
 import pickle
 import shutil
@@ -15,10 +14,10 @@ import zipfile
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageOps
 from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,6 +26,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class DSDLError(RuntimeError):
     """A problem the user can fix (missing file, wrong shape ...); printed without a traceback."""
+
+
+def user_message(error):
+    """The message of a DSDLError, also of one raised in a DataLoader worker: the loader raises
+    it again in the main process as DSDLError("Caught DSDLError in DataLoader worker process
+    0. Original Traceback ... util.DSDLError: <message>"), of which only the message is for the user."""
+    message = str(error)
+    if "Original Traceback" in message:
+        message = message.rsplit("DSDLError: ", 1)[-1].strip()
+    return message
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,11 +65,13 @@ def _thresholded(predicted, truth):
     correct = (predicted & truth).sum(0).astype(np.float64)   # Nc
     num_predicted = predicted.sum(0).astype(np.float64)       # Np
     num_truth = truth.sum(0).astype(np.float64)               # Ng
-    # The release counts a class that is never predicted as Np = 1 (its precision is 0).
-    cp = np.mean(correct / np.maximum(num_predicted, 1))
+    # The release counts a class that is never predicted as Np = 1 (spec 6), in CP (its
+    # precision is 0) and in the sum of Np that OP divides by.
+    num_predicted = np.maximum(num_predicted, 1)
+    cp = np.mean(correct / num_predicted)
     has_truth = num_truth > 0
     cr = np.mean(correct[has_truth] / num_truth[has_truth]) if has_truth.any() else 0.0
-    op = correct.sum() / max(num_predicted.sum(), 1)
+    op = correct.sum() / num_predicted.sum()
     orr = correct.sum() / max(num_truth.sum(), 1)
 
     def f1(p, r):
@@ -98,91 +109,6 @@ def compute_metrics(scores, labels):
     for name, value in _thresholded(predicted & top, truth).items():
         metrics[name + "_top3"] = 100 * float(value)
     return metrics
-
-
-def format_metrics(metrics, classes):
-    """The printout of one evaluation: mAP, the thresholded six, their top-3 and per-class AP."""
-    mean = "undefined" if np.isnan(metrics["mAP"]) else f"{metrics['mAP']:.2f}"  # no positive at all
-    lines = [f"mAP {mean} (over {metrics['num_classes_ap']} of {len(classes)} classes)"]
-    for suffix, title in (("", "all"), ("_top3", "top-3")):
-        lines.append(f"{title:>6}: " + "  ".join(
-            f"{name} {metrics[name + suffix]:.2f}" for name in ("CP", "CR", "CF1", "OP", "OR", "OF1")))
-    width = max(len(name) for name in classes)
-    lines.append("per-class AP:")
-    for name, ap in zip(classes, metrics["AP"]):
-        lines.append(f"  {name:<{width}}  " + ("undefined (no positive)" if np.isnan(ap) else f"{ap:6.2f}"))
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# The paper's tables (spec section 1)
-# --------------------------------------------------------------------------------------------
-
-PAPER_ARCH = "resnet101"
-PAPER_THRESHOLDED = ("CP", "CR", "CF1", "OP", "OR", "OF1")
-# benchmark -> the paper's DSDL row (ResNet-101 at 448 px); "AP" in the dataset's class order.
-PAPER_RESULTS = {
-    "voc2007": {
-        "setting": "VOC 2007 test",
-        "mAP": 94.4,
-        "AP": [99.8, 98.7, 98.4, 97.9, 81.9, 95.4, 97.6, 98.3, 83.3, 95.0,
-               88.6, 98.0, 97.9, 95.8, 99.0, 86.6, 95.9, 86.4, 98.6, 94.4],
-    },
-    "voc2012": {
-        "setting": "VOC 2012 test, scored by the evaluation server",
-        "mAP": 93.2,
-        "AP": [99.4, 95.3, 97.6, 95.7, 83.5, 94.8, 93.9, 98.5, 85.7, 94.5,
-               83.8, 98.4, 97.7, 95.9, 98.5, 80.6, 95.7, 82.3, 98.2, 93.2],
-    },
-    "coco2014": {
-        "setting": "COCO 2014 val",
-        "mAP": 81.7, "CP": 84.1, "CR": 70.4, "CF1": 76.7, "OP": 85.1, "OR": 73.9, "OF1": 79.1,
-        "CP_top3": 88.1, "CR_top3": 62.9, "CF1_top3": 73.4,
-        "OP_top3": 89.6, "OR_top3": 65.3, "OF1_top3": 75.6,
-    },
-}
-# The paper's VOC tables abbreviate these class names.
-SHORT_CLASS_NAMES = {"aeroplane": "aero", "bicycle": "bike", "diningtable": "table",
-                     "motorbike": "mbike", "pottedplant": "plant", "tvmonitor": "tv"}
-
-
-def results_table(metrics, classes, benchmark=None, arch=None, title=None):
-    """One evaluation laid out like the paper's table, in Markdown.
-
-    A per-class benchmark (VOC) gets one AP column per class and mAP; COCO gets mAP, the six
-    thresholded metrics and their top-3 variants. When `benchmark` and `arch` are the paper's
-    setting, the paper's row and our difference to it follow our row.
-    """
-    known = PAPER_RESULTS.get(benchmark)
-    per_class = "AP" in known if known else len(classes) <= 20
-    if per_class:
-        headers = [SHORT_CLASS_NAMES.get(name, name) for name in classes] + ["mAP"]
-        keys = [("AP", c) for c in range(len(classes))] + [("mAP", None)]
-    else:
-        headers = ["mAP", *PAPER_THRESHOLDED, *(f"top-3 {name}" for name in PAPER_THRESHOLDED)]
-        keys = [("mAP", None), *((name, None) for name in PAPER_THRESHOLDED),
-                *((name + "_top3", None) for name in PAPER_THRESHOLDED)]
-
-    def row(source):
-        return [source[key] if index is None else source[key][index] for key, index in keys]
-
-    def cells(values, sign=""):
-        return ["–" if np.isnan(v) else f"{v:{sign}.1f}" for v in np.asarray(values, dtype=float)]
-
-    ours = row(metrics)
-    rows = [["ours", *cells(ours)]]
-    paper = known if known and arch == PAPER_ARCH else None
-    if paper is not None:
-        rows.append(["DSDL paper", *cells(row(paper))])
-        rows.append(["difference", *cells(np.subtract(ours, row(paper)), "+")])
-    lines = [title, ""] if title else []
-    lines.append("| | " + " | ".join(headers) + " |")
-    lines.append("|---|" + "---:|" * len(headers))
-    lines.extend("| " + " | ".join(entries) + " |" for entries in rows)
-    if paper is not None:
-        lines += ["", f"Paper: Zhou, Huang, Xing, AAAI 2021, DSDL with ResNet-101 at 448 px on "
-                      f"{paper['setting']}."]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,31 +160,6 @@ class MultiScaleCrop:
         return f"{type(self).__name__}(size={self.size}, scales={self.scales}, max_distort={self.max_distort})"
 
 
-class WarpedMultiScaleCrop(MultiScaleCrop):
-    """The release's resize to `warp` x `warp` then multi-scale crop, in a single resize.
-
-    The crop box is drawn exactly as the release draws it on the `warp` x `warp` image (same
-    random numbers, same 13 positions) and mapped back onto the original image, which is then
-    resampled once. This halves the resampling work; the pixels differ from the two-step
-    result only by the second interpolation's blur (under 0.6 grey levels on average and 2
-    levels at the 99th percentile at VOC and COCO image sizes, tested).
-    """
-
-    def __init__(self, size, warp, **kwargs):
-        super().__init__(size, **kwargs)
-        self.warp = warp
-
-    def __call__(self, image):
-        x0, y0, x1, y1 = self.draw(self.warp, self.warp)
-        sx, sy = image.size[0] / self.warp, image.size[1] / self.warp
-        return image.resize((self.size, self.size), Image.BILINEAR, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
-
-
-def to_uint8_tensor(image):
-    """H x W x 3 uint8 tensor of a PIL image: batches of these are channels-last on the device."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
-
-
 @functools.lru_cache(maxsize=None)
 def _normalisation(device):
     """ImageNet mean and std in 0..255 units, made once per device (no copy per batch)."""
@@ -273,15 +174,78 @@ def normalize_on_device(images):
     return (images.permute(0, 3, 1, 2).float() - mean) / std
 
 
+class TensorTransform:
+    """A `--fast-pipeline` transform: a uint8 image in, an H x W x 3 uint8 tensor out.
+
+    The input is a 3 x H x W uint8 tensor (`read_image` decodes JPEGs straight into one) or a
+    PIL image. The output is normalised on the device, batch by batch (`normalize_on_device`).
+    Subclasses resample with torchvision's uint8 kernels, which follow PIL's antialiased
+    bilinear filter: the pixels are the release's within a grey level or two (tested).
+    """
+
+    def transform(self, image):
+        raise NotImplementedError
+
+    def __call__(self, image):
+        if isinstance(image, Image.Image):
+            image = F.pil_to_tensor(image)
+        return self.transform(image).permute(1, 2, 0).contiguous()  # H x W x 3
+
+
+def _packed(image):
+    """The 3 x H x W view of an H x W x 3 copy: torch resamples uint8 images fastest in that layout."""
+    return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
+class FastTrainTransform(TensorTransform):
+    """The release's train transform on uint8 tensors: the same steps and the same random draws.
+
+    Resize to 8/7 of the input size, the crop box drawn by `MultiScaleCrop` on that image, the
+    crop resized to the input size, a horizontal flip with probability 1/2 (the draw of
+    transforms.RandomHorizontalFlip). Seeded alike, this and `train_transform()` take the same
+    box and the same flip.
+    """
+
+    def __init__(self, image_size):
+        self.resize = round(image_size * 8 / 7)
+        self.crop = MultiScaleCrop(image_size)
+
+    def transform(self, image):
+        image = F.resize(image, [self.resize, self.resize], antialias=True)
+        x0, y0, x1, y1 = self.crop.draw(self.resize, self.resize)
+        # Crop, then resize the packed copy: F.resized_crop would resample the crop's strided
+        # view, which takes torch's slower uint8 path (twice the time of this copy and resize).
+        image = _packed(F.crop(image, y0, x0, y1 - y0, x1 - x0))
+        image = F.resize(image, [self.crop.size, self.crop.size], antialias=True)
+        if torch.rand(1) < 0.5:
+            image = F.horizontal_flip(image)
+        return image
+
+    def __repr__(self):
+        return f"{type(self).__name__}(resize={self.resize}, crop={self.crop})"
+
+
+class FastEvalTransform(TensorTransform):
+    """The release's test transform on uint8 tensors: resize to image_size x image_size."""
+
+    def __init__(self, image_size):
+        self.size = image_size
+
+    def transform(self, image):
+        return F.resize(image, [self.size, self.size], antialias=True)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(size={self.size})"
+
+
 def train_transform(image_size=448, fast=False):
     """Resize to 512 (for 448; 8/7 of the input size in general), multi-scale crop, flip.
 
-    `fast`: the same crops in one resize, and uint8 output normalised on the device.
+    `fast`: the same steps and crops on uint8 tensors (`FastTrainTransform`), normalised on the device.
     """
-    resize = round(image_size * 8 / 7)
     if fast:
-        return transforms.Compose([WarpedMultiScaleCrop(image_size, resize),
-                                   transforms.RandomHorizontalFlip(), to_uint8_tensor])
+        return FastTrainTransform(image_size)
+    resize = round(image_size * 8 / 7)
     return transforms.Compose([
         transforms.Resize((resize, resize)),
         MultiScaleCrop(image_size),
@@ -294,10 +258,10 @@ def train_transform(image_size=448, fast=False):
 def eval_transform(image_size=448, fast=False):
     """Resize to image_size x image_size, ignoring the aspect ratio (the release's 'Warp').
 
-    `fast`: uint8 output, normalised on the device (same pixels up to float rounding).
+    `fast`: the same resize on uint8 tensors (`FastEvalTransform`), normalised on the device.
     """
     if fast:
-        return transforms.Compose([transforms.Resize((image_size, image_size)), to_uint8_tensor])
+        return FastEvalTransform(image_size)
     return transforms.Compose([
         transforms.Resize((image_size, image_size)),
         transforms.ToTensor(),
@@ -305,26 +269,107 @@ def eval_transform(image_size=448, fast=False):
     ])
 
 
+def _unreadable(path, error, upright):
+    """The error for an image file that exists but cannot be decoded."""
+    if isinstance(error, Image.DecompressionBombError):
+        return DSDLError(f"cannot read image {path} ({error}). It is a valid image, but larger "
+                         f"than PIL's limit of Image.MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS:,}) "
+                         f"pixels (it refuses twice that); downscale it.")
+    if upright:  # the user's own file (predict.py, CSV datasets): no archive to restore it from
+        fix = "check that it opens in an image viewer, then copy or export it again"
+    else:
+        fix = "restore it from the original archive"
+    return DSDLError(f"cannot read image {path} ({error}). The file is truncated or not an "
+                     f"image; {fix}.")
+
+
+def _scaled_to_8_bits(image):
+    """A 16-bit grey image (PIL mode I;16 or I, e.g. a 16-bit PNG) as 8-bit grey: 65535 -> 255.
+
+    PIL's convert("RGB") would clip such values at 255 (almost white). PIL already reads 16-bit
+    RGB files as 8-bit RGB.
+    """
+    pixels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+    return Image.fromarray(np.round(pixels / 257).astype(np.uint8))
+
+
 def load_image(path, upright=False):
-    """An RGB PIL image; grey-scale, CMYK and PNG-in-.jpg files are converted. Errors name the file.
+    """An RGB PIL image; grey-scale, CMYK, 16-bit and PNG-in-.jpg files are converted. Errors
+    name the file and say what to do.
 
     `upright`: turn the image as its EXIF orientation says (phone photos). Off for VOC and COCO,
     whose images the release read as stored; on for your own images (predict.py, CSV datasets).
     """
     if not os.path.isfile(path):
-        raise DSDLError(f"image not found: {path}. The dataset folder is incomplete; "
-                        f"delete it to download it again, or restore the file.")
+        fix = ("check the path" if upright else
+               "the dataset folder is incomplete; delete it to download it again, or restore the file")
+        raise DSDLError(f"image not found: {path}. {fix[0].upper()}{fix[1:]}.")
     try:
         with Image.open(path) as image:
-            return (ImageOps.exif_transpose(image) if upright else image).convert("RGB")
+            if upright:
+                image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I"):  # I;16, I;16B ..., I: 16-bit grey
+                image = _scaled_to_8_bits(image)
+            return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DSDLError(f"cannot read image {path} ({error}). The file is truncated or not "
-                        f"an image; restore it from the original archive.") from error
+        raise _unreadable(path, error, upright) from error
+
+
+def load_image_tensor(path, upright=False):
+    """The image at `path` as a 3 x H x W uint8 RGB tensor (the fast transforms' input).
+
+    JPEGs are decoded straight into a tensor by torchvision (libjpeg-turbo, as PIL: the same
+    pixels; grey and CMYK converted to RGB; the EXIF orientation applied when `upright`, as
+    `load_image` does). Other files (PNG ..., or a JPEG name on other bytes) go through `load_image`.
+    """
+    try:
+        data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+    except OSError:  # missing, a folder ...: load_image says what is wrong
+        data = None
+    if data is None or data[:3].tolist() != [0xFF, 0xD8, 0xFF]:  # the JPEG signature
+        return F.pil_to_tensor(load_image(path, upright))
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=upright)
+    except RuntimeError as error:
+        raise _unreadable(path, error, upright) from error
+
+
+def read_image(path, transform=None, upright=False):
+    """The image at `path` as a dataset item, passed through `transform`: a PIL image
+    (`load_image`), or for the fast transforms (`TensorTransform`) a uint8 tensor
+    (`load_image_tensor`, which decodes JPEGs without PIL)."""
+    if isinstance(transform, TensorTransform):
+        return transform(load_image_tensor(path, upright))
+    image = load_image(path, upright)
+    return image if transform is None else transform(image)
 
 
 # --------------------------------------------------------------------------------------------
 # Files: checksums, downloads, safe extraction, label embeddings
 # --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open `path` for writing so that readers only ever see the old file or the whole new one.
+
+    The bytes go to `<path>.tmp` (one fixed name per target: a write killed half-way leaves it,
+    and the next write of the same target simply starts it again), are flushed to the disk, and
+    the file is renamed over `path` when the block ends. If the block raises, the temporary file
+    is removed and `path` is left as it was.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
 
 def md5sum(path, chunk=1 << 20):
     digest = hashlib.md5()
@@ -391,7 +436,7 @@ def extract(archive, target):
     """Extract a .tar/.tar.gz/.zip into `target`, refusing members that escape it.
 
     Members with absolute paths, `..` that leads outside, and links are refused before anything
-    is written. The archive is unpacked into a staging folder inside `target` and then moved in
+    is written; a file that already exists in `target` is kept, never overwritten. The archive is unpacked into a staging folder inside `target` and then moved in
     place; the staging folder is removed only once everything is in place, so an extraction cut
     short (killed, Ctrl-C) stays visible to `interrupted_extraction` and is redone instead of
     leaving a tree that looks whole.
@@ -434,8 +479,31 @@ def extract(archive, target):
         destination = os.path.join(target, os.path.relpath(folder, staging))
         os.makedirs(destination, exist_ok=True)
         for name in files:
-            os.replace(os.path.join(folder, name), os.path.join(destination, name))
+            if not os.path.exists(os.path.join(destination, name)):  # never over a user's file
+                os.replace(os.path.join(folder, name), os.path.join(destination, name))
     shutil.rmtree(staging)
+
+
+def fetch(archive, urls, md5, root, what, hint):
+    """Make sure `archive` (a path in `root`) is there whole, downloading it when absent or
+    when its md5 differs, and extract it into `root`. `what` names the data ("VOC 2007 test")
+    and `hint` says how to put it in place by hand, in the error when the download fails."""
+    if not (os.path.isfile(archive) and (md5 is None or md5sum(archive) == md5)):
+        try:
+            download(urls, archive, md5)
+        except DSDLError as error:
+            raise DSDLError(f"{what} is not in {root} and could not be downloaded.\n{error}\n"
+                            f"{hint}") from error
+    extract(archive, root)
+
+
+def check_images_exist(paths, what):
+    """One stat per image, when a dataset is built: a missing image is found before training."""
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise DSDLError(f"{len(missing)} of the {len(paths)} images of {what} are missing, e.g. "
+                        f"{', '.join(missing[:3])}. Restore them, or move the dataset folder "
+                        f"away to download it again.")
 
 
 def interrupted_extraction(archive, target):
@@ -497,6 +565,13 @@ def load_embeddings(path, num_classes=None):
                         f"vector per class in the dataset's class order")
     if array.dtype.kind not in "fiu":  # e.g. an object array of strings: no code, but no vectors
         raise DSDLError(f"label embeddings {path} hold {array.dtype} values; expected numbers")
+    # A NaN or an all-zero vector makes the loss NaN (cos(S, S_hat) is undefined): say which row.
+    broken = [row for row in range(array.shape[0])
+              if not np.isfinite(array[row]).all() or not np.any(array[row])]
+    if broken:
+        raise DSDLError(f"label embeddings {path}: row(s) {', '.join(map(str, broken[:10]))} "
+                        f"{'are' if len(broken) > 1 else 'is'} all zeros or hold NaN/inf; every "
+                        f"class needs a real 300-d vector (make_embeddings.py writes them)")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
@@ -507,88 +582,6 @@ def standard_embeddings(name, folder="data"):
         urls, md5 = STANDARD_EMBEDDINGS[name]
         download(urls, path, md5)
     return path
-
-
-# --------------------------------------------------------------------------------------------
-# The training log (metrics.jsonl) and its pictures
-# --------------------------------------------------------------------------------------------
-
-def read_metrics(path):
-    """The records of metrics.jsonl; a later record for the same epoch and split wins.
-
-    A last line without its newline is one that a killed run left half-written: it is skipped
-    (that epoch is logged again when the run resumes). A broken line elsewhere is an error.
-    """
-    records = {}
-    with open(path) as f:
-        lines = f.readlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines) and not line.endswith("\n"):
-                break
-            raise DSDLError(f"{path}, line {number} is not a JSON record ({error}); "
-                            f"delete that line") from error
-        records[(record["epoch"], record["split"])] = record
-    return list(records.values())
-
-
-def curves_figure(records):
-    """Train loss (left) and the mAP of each evaluated split (right) per epoch."""
-    figure = Figure(figsize=(10, 4), dpi=100)
-    loss_axes, map_axes = figure.subplots(1, 2)
-    # Every split evaluated after an epoch carries that epoch's train loss; plot it once.
-    train_loss = {r["epoch"]: r["train_loss"] for r in records if r.get("train_loss") is not None}
-    epochs = sorted(train_loss)
-    loss_axes.plot(epochs, [train_loss[e] for e in epochs], marker="o")
-    loss_axes.set(title="train loss", xlabel="epoch", ylabel="loss")
-    for split in dict.fromkeys(r["split"] for r in records):
-        points = sorted((r["epoch"], r["mAP"]) for r in records
-                        if r["split"] == split and r.get("mAP") is not None)
-        map_axes.plot([e for e, _ in points], [m for _, m in points], marker="o", label=split)
-    map_axes.set(title="mAP", xlabel="epoch", ylabel="mAP (%)")
-    map_axes.legend(title="split")
-    for axes in (loss_axes, map_axes):
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.grid(alpha=0.3)
-    figure.tight_layout()
-    return figure
-
-
-def per_class_ap_figure(record, classes=None):
-    """Bar chart of one evaluation's per-class AP; a class without positives has no bar (n/a)."""
-    ap = np.array([np.nan if v is None else v for v in record["AP"]], dtype=np.float64)
-    classes = list(classes) if classes is not None else [str(c) for c in range(len(ap))]
-    figure = Figure(figsize=(max(6.0, 2.0 + 0.3 * len(ap)), 4.5), dpi=100)
-    axes = figure.subplots()
-    axes.bar(np.arange(len(ap)), ap)
-    for c in np.flatnonzero(np.isnan(ap)):
-        axes.text(c, 1, "n/a", rotation=90, ha="center", va="bottom", fontsize="small")
-    axes.set_xticks(np.arange(len(ap)), classes, rotation=90)
-    title = f"per-class AP, {record['split']}, epoch {record['epoch']}"
-    if record.get("mAP") is not None:
-        axes.axhline(record["mAP"], color="black", linestyle="--", linewidth=1)
-        title += f" (dashed: mAP {record['mAP']:.2f})"
-    axes.set(title=title, ylabel="AP (%)", ylim=(0, 100), xlim=(-0.6, len(ap) - 0.4))
-    figure.tight_layout()
-    return figure
-
-
-def plot_curves(log_path, out_dir, classes=None):
-    """Draw `curves.png` and `per_class_ap.png` in `out_dir` from the log at `log_path`.
-
-    The per-class AP is that of the last epoch's evaluation (the last one logged for it).
-    Returns the two paths.
-    """
-    records = read_metrics(log_path)
-    last = max(reversed(records), key=lambda record: record["epoch"])
-    paths = os.path.join(out_dir, "curves.png"), os.path.join(out_dir, "per_class_ap.png")
-    for figure, path in zip((curves_figure(records), per_class_ap_figure(last, classes)), paths):
-        figure.savefig(path)
-    return paths
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util import DSDLError, download, extract, interrupted_extraction, load_image, md5sum
+from util import DSDLError, atomic_write, check_images_exist, fetch, interrupted_extraction, read_image
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -61,7 +61,8 @@ class VOC2007(Dataset):
     """
 
     year = "2007"
-    benchmark = "voc2007"  # key of the paper's results (util.PAPER_RESULTS)
+    name = "VOC 2007"
+    benchmark = "voc2007"  # key of the paper's results (report.PAPER_RESULTS)
     labelled = True
     archives = VOC2007_ARCHIVES
     mirrors = MIRRORS
@@ -74,44 +75,58 @@ class VOC2007(Dataset):
         self.split = split
         self.transform = transform
         self.folder = os.path.join(root, "VOCdevkit", f"VOC{self.year}")
-        self.main_folder = os.path.join(self.folder, "ImageSets", "Main")
-        # An extraction that was cut short leaves its staging folder: extract again.
-        if not self._present() or interrupted_extraction(self.archives[split][0], root):
+        self.main_folder = self.label_source = os.path.join(self.folder, "ImageSets", "Main")
+        missing = self._missing_label_files()
+        # An extraction that was cut short leaves its staging folder: extract again. A split
+        # whose files are only partly there is the user's tree: never extract over it.
+        if interrupted_extraction(self.archives[split][0], root) or len(missing) == len(self._label_files()):
             if not download:
-                raise DSDLError(f"VOC {self.year} {split} not found in {self.folder} (or its "
+                raise DSDLError(f"{self.name} {split} not found in {self.folder} (or its "
                                 f"extraction was interrupted) and download=False")
             self._download()
+            missing = self._missing_label_files()
+        if missing:
+            raise DSDLError(f"{self.name} {split} is incomplete: {len(missing)} of its label files "
+                            f"are missing from {self.main_folder} ({', '.join(missing[:3])}"
+                            f"{', ...' if len(missing) > 3 else ''}). Restore them, or move "
+                            f"{self.folder} away to download it again; nothing is downloaded or "
+                            f"extracted over existing files.")
         self.image_ids, self.labels = self._read_labels()
+        if not self.image_ids:
+            raise DSDLError(f"the {split} split files in {self.main_folder} list no images")
+        check_images_exist([self._image_path(image_id) for image_id in self.image_ids],
+                           f"{self.name} {split}")
 
-    def _present(self):
-        return os.path.isfile(os.path.join(self.main_folder, f"{self.classes[-1]}_{self.split}.txt"))
+    def _label_files(self):
+        return [f"{name}_{self.split}.txt" for name in self.classes]
+
+    def _missing_label_files(self):
+        return [name for name in self._label_files()
+                if not os.path.isfile(os.path.join(self.main_folder, name))]
 
     def _read_labels(self):
         return read_split_labels(self.main_folder, self.split, self.classes)
 
+    def _image_path(self, image_id):
+        return os.path.join(self.folder, "JPEGImages", image_id + ".jpg")
+
     def _download(self):
         filename, md5 = self.archives[self.split]
         archive = os.path.join(self.root, filename)
-        if not (os.path.isfile(archive) and (md5 is None or md5sum(archive) == md5)):
-            try:
-                download([mirror + filename for mirror in self.mirrors], archive, md5)
-            except DSDLError as error:
-                raise DSDLError(
-                    f"VOC {self.year} {self.split} is not in {self.folder} and could not be "
-                    f"downloaded.\n{error}\nPlace the extracted VOCdevkit folder in {self.root} "
-                    f"(so that {self.main_folder} exists), or put {filename} there.") from error
-        extract(archive, self.root)
-        if not self._present():
-            raise DSDLError(f"{archive} did not contain {self.main_folder}; is it the right archive?")
+        fetch(archive, [mirror + filename for mirror in self.mirrors], md5, self.root,
+              f"{self.name} {self.split}",
+              f"Place the extracted VOCdevkit folder in {self.root} (so that {self.main_folder} "
+              f"exists), or put {filename} there.")
+        if len(self._missing_label_files()) == len(self._label_files()):
+            raise DSDLError(f"{archive} did not contain the {self.split} files of "
+                            f"{self.main_folder}; is it the right archive?")
 
     def __len__(self):
         return len(self.image_ids)
 
     def __getitem__(self, index):
         image_id = self.image_ids[index]
-        image = load_image(os.path.join(self.folder, "JPEGImages", image_id + ".jpg"))
-        if self.transform is not None:
-            image = self.transform(image)
+        image = read_image(self._image_path(image_id), self.transform)
         return image, torch.from_numpy(self.labels[index]), image_id
 
 
@@ -134,6 +149,7 @@ class VOC2012(VOC2007):
     """
 
     year = "2012"
+    name = "VOC 2012"
     benchmark = "voc2012"
     archives = VOC2012_ARCHIVES
     # The test archive is only on the pjreddie.com mirror (the release fetched it from there).
@@ -143,10 +159,8 @@ class VOC2012(VOC2007):
         self.labelled = split != "test"
         super().__init__(root, split, transform, download)
 
-    def _present(self):
-        if self.labelled:
-            return super()._present()
-        return os.path.isfile(os.path.join(self.main_folder, "test.txt"))
+    def _label_files(self):
+        return super()._label_files() if self.labelled else ["test.txt"]
 
     def _read_labels(self):
         if self.labelled:
@@ -171,13 +185,11 @@ def write_submission(scores, image_ids, classes, folder):
     results = os.path.join(folder, relative)
     os.makedirs(results, exist_ok=True)
     archive = os.path.join(folder, "results.tar.gz")
-    temporary = f"{archive}.tmp{os.getpid()}"
-    with tarfile.open(temporary, "w:gz") as tar:
+    with atomic_write(archive) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
         for c, name in enumerate(classes):
             filename = f"comp1_cls_test_{name}.txt"
-            with open(os.path.join(results, filename), "w") as f:
+            with atomic_write(os.path.join(results, filename), "w") as text:
                 # Six decimals, as the devkit's own example writes them (%f).
-                f.writelines(f"{image_id} {score:.6f}\n" for image_id, score in zip(image_ids, scores[:, c]))
+                text.writelines(f"{image_id} {score:.6f}\n" for image_id, score in zip(image_ids, scores[:, c]))
             tar.add(os.path.join(results, filename), arcname=f"results/VOC2012/Main/{filename}")
-    os.replace(temporary, archive)
     return results, archive

@@ -1,9 +1,11 @@
-"""Small data the tests make: a tiny VOCdevkit tree with visually distinct classes."""
+"""What every test shares: small data the tests make (a tiny VOCdevkit tree with visually
+distinct classes), the small command line of the runs, and an offline environment."""
 import os
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -11,6 +13,21 @@ sys.path.insert(0, ROOT)
 SHARED_EMBEDDINGS = os.path.join(ROOT, "..", "shared", "label_embeddings")
 
 from voc import VOC_CLASSES  # noqa: E402
+
+# One intra-op thread: the same numbers in every process (weights compared bit for bit), and on
+# a 2-core machine the fastest way to run many small models.
+torch.set_num_threads(1)
+# The runs of the suite: ResNet-18 from random weights at 64 px on the CPU, no loader workers.
+SMALL = ["--arch", "resnet18", "--no-pretrained", "--image-size", "64", "-j", "0", "-b", "8",
+         "--device", "cpu"]
+
+
+def offline_environment():
+    """Environment variables under which every download fails at once (nothing listens on
+    port 9), with one thread per process, for the command lines the tests start."""
+    proxy = "http://127.0.0.1:9"
+    return {**os.environ, "http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy,
+            "HTTPS_PROXY": proxy, "no_proxy": "", "OMP_NUM_THREADS": "1"}
 
 
 def class_image(present, size=64, rng=None):
@@ -55,6 +72,15 @@ def write_voc_tree(root, year="2007", splits=None, size=64, seed=0, classes=VOC_
             f.writelines(f"{image_id}\n" for image_id in ids)
         written[split] = (ids, flags)
     return written
+
+
+def call_main(main, argv):
+    """An entry script's main(argv) in this process; returns its exit status."""
+    try:
+        main(argv)
+    except SystemExit as exit:
+        return exit.code
+    return 0
 
 
 @pytest.fixture

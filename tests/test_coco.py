@@ -11,14 +11,15 @@ import torch
 from PIL import Image
 
 import coco
+import util
 import engine
+from report import read_metrics
 import main_coco
 from coco import COCO2014
-from conftest import class_image
+from conftest import SMALL, class_image
 from models import DSDL
 from util import DSDLError, compute_metrics, eval_transform, md5sum
 
-SMALL = ["--arch", "resnet18", "--no-pretrained", "--image-size", "64", "-j", "0", "-b", "8"]
 # Category ids deliberately out of name order: the class index must follow the names.
 CATEGORIES = {"zebra": 1, "person": 2, "dog": 4, "bus": 7, "apple": 13}
 CLASSES = ["apple", "bus", "dog", "person", "zebra"]
@@ -205,7 +206,7 @@ def test_coco_extracts_the_official_zips_found_in_root(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("downloaded although verified archives are present")
 
-    monkeypatch.setattr(coco, "download", no_network)
+    monkeypatch.setattr(util, "download", no_network)
     dataset = COCO2014(str(root), "val")
     assert os.path.isdir(root / "val2014") and not os.path.exists(root / "train2014")
     np.testing.assert_array_equal(dataset.labels, expected_labels("val")[1])
@@ -229,7 +230,7 @@ def test_main_coco_trains_one_epoch_with_the_coco_defaults(coco_root, coco_embed
     best = torch.load(out / engine.BEST, weights_only=True)
     assert best["args"]["lambd"] == 0.1 and best["args"]["beta"] == 1e-6  # spec section 3
     assert best["classes"] == CLASSES
-    record = engine.read_metrics(out / engine.METRICS_LOG)[-1]
+    record = read_metrics(out / engine.METRICS_LOG)[-1]
     assert (record["epoch"], record["split"]) == (1, "val")
 
     # The logged metrics are those of the saved model's scores on val2014.

@@ -1,6 +1,5 @@
 """Your own data (custom.py, main_custom.py): label CSVs, class lists, problems, training."""
 import os
-import types
 
 import numpy as np
 import pytest
@@ -12,7 +11,8 @@ import engine
 import main_custom
 from conftest import class_image
 from models import DSDL
-from util import compute_metrics, eval_transform, plot_curves, read_metrics
+from report import plot_curves, read_metrics
+from util import compute_metrics, eval_transform
 
 CLASSES = ["cat", "dog", "red car"]  # sorted, as the class list taken from the files is
 COMMON = ["--arch", "resnet18", "--no-pretrained", "--image-size", "64", "-j", "0", "-b", "4",
@@ -38,16 +38,17 @@ def write_dataset(root, counts=(("train", 8), ("test", 6)), seed=0):
     return written
 
 
-def cli_args(root, **overrides):
-    """The parsed command line of main_custom for `root`."""
-    args = main_custom.get_args_parser().parse_args([str(root), *COMMON])
-    return types.SimpleNamespace(**{**vars(args), **overrides})
+def splits(root, **options):
+    """custom.load_splits on the default files of `root`."""
+    return custom.load_splits(str(root / "train.csv"), str(root / "test.csv"), str(root / "images"),
+                              **options)
 
 
 def test_labels_are_read_from_the_csv(tmp_path):
     written = write_dataset(tmp_path)
-    dataset = custom.load_split(cli_args(tmp_path), "test", transform=None)
-    assert dataset.classes == CLASSES and dataset.split == "test"
+    train, dataset = splits(tmp_path)
+    assert dataset.classes == train.classes == CLASSES and dataset.split == "test"
+    assert train.split == "train" and len(train) == 8
     expected = np.full((6, 3), -1)
     for i, (_, names) in enumerate(written["test"]):
         expected[i, [CLASSES.index(name) for name in names]] = 1
@@ -62,12 +63,15 @@ def test_class_list_is_the_sorted_labels_of_the_files_or_the_given_one(tmp_path)
     os.makedirs(root / "images")
     for split, rows in (("train", ["a.jpg,zebra;ant", "b.jpg,"]), ("test", ["c.jpg,moth"])):
         (root / f"{split}.csv").write_text("image,labels\n" + "\n".join(rows) + "\n")
-    assert custom.class_list(cli_args(root)) == ["ant", "moth", "zebra"]
-    assert custom.class_list(cli_args(root, classes=["zebra", "ant", "moth", "bee"])) == \
-        ["zebra", "ant", "moth", "bee"]
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        class_image([0]).save(root / "images" / name)
+    assert splits(root)[1].classes == ["ant", "moth", "zebra"]
+    assert splits(root, classes=["zebra", "ant", "moth", "bee"])[1].classes == ["zebra", "ant", "moth", "bee"]
     (tmp_path / "classes.txt").write_text("moth\nzebra\n\nant\n")
-    assert custom.class_list(cli_args(root, classes=[str(tmp_path / "classes.txt")])) == \
-        ["moth", "zebra", "ant"]
+    assert custom.parse_classes([str(tmp_path / "classes.txt")]) == ["moth", "zebra", "ant"]
+    # -e without the train CSV: the test file's labels
+    os.remove(root / "train.csv")
+    assert splits(root, evaluate=True)[1].classes == ["moth"]
 
 
 def test_malformed_rows_are_reported_with_line_numbers_before_training(tmp_path, capsys):
@@ -95,7 +99,7 @@ def test_malformed_rows_are_reported_with_line_numbers_before_training(tmp_path,
                      f"{test}, line {len(written['test']) + 3}: image not found"):
         assert expected in err
     assert "5 problem(s)" in err
-    assert not checkpoints.exists()  # nothing trained
+    assert not checkpoints.exists() or not os.listdir(checkpoints)  # nothing written
     # Without --classes (the classes taken from the files), the other four are still reported
     # together, and the class 'bird' of a well-formed row is simply one more class.
     with pytest.raises(SystemExit):
@@ -103,7 +107,7 @@ def test_malformed_rows_are_reported_with_line_numbers_before_training(tmp_path,
                           "--checkpoint-dir", str(checkpoints)])
     err = capsys.readouterr().err
     assert "4 problem(s)" in err and f"line {first + 3}: expected 2 fields" in err
-    assert "bird" not in err and not checkpoints.exists()
+    assert "bird" not in err and not os.listdir(checkpoints)
 
 
 def test_own_dataset_needs_class_vectors(tmp_path, capsys):

@@ -1,15 +1,19 @@
 """torchrun with 2 CPU processes (gloo): evaluation counts every image once, training checkpoints resume."""
 import os
+import shutil
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 
 import engine
-from conftest import ROOT, write_voc_tree
+import main_voc2007
+from conftest import ROOT, SMALL, call_main, offline_environment, write_voc_tree
+from report import read_metrics
 
-SMALL = ["--arch", "resnet18", "--no-pretrained", "--image-size", "64", "-j", "0", "-b", "8"]
 
 
 def launch(processes, *args):
@@ -17,9 +21,8 @@ def launch(processes, *args):
                f"--nproc_per_node={processes}", os.path.join(ROOT, "main_voc2007.py")]
     if processes == 1:
         command = [sys.executable, os.path.join(ROOT, "main_voc2007.py")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", http_proxy="http://127.0.0.1:9",
-               https_proxy="http://127.0.0.1:9")
-    result = subprocess.run(command + list(args), capture_output=True, text=True, env=env, timeout=400)
+    result = subprocess.run(command + list(args), capture_output=True, text=True,
+                            env=offline_environment(), timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -32,45 +35,57 @@ def odd_tree(tmp_path_factory):
     return root
 
 
-def test_two_processes_evaluate_every_image_once_and_match_one_process(odd_tree, random_embeddings, tmp_path):
-    common = [odd_tree, *SMALL, "--embeddings", random_embeddings]
-    launch(1, *common, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "train"))
-    checkpoint = str(tmp_path / "train" / engine.CHECKPOINT)
-    launch(1, *common, "-e", "--resume", checkpoint, "--checkpoint-dir", str(tmp_path / "one"))
-    result = launch(2, *common, "-e", "--resume", checkpoint, "--checkpoint-dir", str(tmp_path / "two"))
-    (one,) = engine.read_metrics(tmp_path / "one" / engine.METRICS_LOG)
-    (two,) = engine.read_metrics(tmp_path / "two" / engine.METRICS_LOG)
+@pytest.fixture(scope="module")
+def two_process_run(odd_tree, tmp_path_factory):
+    """One epoch trained by 2 processes, then resumed by 2 processes to epoch 2; the checkpoint
+    of epoch 1 is kept aside."""
+    folder = tmp_path_factory.mktemp("two")
+    embeddings = str(folder / "embeddings.npy")
+    np.save(embeddings, np.random.default_rng(1).standard_normal((20, 300)).astype(np.float32))
+    common = [odd_tree, *SMALL, "--embeddings", embeddings]
+    run = folder / "run"
+    launch(2, *common, "--epochs", "1", "--checkpoint-dir", str(run))
+    shutil.copy(run / engine.CHECKPOINT, folder / "epoch1.pth.tar")
+    evaluated = launch(2, *common, "-e", "--resume", str(folder / "epoch1.pth.tar"),
+                       "--checkpoint-dir", str(folder / "two"))
+    launch(2, *common, "--epochs", "2", "--resume", str(run / engine.CHECKPOINT))
+    return types.SimpleNamespace(folder=folder, run=run, common=common, evaluated=evaluated)
+
+
+def test_two_processes_evaluate_every_image_once_and_match_one_process(two_process_run, capsys):
+    folder = two_process_run.folder
+    code = call_main(main_voc2007.main, [*two_process_run.common, "-e", "--resume",
+                                         str(folder / "epoch1.pth.tar"), "--checkpoint-dir", str(folder / "one")])
+    assert code == 0
+    (one,) = read_metrics(folder / "one" / "eval_test.jsonl")
+    (two,) = read_metrics(folder / "two" / "eval_test.jsonl")
     assert two["mAP"] == pytest.approx(one["mAP"], abs=1e-6)
     assert two["AP"] == pytest.approx(one["AP"], abs=1e-6, nan_ok=True)
     assert two["OP"] == pytest.approx(one["OP"]) and two["CF1_top3"] == pytest.approx(one["CF1_top3"])
     # (the loss is not compared: its norms are over a batch, and the per-process batch is halved)
-    assert result.stdout.count("per-class AP") == 1  # only rank 0 prints
+    assert two_process_run.evaluated.stdout.count("| ours |") == 1  # only rank 0 prints
+    # The mAP the 2-process training logged is that of the weights and BatchNorm statistics it saved.
+    logged = read_metrics(two_process_run.run / engine.METRICS_LOG)[0]
+    assert logged["epoch"] == 1 and logged["mAP"] == pytest.approx(one["mAP"], abs=1e-6)
 
 
-def test_two_process_training_writes_one_checkpoint_that_resumes(odd_tree, random_embeddings, tmp_path):
-    common = [odd_tree, *SMALL, "--embeddings", random_embeddings, "--checkpoint-dir", str(tmp_path)]
-    launch(2, *common, "--epochs", "1")
-    assert sorted(name for name in os.listdir(tmp_path) if name.endswith(".tar")) == [
+def test_two_process_training_writes_one_checkpoint_that_resumes(two_process_run):
+    run = two_process_run.run
+    assert sorted(name for name in os.listdir(run) if name.endswith(".tar")) == [
         engine.CHECKPOINT, engine.BEST]
-    (logged,) = engine.read_metrics(tmp_path / engine.METRICS_LOG)  # one writer
-    # The mAP logged by the 2-process run is that of the weights and BatchNorm statistics it saved.
-    launch(1, odd_tree, *SMALL, "--embeddings", random_embeddings, "-e", "--resume",
-           str(tmp_path / engine.CHECKPOINT), "--checkpoint-dir", str(tmp_path / "check"))
-    (evaluated,) = engine.read_metrics(tmp_path / "check" / engine.METRICS_LOG)
-    assert logged["mAP"] == pytest.approx(evaluated["mAP"], abs=1e-6)
-    first = torch.load(tmp_path / engine.CHECKPOINT, weights_only=True)
-    launch(2, *common, "--epochs", "2", "--resume", str(tmp_path / engine.CHECKPOINT))
-    second = torch.load(tmp_path / engine.CHECKPOINT, weights_only=True)
+    first = torch.load(two_process_run.folder / "epoch1.pth.tar", weights_only=True)
+    second = torch.load(run / engine.CHECKPOINT, weights_only=True)
     assert first["epoch"] == 1 and second["epoch"] == 2
     assert not torch.equal(first["model"]["W2"], second["model"]["W2"])  # it trained on
-    assert [r["epoch"] for r in engine.read_metrics(tmp_path / engine.METRICS_LOG)] == [1, 2]
+    assert [r["epoch"] for r in read_metrics(run / engine.METRICS_LOG)] == [1, 2]  # one writer
 
 
-def test_a_global_batch_that_does_not_divide_is_refused(odd_tree, random_embeddings, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(ROOT, "main_voc2007.py"), odd_tree, *SMALL[:-1], "7",
-               "--embeddings", random_embeddings, "--checkpoint-dir", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode != 0
-    assert "--batch-size 7 (the global batch) does not divide over 2 processes" in result.stderr
+def test_a_global_batch_that_does_not_divide_is_refused_before_the_processes_meet(
+        odd_tree, random_embeddings, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for each of 2 processes
+    code = call_main(main_voc2007.main, [odd_tree, *SMALL, "-b", "7", "--embeddings", random_embeddings,
+                                         "--checkpoint-dir", str(tmp_path / "ck")])
+    assert code == 1
+    assert ("error: --batch-size 7 (the global batch) does not divide over 2 processes; pass a "
+            "multiple of 2") in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists()

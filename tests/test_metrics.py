@@ -85,12 +85,25 @@ def test_top3_metrics_by_hand():
     assert m["OP"] == pytest.approx(100 * 5 / 7)
 
 
-def test_a_never_predicted_class_counts_with_precision_zero():
-    scores = np.array([[1.0, -1.0], [1.0, -2.0]])
-    labels = np.array([[1, 1], [-1, 1]])
+def test_a_never_predicted_class_counts_as_one_prediction_in_cp_and_in_op():
+    # Spec 6: "a class with Np = 0 counts Np as 1", in the mean of CP and in OP's sum of Np.
+    scores = np.array([[1.0, -1.0, 0.5],
+                       [1.0, -2.0, -0.5],
+                       [-1.0, -3.0, 2.0]])
+    labels = np.array([[1, 1, -1],
+                       [-1, 1, -1],
+                       [1, -1, 1]])
+    # class 0: predicted for images 0, 1 -> Nc 1, Np 2, Ng 2; class 1: never predicted -> Nc 0,
+    # Np 0 (counted 1), Ng 2; class 2: predicted for images 0, 2 -> Nc 1, Np 2, Ng 1
     m = compute_metrics(scores, labels)
-    assert m["CP"] == pytest.approx(100 * (1 / 2 + 0) / 2)
-    assert m["CR"] == pytest.approx(100 * (1 + 0) / 2)
+    cp, cr = (1 / 2 + 0 / 1 + 1 / 2) / 3, (1 / 2 + 0 / 2 + 1 / 1) / 3
+    op, orr = (1 + 0 + 1) / (2 + 1 + 2), (1 + 0 + 1) / (2 + 2 + 1)
+    assert m["CP"] == pytest.approx(100 * cp)
+    assert m["CR"] == pytest.approx(100 * cr)
+    assert m["OP"] == pytest.approx(100 * op)  # 2 / 5, not 2 / 4
+    assert m["OF1"] == pytest.approx(100 * 2 * op * orr / (op + orr))
+    # top-3 of 3 classes is every label: the same numbers
+    assert m["OP_top3"] == pytest.approx(100 * op)
 
 
 def test_a_class_without_positives_has_undefined_ap_and_is_left_out_of_map():

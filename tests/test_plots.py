@@ -5,8 +5,7 @@ import math
 import numpy as np
 from PIL import Image
 
-import engine
-from util import curves_figure, per_class_ap_figure, plot_curves, read_metrics
+from report import append_record, curves_figure, per_class_ap_figure, plot_curves, read_metrics
 
 CLASSES = ["cat", "dog", "red car", "tree"]
 
@@ -22,7 +21,7 @@ def write_log(path, epochs=3, splits=("test",)):
             ap[3] = math.nan  # a class without positives
             record = {"epoch": epoch, "split": split, "loss": float(rng.random()),
                       "train_loss": train_loss, "mAP": float(np.nanmean(ap)), "AP": ap}
-            engine.log_metrics(path, record)
+            append_record(path, record)
             written[epoch, split] = record
     return written
 
@@ -60,7 +59,7 @@ def test_curves_plot_train_loss_and_each_splits_map_per_epoch(tmp_path):
 def test_per_class_ap_shows_the_last_evaluation_with_class_names(tmp_path):
     log = tmp_path / "metrics.jsonl"
     written = write_log(log, epochs=3)
-    engine.log_metrics(log, {**written[3, "test"], "AP": [50.0, 60.0, 70.0, 80.0], "mAP": 65.0})
+    append_record(log, {**written[3, "test"], "AP": [50.0, 60.0, 70.0, 80.0], "mAP": 65.0})
     last = read_metrics(log)[-1]  # the re-evaluation of epoch 3 replaces the first one
     axes = per_class_ap_figure(last, CLASSES).axes[0]
     heights = [bar.get_height() for bar in axes.patches]

@@ -1,19 +1,26 @@
-"""predict.py: labels, probabilities, output formats, bad inputs, the release's checkpoints, maps."""
+"""predict.py: labels, probabilities, output formats, bad inputs, the release's checkpoints, maps,
+mistakes of the command line, labels scored zero-shot."""
 import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import engine
+import options
 import predict
 import torchvision
 from models import ARCHS
-from conftest import class_image
+from conftest import ROOT, class_image
 from models import DSDL
+from util import DSDLError
 from voc import VOC_CLASSES
 
 IMAGE_SIZE = 64
@@ -42,13 +49,17 @@ def trained(tmp_path_factory):
     return str(checkpoint), model, [str(path) for path in images]
 
 
-def direct_scores(model, path):
-    """The model's scores of one image, its input prepared here with PIL and numpy alone."""
-    image = Image.open(path).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+def direct_input(path, size=IMAGE_SIZE):
+    """The 1 x 3 x size x size input of one image, prepared here with PIL and numpy alone."""
+    image = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
     pixels = (np.asarray(image, dtype=np.float64) / 255 - MEAN) / STD
-    tensor = torch.from_numpy(pixels.transpose(2, 0, 1)).float().unsqueeze(0)
+    return torch.from_numpy(pixels.transpose(2, 0, 1)).float().unsqueeze(0)
+
+
+def direct_scores(model, path, size=IMAGE_SIZE):
+    """The model's scores of one image."""
     with torch.no_grad():
-        return model(tensor).scores[0].double().numpy()
+        return model(direct_input(path, size)).scores[0].double().numpy()
 
 
 def run(argv, checkpoint):
@@ -219,3 +230,234 @@ def test_overlay_draws_the_class_map_over_the_whole_image_centred_on_zero(traine
     limit = np.abs(maps[5]).max()
     assert overlay.get_clim() == pytest.approx((-limit, limit))  # red adds, blue takes away
     assert figure.axes[0].get_title() == "car: probability 0.75"
+
+
+# --------------------------------------------------------------------------------------------
+# Mistakes of the command line: answered at once, before the checkpoint loads
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def must_not_load(monkeypatch):
+    """Fails the test if the checkpoint is read (so no image is scored either)."""
+    def load_checkpoint(*args, **kwargs):
+        pytest.fail("the checkpoint was loaded before the mistake was reported")
+    monkeypatch.setattr(engine, "load_checkpoint", load_checkpoint)
+
+
+def files_under(folder):
+    return sorted(os.path.join(root, name) for root, dirs, files in os.walk(folder)
+                  for name in dirs + files)
+
+
+def test_help_and_bad_options_answer_without_importing_torch(tmp_path):
+    fake = tmp_path / "torch"  # found before the real torch: importing it fails the command
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('predict.py imported torch')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    command = [sys.executable, os.path.join(ROOT, "predict.py")]
+    start = time.perf_counter()
+    done = subprocess.run(command + ["--help"], env=env, capture_output=True, text=True)
+    assert time.perf_counter() - start < 2
+    assert done.returncode == 0, done.stderr
+    assert "--resume" in done.stdout and "--classes-from-glove" in done.stdout
+    done = subprocess.run(command + ["a.jpg", "--resume", "m.pth", "-b", "0"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].endswith(
+        "error: argument -b/--batch-size: must be at least 1, got 0")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-b", "0"], "argument -b/--batch-size: must be at least 1, got 0"),
+    (["-j", "-1"], "argument -j/--workers: must be 0 or more, got -1"),
+    (["--top-k", "0"], "argument --top-k: must be at least 1, got 0"),
+    (["--threshold", "2"], "argument --threshold: must be a probability between 0 and 1, got 2"),
+    (["--device", "gpu"], "argument --device: 'gpu' is not a device"),
+    (["--image-size", "-64"], "argument --image-size: must be at least 1, got -64"),
+])
+def test_option_values_out_of_range_are_refused_by_the_parser(argv, message, trained, capsys,
+                                                               must_not_load):
+    with pytest.raises(SystemExit) as exit:
+        predict.main(["--resume", trained[0], *argv, trained[2][0]])
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err.splitlines()[-1]
+
+
+def unwritable_folder(tmp_path):
+    """A folder this process cannot write in (root writes through permission bits, not /sys)."""
+    if os.geteuid() == 0:
+        return "/sys"
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder)
+
+
+@pytest.mark.parametrize("option, where, message", [
+    ("--json", "a folder", "is a folder; --json takes a file name"),
+    ("--csv", "a folder", "is a folder; --csv takes a file name"),
+    ("--cam", "a file", "is a file; --cam takes a folder"),
+    ("--json", "in a missing folder", "does not exist"),
+    ("--cam", "in a missing folder", "does not exist"),
+    ("--csv", "in a read-only folder", "cannot be written"),
+    ("--cam", "in a read-only folder", "cannot be written"),
+])
+def test_output_that_cannot_be_written_is_an_error_before_the_checkpoint_loads(
+        option, where, message, trained, tmp_path, capsys, must_not_load):
+    (tmp_path / "a folder").mkdir()
+    (tmp_path / "a file").write_text("")
+    path = {"a folder": str(tmp_path / "a folder"), "a file": str(tmp_path / "a file"),
+            "in a missing folder": str(tmp_path / "missing" / "out"),
+            "in a read-only folder": os.path.join(unwritable_folder(tmp_path), "out")}[where]
+    before = files_under(tmp_path)
+    assert predict.main(["--resume", trained[0], option, path, trained[2][0]]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {option} {path}") and err.count("\n") == 1
+    assert message in err
+    assert files_under(tmp_path) == before and (where in ("a folder", "a file") or
+                                                not os.path.exists(path))
+
+
+NOT_CHECKPOINTS = {
+    "a folder": None,
+    "empty": b"",
+    "text": b"epoch 20, mAP 94.4\n",
+    "HTML": b"<!DOCTYPE html>\n<html><body>404 Not Found</body></html>\n",
+    "a git-lfs pointer": b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64
+                         + b"\nsize 178542069\n",
+    "random bytes": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_CHECKPOINTS)
+def test_resume_that_is_not_a_checkpoint_says_so(kind, trained, tmp_path, capsys):
+    path = tmp_path / "model_best.pth.tar"
+    if NOT_CHECKPOINTS[kind] is None:
+        path.mkdir()
+    else:
+        path.write_bytes(NOT_CHECKPOINTS[kind])
+    assert predict.main(["--resume", str(path), "-j", "0", "--device", "cpu", trained[2][0]]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert str(path) in err and "not a PyTorch checkpoint" in err
+
+
+def test_image_size_and_arch_other_than_the_checkpoints_are_used_with_a_warning(
+        trained, tmp_path, capsys):
+    checkpoint, model, images = trained
+    out = tmp_path / "out.json"
+    assert run(["--image-size", "96", "--threshold", "0", "--json", str(out), images[0]],
+               checkpoint) == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")] \
+        == ["warning: --image-size 96 differs from the checkpoint's 64; using 96"]
+    scores = {p["label"]: p["score"] for p in json.loads(out.read_text())[0]["predictions"]}
+    np.testing.assert_allclose([scores[name] for name in VOC_CLASSES],
+                               direct_scores(model, images[0], size=96), rtol=1e-4, atol=1e-5)
+
+    assert run(["--image-size", str(IMAGE_SIZE), "--arch", "resnet18", images[0]], checkpoint) == 0
+    assert "warning" not in capsys.readouterr().err  # the checkpoint's own values
+
+    assert run(["--arch", "resnet34", images[0]], checkpoint) == 1  # its weights fit no resnet34
+    first, second = capsys.readouterr().err.splitlines()
+    assert first == "warning: --arch resnet34 differs from the checkpoint's resnet18; using resnet34"
+    assert second.startswith("error: ")
+
+
+def test_default_device_is_cuda_when_available_else_cpu_resolved_after_parsing(
+        trained, monkeypatch):
+    assert options.predict_parser().parse_args(["a.jpg", "--resume", "m.pth"]).device is None
+    devices = []
+
+    def load_model(args):
+        devices.append(args.device)
+        raise DSDLError("stop before the model is built")
+    monkeypatch.setattr(predict, "load_model", load_model)
+    for available in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        assert predict.main(["--resume", trained[0], trained[2][0]]) == 1
+    assert devices == ["cpu", "cuda"]
+
+
+# --------------------------------------------------------------------------------------------
+# Labels from their word vectors (zero-shot for labels the model was not trained on)
+# --------------------------------------------------------------------------------------------
+
+def numpy_scores(model, vectors, features):
+    """A = F D^T (D D^T + lambd I)^-1 with D = LeakyReLU(S W1) W2, in float64 with numpy."""
+    W1, W2 = model.W1.detach().double().numpy(), model.W2.detach().double().numpy()
+    hidden = vectors.astype(np.float64) @ W1
+    dictionary = np.where(hidden > 0, hidden, 0.2 * hidden) @ W2             # C x d_f
+    gram = dictionary @ dictionary.T + model.lambd * np.eye(len(dictionary))
+    return np.linalg.solve(gram, dictionary @ features.T).T                  # B x C
+
+
+def test_training_classes_given_with_their_own_vectors_score_exactly_as_the_model(
+        trained, tmp_path, capsys):
+    checkpoint, model, images = trained
+    np.save(tmp_path / "own.npy", model.semantics.numpy())
+    stored, given = tmp_path / "stored.json", tmp_path / "given.json"
+    assert run(["--threshold", "0", "--json", str(stored), *images], checkpoint) == 0
+    assert run(["--classes", *VOC_CLASSES, "--embeddings", str(tmp_path / "own.npy"),
+                "--threshold", "0", "--json", str(given), *images], checkpoint) == 0
+    assert json.loads(given.read_text()) == json.loads(stored.read_text())
+    assert "zero-shot" not in capsys.readouterr().err
+
+
+def test_new_labels_are_scored_zero_shot_from_their_encoded_word_vectors(
+        trained, tmp_path, capsys):
+    checkpoint, model, images = trained
+    names = ["zebra", "dog", "kite"]
+    vectors = np.random.default_rng(2).standard_normal((3, 300)).astype(np.float32)
+    vectors[1] = model.semantics[VOC_CLASSES.index("dog")].numpy()
+    np.save(tmp_path / "new.npy", vectors)
+    argv = ["--classes", *names, "--embeddings", str(tmp_path / "new.npy")]
+    out = tmp_path / "out.json"
+    assert run([*argv, "--threshold", "0", "--json", str(out), *images[:2]], checkpoint) == 0
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert "2 label(s)" in warning and "(zebra, kite)" in warning
+    assert "zero-shot" in warning and "not been measured" in warning
+    for result, path in zip(json.loads(out.read_text()), images):
+        with torch.no_grad():
+            features = model(direct_input(path)).features.double().numpy()  # 1 x d_f
+        scores = {p["label"]: p["score"] for p in result["predictions"]}
+        np.testing.assert_allclose([scores[name] for name in names],
+                                   numpy_scores(model, vectors, features)[0], rtol=1e-4, atol=1e-5)
+    # The dictionary of the loaded model: the trained encoder applied to the new vectors.
+    loaded, classes, _ = predict.load_model(
+        options.predict_parser().parse_args([*argv, "--resume", checkpoint, images[0]]))
+    assert classes == names
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(loaded.semantics),
+                                   model.encode(torch.from_numpy(vectors)), rtol=0, atol=0)
+
+
+def test_classes_from_glove_take_each_name_as_the_mean_of_its_words_vectors(
+        trained, tmp_path, capsys):
+    checkpoint, _, images = trained
+    rng = np.random.default_rng(3)
+    lines = {word: " ".join(f"{x:.5f}" for x in rng.standard_normal(300))
+             for word in ("the", "zebra", "traffic", "light")}
+    (tmp_path / "glove.txt").write_text("".join(f"{w} {v}\n" for w, v in lines.items()))
+    read = {word: np.array(vector.split(), dtype=np.float64) for word, vector in lines.items()}
+    expected = np.stack([read["zebra"], np.mean([read["traffic"], read["light"]], axis=0)])
+    np.save(tmp_path / "expected.npy", expected.astype(np.float32))
+    by_glove, by_file = tmp_path / "glove.json", tmp_path / "file.json"
+    assert run(["--classes", "zebra", "traffic light", "--classes-from-glove",
+                str(tmp_path / "glove.txt"), "--threshold", "0", "--json", str(by_glove),
+                images[0]], checkpoint) == 0
+    assert "2 label(s) the checkpoint was not trained on" in capsys.readouterr().err
+    assert run(["--classes", "zebra", "traffic light", "--embeddings",
+                str(tmp_path / "expected.npy"), "--threshold", "0", "--json", str(by_file),
+                images[0]], checkpoint) == 0
+    assert json.loads(by_glove.read_text()) == json.loads(by_file.read_text())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--classes", "zebra"], "--classes needs the labels' word vectors"),
+    (["--classes-from-glove", "glove.txt"], "--classes-from-glove needs --classes"),
+])
+def test_labels_without_their_vectors_are_an_error_before_the_checkpoint_loads(
+        argv, message, trained, capsys, must_not_load):
+    assert run([trained[2][0], *argv], trained[0]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1

@@ -10,6 +10,8 @@ import torchvision
 from torch import nn
 
 import engine
+import report
+from report import read_metrics
 import main_coco
 import main_voc2007
 import main_voc2012
@@ -17,10 +19,11 @@ from coco import COCO2014
 from models import DSDL
 from test_coco import CLASSES as COCO_TINY_CLASSES, write_coco_tree
 from test_voc2012 import write_voc2012_tree
-from util import PAPER_RESULTS, compute_metrics, eval_transform, results_table
+from report import PAPER_RESULTS, results_table
+from util import compute_metrics, eval_transform
 from voc import VOC2007, VOC2012, VOC_CLASSES
 
-SMALL = ["--no-pretrained", "--image-size", "64", "-j", "0", "-b", "8"]
+SMALL = ["--no-pretrained", "--image-size", "64", "-j", "0", "-b", "8", "--device", "cpu"]
 TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
@@ -74,7 +77,7 @@ def evaluate_cli(module, monkeypatch, *argv):
 
 
 def assert_logged_metrics_are(log, expected):
-    record = engine.read_metrics(log)[-1]
+    record = read_metrics(log)[-1]
     assert record["epoch"] == 17
     for name in ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "CP_top3", "OF1_top3"):
         assert record[name] == pytest.approx(expected[name], abs=1e-6), name
@@ -94,8 +97,8 @@ def test_release_checkpoint_evaluates_voc2007_as_the_weights_loaded_by_hand(voc_
     test_set = VOC2007(root, "test", eval_transform(64), download=False)
     expected = compute_metrics(scores_by_hand(resnet, W1, W2, random_embeddings, 10.0, test_set),
                                test_set.labels)
-    assert_logged_metrics_are(out / engine.METRICS_LOG, expected)
-    with open(out / "results_test.md") as f:
+    assert_logged_metrics_are(out / "eval_test.jsonl", expected)
+    with open(out / "eval_test.md") as f:
         table = f.read()
     assert table in capsys.readouterr().out
     assert "| | aero | bike |" in table and "DSDL paper" not in table  # resnet18: not the paper's setting
@@ -112,8 +115,8 @@ def test_release_checkpoint_evaluates_voc2012_val_and_submits_test_scores(tmp_pa
     assert code == 0
     val = VOC2012(root, "val", eval_transform(64), download=False)
     expected = compute_metrics(scores_by_hand(resnet, W1, W2, random_embeddings, 10.0, val), val.labels)
-    assert engine.read_metrics(out / engine.METRICS_LOG)[-1]["split"] == "val"
-    assert_logged_metrics_are(out / engine.METRICS_LOG, expected)
+    assert read_metrics(out / "eval_val.jsonl")[-1]["split"] == "val"
+    assert_logged_metrics_are(out / "eval_val.jsonl", expected)
 
     test = VOC2012(root, "test", eval_transform(64), download=False)
     scores = scores_by_hand(resnet, W1, W2, random_embeddings, 10.0, test)
@@ -137,7 +140,7 @@ def test_release_checkpoint_evaluates_coco_as_the_weights_loaded_by_hand(tmp_pat
     assert code == 0
     val = COCO2014(root, "val", eval_transform(64), download=False)
     expected = compute_metrics(scores_by_hand(resnet, W1, W2, embeddings, 0.1, val), val.labels)
-    assert_logged_metrics_are(out / engine.METRICS_LOG, expected)
+    assert_logged_metrics_are(out / "eval_val.jsonl", expected)
 
 
 def test_release_checkpoint_without_batchnorm_counters_loads_the_same_weights(tmp_path, random_embeddings):
@@ -163,7 +166,7 @@ def test_release_checkpoint_for_another_feature_size_says_so_and_stops(voc_root,
     error = capsys.readouterr().err
     assert code == 1
     assert "2048" in error and "512" in error and "feature size" in error
-    assert not os.path.exists(tmp_path / "out" / engine.METRICS_LOG)
+    assert not os.path.exists(tmp_path / "out" / "eval_test.jsonl")
 
 
 def test_coco_checkpoint_on_voc_says_the_class_counts_and_stops(voc_root, random_embeddings, tmp_path,
@@ -186,9 +189,9 @@ def test_paper_row_and_difference_follow_ours_in_the_papers_setting(voc_root, tm
     test_set = VOC2007(root, "test", download=False)
     scores = np.random.default_rng(4).standard_normal(test_set.labels.shape)
     metrics = compute_metrics(scores, test_set.labels)
-    args = engine.get_args_parser("test").parse_args([root, "--checkpoint-dir", str(tmp_path)])
-    assert args.arch == "resnet101"  # the paper's backbone, the default
-    engine.report_table(metrics, test_set.classes, test_set, args, epoch=3)
+    assert engine.DEFAULT_ARCH == "resnet101"  # the paper's backbone, the default
+    report.report_evaluation(metrics, test_set.classes, "title", "voc2007", "resnet101", {"epoch": 3},
+                             str(tmp_path / "log.jsonl"), str(tmp_path / "results_test.md"))
     with open(tmp_path / "results_test.md") as f:
         lines = f.read().splitlines()
     assert "\n".join(lines) in capsys.readouterr().out

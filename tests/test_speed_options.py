@@ -8,7 +8,8 @@ from PIL import Image
 
 import engine
 from models import DSDL, ridge_coefficients
-from util import eval_transform, normalize_on_device, train_transform
+from conftest import class_image
+from util import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalize_on_device, train_transform
 
 
 def natural_image(width=150, height=110, seed=0):
@@ -39,32 +40,58 @@ def test_autocast_keeps_the_head_in_float32_and_close_to_the_float32_model():
     assert error < 0.05, f"relative error {error:.3f}"
 
 
-@pytest.mark.parametrize("width, height", [(500, 375), (640, 480)])  # VOC's and COCO's usual sizes
-def test_fast_train_pipeline_takes_the_same_crops_with_pixels_within_tolerance(width, height):
-    size = 448
-    image = natural_image(width, height)
-    release, fast = train_transform(size), train_transform(size, fast=True)
-    differences = []
-    for seed in range(12):
-        torch.manual_seed(seed)
-        expected = release(image)                                        # 3 x H x W, normalised
-        torch.manual_seed(seed)
-        ours = fast(image)                                               # H x W x 3 uint8
-        assert ours.dtype == torch.uint8 and ours.shape == (size, size, 3)
-        ours = normalize_on_device(ours.unsqueeze(0))[0]
-        std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-        differences.append(((ours - expected) * std * 255).abs())       # in grey levels
-    differences = torch.stack(differences)
-    print(f"fast vs release pipeline, {width} x {height} image: mean {differences.mean():.3f}, "
-          f"99th percentile {differences.quantile(0.99):.2f}, max {differences.max():.2f} grey levels")
-    # One interpolation instead of two: a little less blur, visible only at sharp edges.
-    assert differences.mean() < 0.6
-    assert differences.quantile(0.99) <= 2.01
+def grey_levels(normalised):
+    """3 x H x W ImageNet-normalised (the release's output) -> H x W x 3 grey levels (integers)."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((normalised * std + mean) * 255).round().permute(1, 2, 0)
 
 
-def test_fast_eval_pipeline_gives_the_same_pixels():
-    image = natural_image()
-    expected = eval_transform(64)(image)
+def differences(release, fast, image, seeds):
+    """|fast - release| in grey levels over `seeds` draws of both transforms, seeded alike."""
+    out = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        expected = grey_levels(release(image))
+        torch.manual_seed(seed)
+        ours = fast(image)
+        assert ours.dtype == torch.uint8 and ours.shape == expected.shape  # H x W x 3
+        out.append((ours.float() - expected).abs())
+    return torch.stack(out)
+
+
+IMAGES = {  # natural: 143 x 107 has VOC's aspect; noisy: the suite's generated images
+    "natural": lambda: natural_image(143, 107),
+    "noisy": lambda: class_image([0, 7, 13], size=128),
+}
+
+
+@pytest.mark.parametrize("kind", IMAGES)
+@pytest.mark.parametrize("size", [64, 128])
+def test_fast_train_pipeline_takes_the_same_crops_with_pixels_within_tolerance(kind, size):
+    image = IMAGES[kind]()
+    difference = differences(train_transform(size), train_transform(size, fast=True), image, seeds=12)
+    print(f"fast vs release train pipeline, {kind} image to {size} px: mean {difference.mean():.4f}, "
+          f"99th percentile {difference.quantile(0.99):.2f}, max {difference.max():.2f} grey levels")
+    # The same two resamplings of the same box; only torchvision's and PIL's rounding differ.
+    # Measured: mean <= 0.04, 99th percentile <= 1, max 2, natural and noisy images, 64-448 px.
+    # Another box or flip, or one resampling instead of two, gives a mean of 0.6 or more.
+    assert difference.mean() < 0.1
+    assert difference.quantile(0.99) <= 1
+    assert difference.max() <= 2
+
+
+@pytest.mark.parametrize("kind", IMAGES)
+def test_fast_eval_pipeline_gives_the_release_pixels_within_a_grey_level(kind):
+    image = IMAGES[kind]()
+    for size in (64, 112):
+        difference = differences(eval_transform(size), eval_transform(size, fast=True), image, seeds=1)
+        assert difference.mean() < 0.05  # measured: at most 0.003 at these sizes
+        assert difference.max() <= 1
+
+
+def test_fast_pipeline_batches_normalise_on_the_device_as_the_release_normalises():
+    image = natural_image(64, 64)  # at the input size: both resizes leave the pixels as they are
+    expected = eval_transform(64)(image)  # ToTensor + Normalize on the CPU
     ours = normalize_on_device(eval_transform(64, fast=True)(image).unsqueeze(0))[0]
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
@@ -114,14 +141,10 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch):
     assert set(model.state_dict()) == keys  # checkpoints keep the release's key names
 
 
-def test_amp_on_a_cpu_without_bf16_units_warns_and_stays_float32(monkeypatch):
+def test_amp_on_the_cpu_warns_and_stays_float32():
     cpu = torch.device("cpu")
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    with pytest.warns(UserWarning, match="no bf16 units"):
+    with pytest.warns(UserWarning, match="--amp has no effect on the CPU"):
         assert engine.mixed_precision(cpu, True) == (None, None)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert engine.mixed_precision(cpu, True) == (torch.bfloat16, None)
     assert engine.mixed_precision(cpu, False) == (None, None)
 
 

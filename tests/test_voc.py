@@ -54,12 +54,16 @@ def test_a_missing_image_is_an_error_naming_its_path(voc_root):
         dataset[0]
 
 
-def test_a_missing_split_file_is_an_error_naming_its_path(voc_root):
+def test_a_missing_split_file_is_an_error_naming_it_and_nothing_is_downloaded(voc_root, monkeypatch):
     root, _ = voc_root
-    path = os.path.join(root, "VOCdevkit", "VOC2007", "ImageSets", "Main", "cow_test.txt")
-    os.remove(path)
-    with pytest.raises(DSDLError, match=path):
-        VOC2007(root, "test", download=False)
+    folder = os.path.join(root, "VOCdevkit", "VOC2007", "ImageSets", "Main")
+    os.remove(os.path.join(folder, "tvmonitor_test.txt"))
+    before = sorted(os.listdir(folder))
+    monkeypatch.setattr(urllib.request, "urlopen", pytest.fail)  # download=True: still never called
+    with pytest.raises(DSDLError, match=r"VOC 2007 test is incomplete: 1 of its label files are "
+                                        r"missing from .*Main \(tvmonitor_test.txt\)"):
+        VOC2007(root, "test")
+    assert sorted(os.listdir(folder)) == before and os.listdir(root) == ["VOCdevkit"]
 
 
 def test_a_present_dataset_is_used_without_network(voc_root, monkeypatch):

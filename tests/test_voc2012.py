@@ -12,12 +12,11 @@ from torch.utils.data import DataLoader
 
 import engine
 import main_voc2012
-from conftest import write_voc_tree
+from conftest import SMALL, write_voc_tree
 from models import DSDL, DSDLLoss
 from util import DSDLError, eval_transform
 from voc import VOC2012, VOC_CLASSES, write_submission
 
-SMALL = ["--arch", "resnet18", "--no-pretrained", "--image-size", "64", "-j", "0", "-b", "8"]
 
 
 def write_voc2012_tree(root, splits=None):
@@ -99,9 +98,9 @@ def test_an_unlabelled_split_is_scored_without_loss_or_metrics(voc2012_root, ran
                              torch.device("cpu"))
     with torch.no_grad():
         direct = model(torch.stack([dataset[i][0] for i in range(len(dataset))])).scores.numpy()
-    np.testing.assert_allclose(result["scores"], direct, rtol=1e-5, atol=1e-5)
-    assert result["ids"] == dataset.image_ids
-    assert np.isnan(result["loss"])
+    np.testing.assert_allclose(result.scores, direct, rtol=1e-5, atol=1e-5)
+    assert result.ids == dataset.image_ids
+    assert np.isnan(result.loss)
 
 
 def test_submission_has_one_line_per_test_image_per_class_at_the_servers_paths(tmp_path):
@@ -153,8 +152,8 @@ def test_main_voc2012_trains_on_train_selects_on_val_and_submits_test(voc2012_ro
 def test_main_voc2012_refuses_to_select_the_best_model_on_the_unlabelled_test(voc2012_root, random_embeddings,
                                                                               tmp_path):
     root, _ = voc2012_root
-    args = engine.get_args_parser("test").parse_args(
+    args = main_voc2012.get_args_parser().parse_args(
         [root, *SMALL, "--embeddings", random_embeddings, "--checkpoint-dir", str(tmp_path)])
     with pytest.raises(DSDLError, match="no labels"):
-        engine.run(args, VOC2012(root, "train", download=False), VOC2012(root, "test", download=False),
+        engine.run(args, lambda a: (VOC2012(root, "train"), VOC2012(root, "test")),
                    default_embeddings=None)

@@ -1,0 +1,87 @@
+"""Export a trained DSDL checkpoint for inference: ONNX or TorchScript, the head folded.
+
+    python export.py --resume checkpoints/voc2007/model_best.pth.tar --format onnx -o dsdl.onnx
+    python export.py --resume release/voc2007.pth.tar --dataset voc --format torchscript -o dsdl.pt
+
+Once trained, the dictionary is fixed, so the closed-form coefficients are one constant matrix
+P = D^T (D D^T + lambda I)^-1 (`DSDL.folded`): the exported model is the ResNet trunk, global max
+pooling and one linear layer without bias (weight P^T), with no solve at run time. It takes a
+batch of any size of images B x 3 x S x S (S: the checkpoint's input size, resized ignoring the
+aspect ratio and normalised with the ImageNet mean and std) and returns the scores B x C
+(logits: a class's probability is their sigmoid). The class names, in the order of the scores,
+and the input settings go next to the model, in `<output>.classes.json`.
+"""
+import importlib.util
+import sys
+
+import options
+
+if __name__ == "__main__":  # parse before importing torch: --help and bad options answer at once
+    options.export_parser().parse_args()
+
+import json
+import warnings
+
+import torch
+
+from predict import check_writable, load_model
+from util import IMAGENET_MEAN, IMAGENET_STD, DSDLError, user_message
+
+ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export (torch.export based) imports
+
+
+def missing_onnx_packages():
+    return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def export_onnx(model, image_size, path):
+    example = torch.zeros(2, 3, image_size, image_size)  # B x 3 x S x S; B = 2 keeps B dynamic
+    torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["scores"],
+                      dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+                      external_data=False,  # one file: the weights stay inside (< 2 GB)
+                      verbose=False)
+
+
+def export_torchscript(model, path):
+    # PyTorch deprecates TorchScript in favour of torch.export, but C++ and mobile runtimes
+    # still load it: the format is asked for, so the deprecation notice is not repeated here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
+        scripted = torch.jit.script(model)
+    scripted.save(path)
+
+
+def sidecar(output):
+    """Where the class names go: next to the model file."""
+    return output + ".classes.json"
+
+
+def main(argv=None):
+    args = options.export_parser().parse_args(argv)
+    try:
+        missing = missing_onnx_packages() if args.format == "onnx" else []
+        if missing:
+            raise DSDLError(f"--format onnx needs the packages {', '.join(missing)}: "
+                            f"pip install -r requirements-export.txt")
+        check_writable("-o", args.output)
+        check_writable("-o", sidecar(args.output))
+        model, classes, image_size = load_model(args)
+    except DSDLError as error:
+        print(f"error: {user_message(error)}", file=sys.stderr)
+        return 1
+    folded = model.eval().folded()
+    with torch.no_grad():
+        if args.format == "onnx":
+            export_onnx(folded, image_size, args.output)
+        else:
+            export_torchscript(folded, args.output)
+    with open(sidecar(args.output), "w") as f:
+        json.dump({"classes": classes, "image_size": image_size, "mean": IMAGENET_MEAN,
+                   "std": IMAGENET_STD, "arch": model.arch, "lambd": model.lambd}, f, indent=2)
+    print(f"wrote {args.output} ({args.format}: images B x 3 x {image_size} x {image_size} -> "
+          f"scores B x {len(classes)}, logits) and {sidecar(args.output)} (class names)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Every command-line option of the entry scripts, in one parser that loads without torch.
+
+Importing torch takes a second or two, so the scripts parse their arguments first: `--help`, a
+typo or a value out of range is answered at once, before torch, the data or the model load.
+"""
+import argparse
+import os
+
+# The torchvision ResNets DSDL can use as its trunk (models.py builds them).
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+DEVICES = ("cuda", "cpu")
+# The settings that define a run's method and recipe. Resuming with other values than the
+# checkpoint's is allowed (they take effect) but is warned about; the other options (where the
+# files are, speed, how many epochs in all) may change between a run and its resumption freely.
+HYPER_PARAMETERS = ("arch", "image_size", "batch_size", "epoch_step", "lr", "lrp", "momentum",
+                    "weight_decay", "max_grad_norm", "lambd", "beta", "seed", "no_pretrained")
+
+
+def default_workers():
+    """Data-loading processes: the CPUs this process may use, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(8, cpus or 1)
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number, got {text}")
+    return value
+
+
+def device(text):
+    if text.split(":")[0] not in DEVICES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cuda, cuda:N or cpu")
+    return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a mistake in the command line is one `error:` line and exit status 1,
+    like every other mistake the scripts report."""
+
+    def error(self, message):
+        self.exit(1, f"error: {message} (see {self.prog} --help)\n")
+
+
+def get_args_parser(description, run_folder, **defaults):
+    """Every option of the main_*.py scripts; each script sets its dataset's defaults and its
+    default run folder (`run_folder`)."""
+    parser = ArgumentParser(description=description)
+    parser.add_argument("data", help="dataset root; the dataset is downloaded there when absent")
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="input side in pixels (default: the checkpoint's with -e, --resume "
+                             "or --init-from, else 448)")
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=32,
+                        help="global batch, divided over the processes under torchrun "
+                             "(default: %(default)s)")
+    parser.add_argument("--epochs", type=positive_int, default=200,
+                        help="total number of epochs, counted from the first (default: %(default)s)")
+    parser.add_argument("--epoch_step", type=positive_int, nargs="+", default=[40],
+                        help="epochs at which every learning rate is multiplied by 0.1 "
+                             "(default: %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=0.01,
+                        help="learning rate of the dictionary, W1 and W2 (default: %(default)s)")
+    parser.add_argument("--lrp", type=positive_float, default=0.1,
+                        help="the CNN trunk learns at lr * lrp (default: %(default)s)")
+    parser.add_argument("--momentum", type=non_negative_float, default=0.9,
+                        help="SGD momentum (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=1e-4,
+                        help="SGD weight decay (default: %(default)s)")
+    parser.add_argument("--max-grad-norm", type=positive_float, default=10.0,
+                        help="the total gradient norm is clipped to this before each step "
+                             "(default: %(default)s)")
+    parser.add_argument("--lambd", type=positive_float, default=10.0,
+                        help="ridge regulariser of the coefficients, also the weight of ||A|| "
+                             "(default: %(default)s)")
+    parser.add_argument("--beta", type=non_negative_float, default=1e-4,
+                        help="weight of the reconstruction and sparsity terms of the loss "
+                             "(default: %(default)s)")
+    parser.add_argument("-e", "--evaluate", action="store_true",
+                        help="only evaluate the checkpoint given by --resume; the results go to "
+                             "eval_<split>.jsonl and eval_<split>.md, training's files are not touched")
+    parser.add_argument("--resume", default=None, metavar="PATH",
+                        help="checkpoint to continue training from (or to evaluate with -e): "
+                             "this project's or one of the authors' released checkpoints")
+    parser.add_argument("--init-from", default=None, metavar="PATH",
+                        help="start a new run from the weights of another run's checkpoint (trunk "
+                             "and auto-encoder, any class list, e.g. a COCO model for VOC): fresh "
+                             "optimizer, epoch 0, no best score")
+    parser.add_argument("-j", "--workers", type=non_negative_int, default=default_workers(),
+                        help="data-loading processes (default: the CPUs, at most 8: %(default)s)")
+    parser.add_argument("--arch", default=None, choices=ARCHS,
+                        help="torchvision ResNet trunk (default: the checkpoint's with -e, "
+                             "--resume or --init-from, else resnet101)")
+    parser.add_argument("--no-pretrained", action="store_true",
+                        help="start the trunk from random weights instead of ImageNet's")
+    parser.add_argument("--embeddings", default=None, metavar="PATH",
+                        help="C x 300 class vectors (.pkl or .npy); default: the dataset's standard "
+                             "GloVe file, downloaded (md5 checked) into data/")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help=f"the run folder: checkpoints, metrics.jsonl, tables and plots; it "
+                             f"belongs to one run (default: the --resume checkpoint's folder, else "
+                             f"{run_folder})")
+    parser.add_argument("--device", type=device, default=None,
+                        help="cuda or cpu (default: cuda when a GPU is available); under torchrun "
+                             "each process takes its LOCAL_RANK's GPU")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the initialisation, and per epoch the order of the images and "
+                             "each image's crop and flip (default: %(default)s)")
+    speed = parser.add_argument_group(
+        "speed", "off by default: the defaults train exactly as the release (float32, PIL pipeline)")
+    speed.add_argument("--amp", action="store_true",
+                       help="mixed precision on GPUs: bf16 where supported, else fp16 with a "
+                            "gradient scaler; the dictionary, the C x C solve and the loss stay "
+                            "float32. No effect on a CPU (float32, with a warning)")
+    speed.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the trunk (falls back to eager with a warning)")
+    speed.add_argument("--fast-pipeline", action="store_true",
+                       help="one resize instead of two and uint8 batches normalised on the device: "
+                            "the same crops, pixels within a few grey levels of the release's")
+    speed.add_argument("--sync-bn", action="store_true",
+                       help="synchronise BatchNorm statistics across processes (torchrun)")
+    parser.set_defaults(run_folder=run_folder, **defaults)
+    return parser
+
+
+def probability(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability between 0 and 1, got {text}")
+    return value
+
+
+def add_checkpoint_options(parser):
+    """Which model a trained checkpoint makes (predict.load_model): shared by predict.py and
+    export.py. The authors' released checkpoints store no class names, vectors, lambda or
+    input size; `--dataset` supplies the first three."""
+    parser.add_argument("--resume", required=True, metavar="PATH", help="the trained checkpoint")
+    parser.add_argument("--dataset", choices=("coco", "voc"),
+                        help="class names, class vectors and lambda of a checkpoint that has none "
+                             "(the authors' released ones)")
+    parser.add_argument("--classes", nargs="+", metavar="NAME",
+                        help="score these labels instead of the training classes (or one file "
+                             "with a name per line); labels the model was not trained on are "
+                             "scored zero-shot from their word vectors, with --embeddings or "
+                             "--classes-from-glove")
+    vectors = parser.add_mutually_exclusive_group()
+    vectors.add_argument("--embeddings", metavar="PATH",
+                         help="C x 300 class vectors (.npy or .pkl): of --classes, in their order; "
+                              "or with --dataset, instead of the standard file (downloaded into "
+                              "data/)")
+    vectors.add_argument("--classes-from-glove", metavar="GLOVE",
+                         help="the vectors of --classes read from a GloVe 300-d text file (or its "
+                              ".zip), as make_embeddings.py makes them")
+    parser.add_argument("--image-size", type=positive_int,
+                        help="input side (default: the checkpoint's, else 448)")
+    parser.add_argument("--arch", choices=ARCHS, help="default: the checkpoint's (or inferred)")
+    parser.add_argument("--lambd", type=positive_float,
+                        help="default: the checkpoint's, else the dataset's")
+
+
+def predict_parser():
+    """The options of predict.py (label your own images with a trained checkpoint)."""
+    parser = argparse.ArgumentParser(
+        description="Label your own images with a trained DSDL checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
+    add_checkpoint_options(parser)
+    parser.add_argument("--top-k", type=positive_int, metavar="K", help="at most K labels per image")
+    parser.add_argument("--threshold", type=probability, metavar="P",
+                        help="only labels with probability >= P (default 0.5 unless --top-k "
+                             "is given; 0 lists every class)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--csv", metavar="FILE", help="also write the results as CSV")
+    parser.add_argument("--cam", metavar="DIR",
+                        help="save a class-map overlay per image and predicted class in DIR")
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=32)
+    parser.add_argument("-j", "--workers", type=non_negative_int, default=default_workers(),
+                        help="data-loading processes")
+    parser.add_argument("--device", type=device, default=None,
+                        help="cuda, cuda:N or cpu (default: cuda when a GPU is available)")
+    return parser
+
+
+def export_parser():
+    """The options of export.py (the trained model as one ONNX or TorchScript file)."""
+    parser = argparse.ArgumentParser(
+        description="Export a trained DSDL checkpoint with its head folded into one linear layer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_checkpoint_options(parser)
+    parser.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    parser.add_argument("-o", "--output", required=True, metavar="FILE",
+                        help="the model file; the class names go next to it, in FILE.classes.json")
+    return parser

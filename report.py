@@ -1,0 +1,348 @@
+"""What a run reports: the printout of an evaluation, the paper's tables, the metrics log
+(written and read), the training curves, and the record of what produced a result.
+
+    python report.py checkpoints/voc2007     # the Markdown block to paste in a reproduction report
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import torchvision
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from util import DSDLError, atomic_write
+
+METRICS_LOG = "metrics.jsonl"   # one record per evaluation of a training run
+THRESHOLDED = ("CP", "CR", "CF1", "OP", "OR", "OF1")
+
+
+# --------------------------------------------------------------------------------------------
+# The printout of one evaluation
+# --------------------------------------------------------------------------------------------
+
+def format_metrics(metrics, classes, per_class=False):
+    """mAP, the six thresholded metrics and their top-3 forms; the per-class AP on request
+    (the paper-style table, printed with it, already has them for up to 20 classes)."""
+    mean = "undefined" if np.isnan(metrics["mAP"]) else f"{metrics['mAP']:.2f}"  # no positive at all
+    lines = [f"mAP {mean} (over {metrics['num_classes_ap']} of {len(classes)} classes)"]
+    for suffix, title in (("", "all"), ("_top3", "top-3")):
+        lines.append(f"{title:>6}: " + "  ".join(
+            f"{name} {metrics[name + suffix]:.2f}" for name in THRESHOLDED))
+    if per_class:
+        width = max(len(name) for name in classes)
+        lines.append("per-class AP:")
+        for name, ap in zip(classes, metrics["AP"]):
+            lines.append(f"  {name:<{width}}  " + ("undefined (no positive)" if np.isnan(ap) else f"{ap:6.2f}"))
+    return "\n".join(lines)
+
+
+def duration(seconds):
+    """'42 s', '12 min', '3.4 h' or '2.1 days'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def epoch_line(epoch, epochs, train_loss, split, score, best, seconds, saved, is_best):
+    """The one line a training epoch ends with."""
+    left = duration(seconds * (epochs - epoch))
+    mean = "undefined" if np.isnan(score) else f"{score:.2f}"
+    line = (f"epoch {epoch}/{epochs}: train loss {train_loss:.4f}, {split} mAP {mean}, "
+            f"best {'none' if math.isinf(best) else f'{best:.2f}'}, {duration(seconds)}, "
+            f"about {left} left")
+    if np.isnan(score):
+        line += (f"; no class has a positive in {split}, so no model can be selected "
+                 f"(model_best.pth.tar is not written)")
+    return line + ("; saved" if saved else "") + (", new best" if is_best else "")
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's tables (spec section 1)
+# --------------------------------------------------------------------------------------------
+
+PAPER_ARCH = "resnet101"
+# benchmark -> the paper's DSDL row (ResNet-101 at 448 px); "AP" in the dataset's class order.
+PAPER_RESULTS = {
+    "voc2007": {
+        "setting": "VOC 2007 test",
+        "mAP": 94.4,
+        "AP": [99.8, 98.7, 98.4, 97.9, 81.9, 95.4, 97.6, 98.3, 83.3, 95.0,
+               88.6, 98.0, 97.9, 95.8, 99.0, 86.6, 95.9, 86.4, 98.6, 94.4],
+    },
+    "voc2012": {
+        "setting": "VOC 2012 test, scored by the evaluation server",
+        "mAP": 93.2,
+        "AP": [99.4, 95.3, 97.6, 95.7, 83.5, 94.8, 93.9, 98.5, 85.7, 94.5,
+               83.8, 98.4, 97.7, 95.9, 98.5, 80.6, 95.7, 82.3, 98.2, 93.2],
+    },
+    "coco2014": {
+        "setting": "COCO 2014 val",
+        "mAP": 81.7, "CP": 84.1, "CR": 70.4, "CF1": 76.7, "OP": 85.1, "OR": 73.9, "OF1": 79.1,
+        "CP_top3": 88.1, "CR_top3": 62.9, "CF1_top3": 73.4,
+        "OP_top3": 89.6, "OR_top3": 65.3, "OF1_top3": 75.6,
+    },
+}
+# The paper's VOC tables abbreviate these class names.
+SHORT_CLASS_NAMES = {"aeroplane": "aero", "bicycle": "bike", "diningtable": "table",
+                     "motorbike": "mbike", "pottedplant": "plant", "tvmonitor": "tv"}
+
+
+def results_table(metrics, classes, benchmark=None, arch=None, title=None):
+    """One evaluation laid out like the paper's table, in Markdown.
+
+    A per-class benchmark (VOC) gets one AP column per class and mAP; COCO gets mAP, the six
+    thresholded metrics and their top-3 variants. When `benchmark` and `arch` are the paper's
+    setting, the paper's row and our difference to it follow our row.
+    """
+    known = PAPER_RESULTS.get(benchmark)
+    per_class = "AP" in known if known else len(classes) <= 20
+    if per_class:
+        headers = [SHORT_CLASS_NAMES.get(name, name) for name in classes] + ["mAP"]
+        keys = [("AP", c) for c in range(len(classes))] + [("mAP", None)]
+    else:
+        headers = ["mAP", *THRESHOLDED, *(f"top-3 {name}" for name in THRESHOLDED)]
+        keys = [("mAP", None), *((name, None) for name in THRESHOLDED),
+                *((name + "_top3", None) for name in THRESHOLDED)]
+
+    def row(source):
+        return [source[key] if index is None else source[key][index] for key, index in keys]
+
+    def cells(values, sign=""):
+        return ["–" if np.isnan(v) else f"{v:{sign}.1f}" for v in np.asarray(values, dtype=float)]
+
+    ours = row(metrics)
+    rows = [["ours", *cells(ours)]]
+    paper = known if known and arch == PAPER_ARCH else None
+    if paper is not None:
+        rows.append(["DSDL paper", *cells(row(paper))])
+        rows.append(["difference", *cells(np.subtract(ours, row(paper)), "+")])
+    lines = [title, ""] if title else []
+    lines.append("| | " + " | ".join(headers) + " |")
+    lines.append("|---|" + "---:|" * len(headers))
+    lines.extend("| " + " | ".join(entries) + " |" for entries in rows)
+    if paper is not None:
+        lines += ["", f"Paper: Zhou, Huang, Xing, AAAI 2021, DSDL with ResNet-101 at 448 px on "
+                      f"{paper['setting']}."]
+    return "\n".join(lines)
+
+
+
+
+def write_table(path, table):
+    with atomic_write(path, "w") as f:
+        f.write(table + "\n")
+
+
+def report_evaluation(metrics, classes, title, benchmark, arch, record, log_path, table_path):
+    """Print one evaluation (the paper-style table and the thresholded metrics), append its
+    record to the log at `log_path` and save the table as Markdown at `table_path`."""
+    table = results_table(metrics, classes, benchmark, arch, title)
+    print(f"{table}\n{format_metrics(metrics, classes, per_class=len(classes) > 20)}")
+    append_record(log_path, record)
+    write_table(table_path, table)
+
+
+# --------------------------------------------------------------------------------------------
+# The metrics log (metrics.jsonl, eval_<split>.jsonl) and its pictures
+# --------------------------------------------------------------------------------------------
+
+def append_record(path, record):
+    """Append one JSON line (NaN, e.g. an undefined AP, is written as null)."""
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    drop_partial_last_line(path)
+    with open(path, "a") as f:
+        f.write(json.dumps({key: clean(value) for key, value in record.items()}) + "\n")
+
+
+def drop_partial_last_line(path):
+    """Cut a line that a killed run left half-written, so the next record starts a line of its own.
+
+    Its epoch has no checkpoint yet (the log is written first), so the resumed run logs it again.
+    """
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
+
+
+def read_metrics(path):
+    """The records of metrics.jsonl; a later record for the same epoch and split wins.
+
+    A last line without its newline is one that a killed run left half-written: it is skipped
+    (that epoch is logged again when the run resumes). A broken line elsewhere is an error.
+    """
+    records = {}
+    with open(path) as f:
+        lines = f.readlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not line.endswith("\n"):
+                break
+            raise DSDLError(f"{path}, line {number} is not a JSON record ({error}); "
+                            f"delete that line") from error
+        records[(record["epoch"], record["split"])] = record
+    return list(records.values())
+
+
+def curves_figure(records):
+    """Train loss (left) and the mAP of each evaluated split (right) per epoch."""
+    figure = Figure(figsize=(10, 4), dpi=100)
+    loss_axes, map_axes = figure.subplots(1, 2)
+    # Every split evaluated after an epoch carries that epoch's train loss; plot it once.
+    train_loss = {r["epoch"]: r["train_loss"] for r in records if r.get("train_loss") is not None}
+    epochs = sorted(train_loss)
+    loss_axes.plot(epochs, [train_loss[e] for e in epochs], marker="o")
+    loss_axes.set(title="train loss", xlabel="epoch", ylabel="loss")
+    for split in dict.fromkeys(r["split"] for r in records):
+        points = sorted((r["epoch"], r["mAP"]) for r in records
+                        if r["split"] == split and r.get("mAP") is not None)
+        map_axes.plot([e for e, _ in points], [m for _, m in points], marker="o", label=split)
+    map_axes.set(title="mAP", xlabel="epoch", ylabel="mAP (%)")
+    map_axes.legend(title="split")
+    for axes in (loss_axes, map_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def per_class_ap_figure(record, classes=None):
+    """Bar chart of one evaluation's per-class AP; a class without positives has no bar (n/a)."""
+    ap = np.array([np.nan if v is None else v for v in record["AP"]], dtype=np.float64)
+    classes = list(classes) if classes is not None else [str(c) for c in range(len(ap))]
+    figure = Figure(figsize=(max(6.0, 2.0 + 0.3 * len(ap)), 4.5), dpi=100)
+    axes = figure.subplots()
+    axes.bar(np.arange(len(ap)), ap)
+    for c in np.flatnonzero(np.isnan(ap)):
+        axes.text(c, 1, "n/a", rotation=90, ha="center", va="bottom", fontsize="small")
+    axes.set_xticks(np.arange(len(ap)), classes, rotation=90)
+    title = f"per-class AP, {record['split']}, epoch {record['epoch']}"
+    if record.get("mAP") is not None:
+        axes.axhline(record["mAP"], color="black", linestyle="--", linewidth=1)
+        title += f" (dashed: mAP {record['mAP']:.2f})"
+    axes.set(title=title, ylabel="AP (%)", ylim=(0, 100), xlim=(-0.6, len(ap) - 0.4))
+    figure.tight_layout()
+    return figure
+
+
+def plot_curves(log_path, out_dir, classes=None):
+    """Draw `curves.png` and `per_class_ap.png` in `out_dir` from the log at `log_path`.
+
+    The per-class AP is that of the last epoch's evaluation (the last one logged for it).
+    Returns the two paths.
+    """
+    records = read_metrics(log_path)
+    last = max(reversed(records), key=lambda record: record["epoch"])
+    paths = os.path.join(out_dir, "curves.png"), os.path.join(out_dir, "per_class_ap.png")
+    for figure, path in zip((curves_figure(records), per_class_ap_figure(last, classes)), paths):
+        figure.savefig(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# What produced a result: the reproduction record
+# --------------------------------------------------------------------------------------------
+
+def git_commit(folder=os.path.dirname(os.path.abspath(__file__))):
+    """The code's git commit (with '+changes' when the work tree differs), or 'not a git checkout'."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                 cwd=folder, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    return commit + ("+changes" if changed else "")
+
+
+def provenance(world_size=1):
+    """The command line, the code and the software and hardware that ran it."""
+    cuda = torch.cuda.is_available()
+    return {
+        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),  # plain str: checkpoints load weights_only
+        "torchvision": str(torchvision.__version__),
+        "cuda": torch.version.cuda if cuda else None,
+        "cudnn": str(torch.backends.cudnn.version()) if cuda else None,
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "gpus": world_size if cuda else 0,
+        "host": socket.gethostname(),
+    }
+
+
+def reproduction_block(folder):
+    """The Markdown a user pastes when they report a reproduction: what produced the run, its
+    best and last epochs, and the paper's row with the difference."""
+    log = os.path.join(folder, METRICS_LOG)
+    if not os.path.isfile(log):
+        raise DSDLError(f"{folder} holds no {METRICS_LOG}: pass the --checkpoint-dir of a training run")
+    records = sorted(read_metrics(log), key=lambda record: record["epoch"])
+    if not records:
+        raise DSDLError(f"{log} holds no record yet: the run has not finished an epoch")
+    last = records[-1]
+    scored = [record for record in records if record.get("mAP") is not None]
+    best = max(scored, key=lambda record: record["mAP"]) if scored else None
+    run = last.get("run") or {}
+    settings = last.get("settings") or {}
+    classes = last.get("classes") or [str(c) for c in range(len(last["AP"]))]
+    lines = [f"### DSDL run: {settings.get('dataset', 'unknown dataset')}, {settings.get('arch', '?')} "
+             f"at {settings.get('image_size', '?')} px", ""]
+    for key in ("command", "commit", "torch", "torchvision", "cuda", "cudnn", "gpu", "gpus", "python"):
+        lines.append(f"- {key}: `{run.get(key, 'not recorded')}`")
+    seconds = [record["epoch_seconds"] for record in records if record.get("epoch_seconds")]
+    if seconds:
+        lines.append(f"- epochs logged: {len(records)}, median epoch time {duration(float(np.median(seconds)))}")
+    for name, record in (("best", best), ("last", last)):
+        if record is None:
+            lines += ["", f"{name} epoch: none (no mAP was defined)"]
+            continue
+        metrics = {key: (math.nan if value is None else value) for key, value in record.items()}
+        metrics["AP"] = [math.nan if value is None else value for value in record["AP"]]
+        title = f"{name} epoch: {record['epoch']} ({record['split']})"
+        lines += ["", results_table(metrics, classes, settings.get("benchmark"), settings.get("arch"), title)]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Print the reproduction record of a training run "
+                                                 "as Markdown.")
+    parser.add_argument("folder", help="the run's --checkpoint-dir (it holds metrics.jsonl)")
+    args = parser.parse_args(argv)
+    try:
+        print(reproduction_block(args.folder))
+    except DSDLError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""hubconf.py through torch.hub.load(source="local"): a trained model ready for inference, with
+its class names and its input transform; nothing is downloaded."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from models import DSDL
+from test_predict import IMAGE_SIZE, direct_input, direct_scores, trained  # noqa: F401 (fixture)
+from util import DSDLError, load_embeddings
+from voc import VOC_CLASSES
+
+
+def test_hubconf_declares_only_torch_and_torchvision_as_dependencies():
+    import hubconf  # torch.hub checks that these import before it calls an entry point
+    assert hubconf.dependencies == ["torch", "torchvision"]
+
+
+def test_model_is_ready_in_eval_mode_with_its_classes_and_transform(trained):
+    checkpoint, model, images = trained
+    loaded = torch.hub.load(ROOT, "dsdl", source="local", checkpoint=checkpoint)
+    assert not loaded.training
+    assert loaded.classes == list(VOC_CLASSES) and loaded.image_size == IMAGE_SIZE
+    image = loaded.transform(Image.open(images[0]).convert("RGB"))  # 3 x S x S
+    torch.testing.assert_close(image.unsqueeze(0), direct_input(images[0]), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        scores = loaded(image.unsqueeze(0)).scores[0].numpy()
+    np.testing.assert_allclose(scores, direct_scores(model, images[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_resnet101_entry_loads_a_release_checkpoint_with_its_dataset(
+        trained, random_embeddings, tmp_path):
+    _, _, images = trained
+    torch.manual_seed(5)
+    model = DSDL(len(VOC_CLASSES), load_embeddings(random_embeddings), 10.0, arch="resnet101",
+                 pretrained=False).eval()
+    weights = {key: value for key, value in model.state_dict().items() if key != "semantics"}
+    release = tmp_path / "release.pth.tar"  # the release's layout (spec section 9)
+    torch.save({"epoch": 20, "arch": None, "best_score": 94.0, "state_dict": weights}, release)
+    loaded = torch.hub.load(ROOT, "dsdl_resnet101", source="local", checkpoint=str(release),
+                            dataset="voc", embeddings=random_embeddings, image_size=IMAGE_SIZE)
+    assert (loaded.arch, loaded.classes, loaded.training) == ("resnet101", list(VOC_CLASSES), False)
+    image = loaded.transform(Image.open(images[0]).convert("RGB")).unsqueeze(0)
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(image).scores[0].numpy(), direct_scores(model, images[0]),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_resnet101_entry_refuses_another_resnet(trained):
+    with pytest.raises(DSDLError, match="holds a DSDL resnet18, not a resnet101: load it with "
+                                        "the entry point 'dsdl'"):
+        torch.hub.load(ROOT, "dsdl_resnet101", source="local", checkpoint=trained[0])
