@@ -1,4 +1,5 @@
 """The model of spec sections 2-3: dictionary, closed-form coefficients, loss, gradients."""
+import types
 import urllib.error
 import urllib.request
 
@@ -122,8 +123,10 @@ def test_gradcheck_of_the_head_in_float64():
     features = torch.rand(2, 6, dtype=torch.float64, requires_grad=True)
 
     def head(features, w1, w2):
-        dictionary = torch.nn.functional.leaky_relu(semantics @ w1, 0.2) @ w2
-        reconstruction = torch.nn.functional.leaky_relu(dictionary @ w2.T, 0.2) @ w1.T
+        # The model's own encode and decode, on weights small enough for finite differences.
+        weights = types.SimpleNamespace(W1=w1, W2=w2)
+        dictionary = DSDL.encode(weights, semantics)
+        reconstruction = DSDL.decode(weights, dictionary)
         scores = ridge_coefficients(features, dictionary, 0.5)
         return loss_fn(DSDLOutput(scores, features, dictionary, semantics, reconstruction), targets), scores
 

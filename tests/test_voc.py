@@ -1,6 +1,5 @@
-"""VOC 2007 from the per-class split files, training targets, label embeddings."""
+"""VOC 2007 from the per-class split files, training targets, images."""
 import os
-import pickle
 import urllib.error
 import urllib.request
 
@@ -9,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED_EMBEDDINGS
 from engine import training_targets
-from util import DSDLError, compute_metrics, load_embeddings, md5sum
+from util import DSDLError, compute_metrics
 from voc import VOC2007, VOC_CLASSES
 
 
@@ -85,55 +83,6 @@ def test_an_absent_dataset_offline_says_where_to_put_it(tmp_path, monkeypatch):
     message = str(error.value)
     assert "VOCtest_06-Nov-2007.tar" in message and os.path.join("VOCdevkit", "VOC2007") in message
     assert not any(name.endswith((".tar", ".part")) for name in os.listdir(tmp_path))
-
-
-# ---- label embeddings -------------------------------------------------------------------
-
-@pytest.mark.skipif(not os.path.isdir(SHARED_EMBEDDINGS), reason="../shared/label_embeddings absent")
-def test_the_standard_glove_files_load_with_the_restricted_unpickler():
-    for name, rows in (("voc_glove_word2vec.pkl", 20), ("coco_glove_word2vec.pkl", 80)):
-        path = os.path.join(SHARED_EMBEDDINGS, name)
-        semantics = load_embeddings(path, num_classes=rows)
-        assert semantics.shape == (rows, 300) and semantics.dtype == torch.float32
-        with open(path, "rb") as f:
-            reference = pickle.load(f)  # trusted copy: the plain unpickler as the reference
-        np.testing.assert_array_equal(semantics.numpy(), reference)
-
-
-class Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def test_an_embeddings_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
-    marker = tmp_path / "code-was-run"
-    path = tmp_path / "hostile.pkl"
-    with open(path, "wb") as f:
-        pickle.dump([Payload(str(marker)), np.zeros((20, 300), np.float32)], f)
-    with pytest.raises(DSDLError, match="not allowed"):
-        load_embeddings(str(path))
-    assert not marker.exists()
-
-
-def test_npy_embeddings_are_accepted_and_a_wrong_shape_is_an_error(tmp_path):
-    good, bad = tmp_path / "good.npy", tmp_path / "bad.npy"
-    vectors = np.random.default_rng(0).standard_normal((20, 300)).astype(np.float32)
-    np.save(good, vectors)
-    np.save(bad, vectors[:19])
-    np.testing.assert_array_equal(load_embeddings(str(good), num_classes=20).numpy(), vectors)
-    with pytest.raises(DSDLError, match=r"bad\.npy.*\(19, 300\).*\(20, 300\)"):
-        load_embeddings(str(bad), num_classes=20)
-
-
-def test_a_standard_embeddings_file_with_another_checksum_is_refused(tmp_path):
-    path = tmp_path / "voc_glove_word2vec.pkl"
-    with open(path, "wb") as f:
-        pickle.dump(np.zeros((20, 300), np.float32), f)
-    with pytest.raises(DSDLError, match=md5sum(str(path))):
-        load_embeddings(str(path), num_classes=20)
 
 
 def test_an_image_too_large_to_decode_safely_is_an_error_naming_it(voc_root, monkeypatch):

@@ -1,10 +1,20 @@
-"""The pictures of the training log: curves.png and per_class_ap.png (util.plot_curves)."""
+"""What a run reports: the pictures of its log (curves.png, per_class_ap.png) and the record of
+what produced it (in checkpoints, in metrics.jsonl, and `python report.py FOLDER`)."""
 import io
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
+import torch
+import torchvision
 from PIL import Image
 
+import engine
+import main_voc2007
+import report
+from conftest import ROOT, SMALL, call_main
 from report import append_record, curves_figure, per_class_ap_figure, plot_curves, read_metrics
 
 CLASSES = ["cat", "dog", "red car", "tree"]
@@ -87,3 +97,58 @@ def test_plot_curves_writes_the_pngs_of_the_log_next_to_it(tmp_path):
     plot_curves(log, tmp_path, CLASSES)
     assert not np.array_equal(pixels(curves), rendered(curves_figure(records)))
     np.testing.assert_array_equal(pixels(curves), rendered(curves_figure(read_metrics(log))))
+
+
+def test_every_record_and_checkpoint_says_what_produced_it(voc_root, random_embeddings, tmp_path,
+                                                           monkeypatch):
+    root, _ = voc_root
+    argv = ["main_voc2007.py", root, *SMALL, "--embeddings", random_embeddings, "--epochs", "2",
+            "--checkpoint-dir", str(tmp_path / "run")]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert call_main(main_voc2007.main, argv[1:]) == 0
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    records = read_metrics(tmp_path / "run" / engine.METRICS_LOG)
+    checkpoint = torch.load(tmp_path / "run" / engine.CHECKPOINT, weights_only=True)
+    for run in [record["run"] for record in records] + [checkpoint["provenance"]]:
+        assert run["command"].endswith(" ".join(argv))
+        assert run["commit"].removesuffix("+changes") == commit  # a git checkout here
+        assert (run["torch"], run["torchvision"]) == (torch.__version__, torchvision.__version__)
+        assert run["gpus"] == 0 and run["gpu"] is None and run["cuda"] is None  # on the CPU
+    assert all(record["epoch_seconds"] > 0 for record in records)
+    assert records[0]["settings"]["arch"] == "resnet18" and records[0]["settings"]["image_size"] == 64
+
+
+def test_report_prints_the_record_the_best_and_last_epochs_and_the_papers_row(tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    classes = ["aeroplane", "bicycle"] + [f"c{i}" for i in range(18)]
+    run = {"command": "python main_voc2007.py data/voc2007", "commit": "abc123", "torch": "2.11.0",
+           "torchvision": "0.26.0", "cuda": "12.8", "cudnn": "91000", "gpu": "NVIDIA H100", "gpus": 1}
+    settings = {"dataset": "VOC 2007", "benchmark": "voc2007", "arch": "resnet101", "image_size": 448}
+    for epoch, score in ((1, 90.0), (2, 94.0), (3, 93.0)):
+        append_record(folder / engine.METRICS_LOG, {
+            "epoch": epoch, "split": "test", "mAP": score, "AP": [score] * 20, "classes": classes,
+            "epoch_seconds": 600.0, "run": run, "settings": settings,
+            **{name + suffix: 50.0 for name in report.THRESHOLDED for suffix in ("", "_top3")}})
+    assert report.main([str(folder)]) == 0
+    block = capsys.readouterr().out
+    assert block.startswith("### DSDL run: VOC 2007, resnet101 at 448 px")
+    for line in ("- command: `python main_voc2007.py data/voc2007`", "- commit: `abc123`",
+                 "- gpu: `NVIDIA H100`", "- torch: `2.11.0`", "epochs logged: 3, median epoch time 10 min"):
+        assert line in block
+    best, last = block.split("best epoch: 2 (test)")[1].split("last epoch: 3 (test)")
+
+    def map_column(table):  # row name -> its last cell, the mAP
+        return {line.split("|")[1].strip(): line.split("|")[-2].strip()
+                for line in table.splitlines() if line.startswith("| ") and not line.startswith("| |")}
+
+    # our mAP, the paper's 94.4 (ResNet-101 at 448 px on VOC 2007 test) and the difference
+    assert map_column(best) == {"ours": "94.0", "DSDL paper": "94.4", "difference": "-0.4"}
+    assert map_column(last) == {"ours": "93.0", "DSDL paper": "94.4", "difference": "-1.4"}
+
+
+def test_report_of_a_folder_without_a_log_is_one_error_line(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path} holds no metrics.jsonl: pass the "
+                                       f"--checkpoint-dir of a training run\n")

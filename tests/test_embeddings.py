@@ -1,12 +1,17 @@
-"""make_embeddings.py: class vectors from a GloVe text file (a tiny one written here)."""
+"""Class vectors: the standard GloVe files, .npy files, loading them safely, and
+make_embeddings.py making them from a GloVe text file (a tiny one written here). Hostile
+pickles are refused in test_faults_runs.py, through a whole run."""
 import os
+import pickle
 import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 import make_embeddings
-from util import load_embeddings
+from conftest import SHARED_EMBEDDINGS
+from util import DSDLError, load_embeddings, md5sum
 
 WORDS = ["the", "cat", "Dog", "new york", "new", "traffic", "light", "red", "car"]
 
@@ -82,3 +87,32 @@ def test_classes_from_label_csvs_and_a_zipped_glove_give_the_same_rows(glove, tm
     expected = np.stack([vectors["cat"], (vectors["red"] + vectors["car"]) / 2, vectors["the"]])
     np.testing.assert_allclose(load_embeddings(str(out), num_classes=3).numpy(), expected,
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_EMBEDDINGS), reason="../shared/label_embeddings absent")
+def test_the_standard_glove_files_load_with_the_restricted_unpickler():
+    for name, rows in (("voc_glove_word2vec.pkl", 20), ("coco_glove_word2vec.pkl", 80)):
+        path = os.path.join(SHARED_EMBEDDINGS, name)
+        semantics = load_embeddings(path, num_classes=rows)
+        assert semantics.shape == (rows, 300) and semantics.dtype == torch.float32
+        with open(path, "rb") as f:
+            reference = pickle.load(f)  # trusted copy: the plain unpickler as the reference
+        np.testing.assert_array_equal(semantics.numpy(), reference)
+
+
+def test_npy_embeddings_are_accepted_and_a_wrong_shape_is_an_error(tmp_path):
+    good, bad = tmp_path / "good.npy", tmp_path / "bad.npy"
+    vectors = np.random.default_rng(0).standard_normal((20, 300)).astype(np.float32)
+    np.save(good, vectors)
+    np.save(bad, vectors[:19])
+    np.testing.assert_array_equal(load_embeddings(str(good), num_classes=20).numpy(), vectors)
+    with pytest.raises(DSDLError, match=r"bad\.npy.*\(19, 300\).*\(20, 300\)"):
+        load_embeddings(str(bad), num_classes=20)
+
+
+def test_a_standard_embeddings_file_with_another_checksum_is_refused(tmp_path):
+    path = tmp_path / "voc_glove_word2vec.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(np.zeros((20, 300), np.float32), f)
+    with pytest.raises(DSDLError, match=md5sum(str(path))):
+        load_embeddings(str(path), num_classes=20)
