@@ -2,6 +2,8 @@
 distinct classes), the small command line of the runs, and an offline environment."""
 import os
 import sys
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -72,6 +74,18 @@ def write_voc_tree(root, year="2007", splits=None, size=64, seed=0, classes=VOC_
             f.writelines(f"{image_id}\n" for image_id in ids)
         written[split] = (ids, flags)
     return written
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network in this process: every download fails at once, as with no connection (and
+    torch.hub looks for weights in an empty folder)."""
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(torch.hub, "urlopen", no_network, raising=False)
 
 
 def call_main(main, argv):

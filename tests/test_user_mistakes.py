@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import types
-import urllib.error
 
 import numpy as np
 import pytest
@@ -315,12 +314,7 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(trained, run_folder, monkeypatc
     assert fingerprint(run_folder) == before and not (run_folder / engine.LOCK).exists()
 
 
-def test_no_imagenet_weights_offline_is_the_advice_alone(trained, tmp_path, monkeypatch, capsys):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "urlopen", offline, raising=False)
+def test_no_imagenet_weights_offline_is_the_advice_alone(offline, trained, tmp_path, capsys):
     argv = [a for a in trained.common if a != "--no-pretrained"]
     assert main(*argv, "--checkpoint-dir", tmp_path / "ck") == 1
     err = capsys.readouterr().err
@@ -392,14 +386,10 @@ def test_a_split_without_positives_says_no_model_can_be_selected(trained, tmp_pa
     assert "best -inf" not in out and not (folder / engine.BEST).exists()
 
 
-def test_voc2012_trains_and_selects_on_val_without_the_test_archive(trained, tmp_path, monkeypatch, capsys):
+def test_voc2012_trains_and_selects_on_val_without_the_test_archive(offline, trained, tmp_path, capsys):
     root = str(tmp_path / "voc2012")
     write_voc_tree(root, year="2012", splits={"train": 8, "val": 8})  # no test split at all
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
     folder = tmp_path / "ck"
     assert main(root, *SMALL, "--embeddings", trained.embeddings, "--epochs", "1",
                 "--checkpoint-dir", folder, script=main_voc2012) == 0

@@ -73,11 +73,7 @@ def test_a_present_dataset_is_used_without_network(voc_root, monkeypatch):
     assert len(VOC2007(root, "trainval")) == len(written["trainval"][0])
 
 
-def test_an_absent_dataset_offline_says_where_to_put_it(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+def test_an_absent_dataset_offline_says_where_to_put_it(offline, tmp_path):
     with pytest.raises(DSDLError) as error:
         VOC2007(str(tmp_path), "test")
     message = str(error.value)
