@@ -77,10 +77,12 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure_model(device, arch, image_size, batch_size, num_classes, steps, warmup, fast, compile=False):
+def measure_model(device, arch, image_size, batch_size, num_classes, steps, warmup, fast, compile=False,
+                  rounds=3):
     """Training, evaluation and inference images/s, and on a GPU the peak memory, of one
     configuration. Inference is the forward pass alone, of the model and of its folded form
-    (`DSDL.folded`: the head as one linear layer, as export.py writes it)."""
+    (`DSDL.folded`: the head as one linear layer, as export.py writes it). Each figure is the
+    best of `rounds` timed passes: other work on a shared machine only ever slows a pass down."""
     torch.manual_seed(0)
     model = DSDL(num_classes, torch.randn(num_classes, 300), 10.0, arch, pretrained=False).to(device)
     amp_dtype, scaler = engine.mixed_precision(device, fast)
@@ -118,11 +120,14 @@ def measure_model(device, arch, image_size, batch_size, num_classes, steps, warm
     for name, function in (("train", train), ("eval", evaluate), ("infer", inference(model)),
                            ("infer_folded", inference(model.eval().folded()))):
         function(warmup_loader)
-        synchronize(device)
-        start = time.perf_counter()
-        function(timed_loader)
-        synchronize(device)
-        figures[name] = steps * batch_size / (time.perf_counter() - start)
+        seconds = math.inf
+        for _ in range(rounds):
+            synchronize(device)
+            start = time.perf_counter()
+            function(timed_loader)
+            synchronize(device)
+            seconds = min(seconds, time.perf_counter() - start)
+        figures[name] = steps * batch_size / seconds
     if device.type == "cuda":
         figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return figures
@@ -248,6 +253,7 @@ def main():
     parser.add_argument("-b", "--batch-size", type=int, default=None, help="default: 32 on a GPU, 8 on a CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed batches (default: 20 GPU, 3 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed batches first (default: 5 GPU, 1 CPU)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed passes of the model figures; the best counts")
     parser.add_argument("--pipeline-images", type=int, default=60, help="JPEGs for the pipeline figures")
     parser.add_argument("--pipeline-only", action="store_true", help="time only the input pipeline")
     parser.add_argument("--num-classes", type=int, default=20)
@@ -268,13 +274,13 @@ def main():
         torch.backends.cudnn.benchmark = True
     where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {where}; torch {torch.__version__}"
-          + ("" if args.pipeline_only else f"; {arch}, {image_size} px, batch {batch_size}, "
-                                            f"{steps} timed steps after {warmup}"))
+          + ("" if args.pipeline_only else f"; {arch}, {image_size} px, batch {batch_size}, best of "
+                                            f"{args.rounds} x {steps} timed steps after {warmup}"))
     figures = {"device": where, "torch": torch.__version__, "pipeline_image_size": PIPELINE_SIZE}
 
     if not args.pipeline_only:
         model = dict(device=device, arch=arch, image_size=image_size, batch_size=batch_size,
-                     num_classes=args.num_classes, steps=steps, warmup=warmup)
+                     num_classes=args.num_classes, steps=steps, warmup=warmup, rounds=args.rounds)
         release = measure_model(**model, fast=False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
