@@ -118,7 +118,7 @@ def measure_model(device, arch, image_size, batch_size, num_classes, steps, warm
 
     figures = {}
     for name, function in (("train", train), ("eval", evaluate), ("infer", inference(model)),
-                           ("infer_folded", inference(model.eval().folded()))):
+                           ("infer_folded", inference(model.folded()))):
         function(warmup_loader)
         seconds = math.inf
         for _ in range(rounds):

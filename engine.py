@@ -195,7 +195,11 @@ def check_run_folder(args, checkpoint):
     if not os.path.isfile(last):
         raise DSDLError(f"{folder} holds another run's {', '.join(present)}; continuing "
                         f"{args.resume} there would mix the two. Pass another --checkpoint-dir")
-    current = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        current = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # a damaged file: say so rather than guess which run it was
+        raise DSDLError(f"{last} cannot be read ({type(error).__name__}); to continue from "
+                        f"{args.resume} in {folder}, move that file away first") from error
     same_run = checkpoint.get("run_id") is not None and current.get("run_id") == checkpoint.get("run_id")
     if not same_run or current.get("epoch", 0) > checkpoint.get("epoch", 0):
         which = "an older epoch of this run" if same_run else "another run"
@@ -622,18 +626,19 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
     rank, world_size, device = init_distributed(args.device)
     if rank == 0:
         check_run_folder(args, checkpoint)
-    if args.resume and not args.evaluate and "optimizer" in checkpoint:
-        warn_changed_args(checkpoint, args)
-    if args.resume and not args.evaluate and checkpoint.get("epoch", 0) >= args.epochs:
-        done = checkpoint.get("epoch", 0)
-        print(f"{args.resume} has already trained {done} epoch{'s' * (done != 1)}, and --epochs "
-              f"is {args.epochs}: nothing to do. Pass a larger --epochs to train on.")
-        return None
     lock = run_lock(args.checkpoint_dir) if rank == 0 and not args.evaluate else contextlib.nullcontext()
     with lock:
         with rank_zero_first():  # rank 0 downloads and extracts the data first
             datasets = Datasets(*datasets_fn(args))
         check_datasets(datasets, checkpoint, args)
+        if args.resume and not args.evaluate:
+            if "optimizer" in checkpoint:
+                warn_changed_args(checkpoint, args)
+            done = checkpoint.get("epoch", 0)
+            if done >= args.epochs:
+                print(f"{args.resume} has already trained {done} epoch{'s' * (done != 1)}, and "
+                      f"--epochs is {args.epochs}: nothing to do. Pass a larger --epochs to train on.")
+                return None
         return train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_submission,
                                   device, world_size)
 
@@ -709,7 +714,8 @@ def train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_sub
                 scaler.load_state_dict(checkpoint["scaler"])
         start_epoch = checkpoint.get("epoch", 0)
         best_score = float(checkpoint.get("best_score", -math.inf))  # the release's is a tensor
-        run_id = checkpoint.get("run_id") or run_id
+        if os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(folder):
+            run_id = checkpoint.get("run_id") or run_id  # the same run; elsewhere, a branch
         say(f"resumed from {args.resume} at epoch {start_epoch} (best mAP {best_score:.2f})")
     elif args.init_from:
         say(f"starting from the trunk and auto-encoder weights of {args.init_from}")
@@ -779,6 +785,7 @@ def train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_sub
 def main(args, datasets_fn, default_embeddings, write_submission=None):
     """Entry point of the main_*.py scripts: a user's mistake ends in one `error:` line
     (exit status 1), Ctrl-C in a line saying how to go on (exit status 130)."""
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
         run(args, datasets_fn, default_embeddings, write_submission)
     except DSDLError as error:

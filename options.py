@@ -137,8 +137,10 @@ def get_args_parser(description, run_folder, **defaults):
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the trunk (falls back to eager with a warning)")
     speed.add_argument("--fast-pipeline", action="store_true",
-                       help="one resize instead of two and uint8 batches normalised on the device: "
-                            "the same crops, pixels within a few grey levels of the release's")
+                       help="JPEGs decoded by torchvision and the release's resizes, crop and flip "
+                            "done on uint8 tensors, batches normalised on the device: the same "
+                            "crops and flips, pixels on average within 0.1 grey level (at most 2) "
+                            "of the release's")
     speed.add_argument("--sync-bn", action="store_true",
                        help="synchronise BatchNorm statistics across processes (torchrun)")
     parser.set_defaults(run_folder=run_folder, **defaults)

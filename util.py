@@ -4,6 +4,7 @@ import contextlib
 import functools
 import hashlib
 import http.client
+import io
 import os
 import pickle
 import shutil
@@ -213,8 +214,8 @@ class FastTrainTransform(TensorTransform):
     def transform(self, image):
         image = F.resize(image, [self.resize, self.resize], antialias=True)
         x0, y0, x1, y1 = self.crop.draw(self.resize, self.resize)
-        # Crop, then resize the packed copy: F.resized_crop would resample the crop's strided
-        # view, which takes torch's slower uint8 path (twice the time of this copy and resize).
+        # Crop, then resize a packed copy: F.resized_crop resamples the crop's strided view,
+        # which takes torch's slower uint8 path (measured 3x the time of this copy and resize).
         image = _packed(F.crop(image, y0, x0, y1 - y0, x1 - x0))
         image = F.resize(image, [self.crop.size, self.crop.size], antialias=True)
         if torch.rand(1) < 0.5:
@@ -272,9 +273,9 @@ def eval_transform(image_size=448, fast=False):
 def _unreadable(path, error, upright):
     """The error for an image file that exists but cannot be decoded."""
     if isinstance(error, Image.DecompressionBombError):
-        return DSDLError(f"cannot read image {path} ({error}). It is a valid image, but larger "
-                         f"than PIL's limit of Image.MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS:,}) "
-                         f"pixels (it refuses twice that); downscale it.")
+        return DSDLError(f"cannot read image {path} ({error}). The image is larger than PIL's "
+                         f"limit of Image.MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS:,}) pixels (PIL "
+                         f"refuses twice that, a guard against decompression bombs); downscale it.")
     if upright:  # the user's own file (predict.py, CSV datasets): no archive to restore it from
         fix = "check that it opens in an image viewer, then copy or export it again"
     else:
@@ -301,9 +302,9 @@ def load_image(path, upright=False):
     whose images the release read as stored; on for your own images (predict.py, CSV datasets).
     """
     if not os.path.isfile(path):
-        fix = ("check the path" if upright else
-               "the dataset folder is incomplete; delete it to download it again, or restore the file")
-        raise DSDLError(f"image not found: {path}. {fix[0].upper()}{fix[1:]}.")
+        fix = ("Check the path." if upright else  # the user's own file
+               "The dataset folder is incomplete; delete it to download it again, or restore the file.")
+        raise DSDLError(f"image not found: {path}. {fix}")
     try:
         with Image.open(path) as image:
             if upright:
@@ -320,7 +321,9 @@ def load_image_tensor(path, upright=False):
 
     JPEGs are decoded straight into a tensor by torchvision (libjpeg-turbo, as PIL: the same
     pixels; grey and CMYK converted to RGB; the EXIF orientation applied when `upright`, as
-    `load_image` does). Other files (PNG ..., or a JPEG name on other bytes) go through `load_image`.
+    `load_image` does). Other files (PNG ..., or a JPEG name on other bytes), and JPEGs that
+    torchvision cannot decode, go through `load_image`, which accepts or refuses a file as the
+    release's pipeline does and says why.
     """
     try:
         data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
@@ -328,10 +331,14 @@ def load_image_tensor(path, upright=False):
         data = None
     if data is None or data[:3].tolist() != [0xFF, 0xD8, 0xFF]:  # the JPEG signature
         return F.pil_to_tensor(load_image(path, upright))
+    with Image.open(io.BytesIO(data.numpy())) as header:  # reads the header only
+        width, height = header.size
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        return F.pil_to_tensor(load_image(path, upright))  # PIL's decompression-bomb rules
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=upright)
-    except RuntimeError as error:
-        raise _unreadable(path, error, upright) from error
+    except RuntimeError:  # truncated, corrupt, or a JPEG flavour libjpeg-turbo lacks
+        return F.pil_to_tensor(load_image(path, upright))
 
 
 def read_image(path, transform=None, upright=False):

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -94,6 +95,14 @@ def test_checkpoint_holds_everything_needed_to_continue(voc_root, random_embeddi
 
 # ---- the command line ---------------------------------------------------------------------
 
+def command(capsys, *args):
+    """main_voc2007.py's command line in this process (an uncaught exception fails the test,
+    so a passing test also shows there was no traceback)."""
+    code = call_main(main_voc2007.main, list(args))
+    out, err = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
 def cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, os.path.join(ROOT, "main_voc2007.py"), *args],
                           capture_output=True, text=True, cwd=cwd, env=offline_environment(),
@@ -118,48 +127,48 @@ def test_cli_trains_one_epoch_and_logs_every_metric(voc_root, random_embeddings,
     assert "learning rates: trunk 0.001, dictionary 0.01" in result.stdout
 
 
-def test_cli_missing_dataset_offline_is_a_clear_error(tmp_path):
-    result = cli(str(tmp_path / "nowhere"), *SMALL, "--checkpoint-dir", str(tmp_path / "ck"))
+def test_cli_missing_dataset_offline_is_a_clear_error(offline, tmp_path, capsys):
+    result = command(capsys, str(tmp_path / "nowhere"), *SMALL, "--checkpoint-dir", str(tmp_path / "ck"))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "VOCtrainval_06-Nov-2007.tar" in result.stderr and "VOCdevkit" in result.stderr
 
 
-def test_cli_missing_resume_file_is_an_error_not_a_fresh_start(voc_root, random_embeddings, tmp_path):
+def test_cli_missing_resume_file_is_an_error_not_a_fresh_start(voc_root, random_embeddings, tmp_path, capsys):
     root, _ = voc_root
-    result = cli(root, *SMALL, "--embeddings", random_embeddings, "--checkpoint-dir", str(tmp_path / "ck"),
+    result = command(capsys, root, *SMALL, "--embeddings", random_embeddings, "--checkpoint-dir", str(tmp_path / "ck"),
                  "--resume", str(tmp_path / "missing.pth.tar"))
     assert result.returncode == 1 and "missing.pth.tar: no such file" in result.stderr
     assert not os.path.exists(tmp_path / "ck")
 
 
-def test_cli_embeddings_of_the_wrong_shape_are_an_error(voc_root, tmp_path):
+def test_cli_embeddings_of_the_wrong_shape_are_an_error(voc_root, tmp_path, capsys):
     root, _ = voc_root
     path = tmp_path / "wrong.npy"
     np.save(path, np.zeros((20, 299), np.float32))
-    result = cli(root, *SMALL, "--embeddings", str(path), "--checkpoint-dir", str(tmp_path / "ck"))
+    result = command(capsys, root, *SMALL, "--embeddings", str(path), "--checkpoint-dir", str(tmp_path / "ck"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "wrong.npy" in result.stderr and "(20, 299)" in result.stderr
 
 
-def test_cli_checkpoint_for_another_number_of_classes_is_an_error(voc_root, random_embeddings, tmp_path):
+def test_cli_checkpoint_for_another_number_of_classes_is_an_error(voc_root, random_embeddings, tmp_path, capsys):
     root, _ = voc_root
     model = DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=False)
     path = tmp_path / "five.pth.tar"
     torch.save({"model": model.state_dict(), "epoch": 3, "best_score": 50.0,
                 "classes": [f"class{i}" for i in range(5)], "semantics": model.semantics}, path)
-    result = cli(root, *SMALL, "--embeddings", random_embeddings, "-e", "--resume", str(path),
+    result = command(capsys, root, *SMALL, "--embeddings", random_embeddings, "-e", "--resume", str(path),
                  "--checkpoint-dir", str(tmp_path / "ck"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "5 classes" in result.stderr and "20" in result.stderr
 
 
-def test_cli_checkpoint_for_another_feature_size_is_an_error(voc_root, random_embeddings, tmp_path):
+def test_cli_checkpoint_for_another_feature_size_is_an_error(voc_root, random_embeddings, tmp_path, capsys):
     root, _ = voc_root
     model = DSDL(20, torch.randn(20, 300), 10.0, arch="resnet18", pretrained=False)
     path = tmp_path / "r18.pth.tar"
     torch.save({"state_dict": model.state_dict()}, path)
-    result = cli(root, *SMALL[:1], "resnet50", *SMALL[2:], "--embeddings", random_embeddings, "-e",
+    result = command(capsys, root, *SMALL[:1], "resnet50", *SMALL[2:], "--embeddings", random_embeddings, "-e",
                  "--resume", str(path), "--checkpoint-dir", str(tmp_path / "ck"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "feature size 512" in result.stderr and "resnet50 has feature size 2048" in result.stderr

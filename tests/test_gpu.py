@@ -108,11 +108,17 @@ def test_a_training_step_matches_float32_with_the_solve_and_the_loss_in_float32(
 
     solves, losses = [], []
     solve = torch.linalg.solve
-    monkeypatch.setattr(torch.linalg, "solve", lambda a, b: solves.append((a.dtype, b.dtype)) or solve(a, b))
+
+    def recording_solve(gram, right):
+        solves.append((gram.dtype, right.dtype))
+        return solve(gram, right)
+
+    monkeypatch.setattr(torch.linalg, "solve", recording_solve)
 
     def recording_loss(output, targets):
-        losses.append(loss_fn(output, targets))
-        return losses[-1]
+        loss = loss_fn(output, targets)
+        losses.append(loss.detach())
+        return loss
 
     model = model.to(DEVICE)
     optimizer = torch.optim.SGD(model.parameter_groups(0.01, 0.1), lr=0.01, momentum=0.9)
@@ -161,7 +167,10 @@ def test_uint8_batches_normalised_on_the_gpu_equal_the_release_pipelines_tensors
     torch.testing.assert_close(ours.cpu(), expected, rtol=0, atol=1e-5)
 
 
-def test_evaluate_and_class_maps_on_the_gpu_equal_the_cpu():
+def test_evaluate_and_class_maps_on_the_gpu_equal_the_cpu(monkeypatch):
+    # True float32 convolutions here: a class map puts each channel's share where its max pool
+    # reads it, and TF32's rounding could move that position between two near-equal values.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     images, labels = generated_images(12, 64)
     loader = DataLoader(Generated(images, labels), batch_size=4)
     loss_fn = DSDLLoss(10.0, 1e-4)
@@ -169,13 +178,13 @@ def test_evaluate_and_class_maps_on_the_gpu_equal_the_cpu():
     on_cpu = engine.evaluate(model, loss_fn, loader, torch.device("cpu"))
     on_gpu = engine.evaluate(copy.deepcopy(model).to(DEVICE), loss_fn, loader, DEVICE)
     assert on_gpu.ids == on_cpu.ids and np.array_equal(on_gpu.labels, on_cpu.labels)
-    assert relative_error(torch.from_numpy(on_gpu.scores), torch.from_numpy(on_cpu.scores)) < 1e-2
-    assert on_gpu.loss == pytest.approx(on_cpu.loss, rel=1e-2)
+    assert relative_error(torch.from_numpy(on_gpu.scores), torch.from_numpy(on_cpu.scores)) < 1e-4
+    assert on_gpu.loss == pytest.approx(on_cpu.loss, rel=1e-4)
     with torch.no_grad():
         maps_cpu = model.class_maps(as_float(images[:4]))
         maps_gpu = copy.deepcopy(model).to(DEVICE).class_maps(as_float(images[:4]).to(DEVICE))
-    assert relative_error(maps_gpu.scores, maps_cpu.scores) < 1e-2
-    assert relative_error(maps_gpu.maps, maps_cpu.maps) < 1e-2
+    assert relative_error(maps_gpu.scores, maps_cpu.scores) < 1e-4
+    assert relative_error(maps_gpu.maps, maps_cpu.maps) < 1e-3
 
 
 def test_a_checkpoint_written_on_the_gpu_loads_on_the_cpu_and_back(tmp_path):
@@ -252,20 +261,22 @@ def test_resnet101_at_448_px_learns_alike_in_float32_and_on_the_fast_path(monkey
         loss_fn = DSDLLoss(10.0, 1e-4)
 
         def recording_loss(output, targets):
-            losses.append(loss_fn(output, targets))
-            return losses[-1]
+            loss = loss_fn(output, targets)
+            losses.append(loss.detach())
+            return loss
 
         # The release's path gets float batches; the fast path uint8 ones normalised on the device.
         batches = ((images[i] if fast else as_float(images[i].cpu()).to(DEVICE), labels[i], [""] * batch)
                    for i in order)
         engine.train_one_epoch(model, recording_loss, optimizer, batches, DEVICE, 0, 10.0, amp_dtype,
                                scaler, channels_last=fast)
-        curves[path] = torch.stack(losses).detach().float().cpu()
-    # Moving averages over 20 steps: the trajectories differ step by step (rounding changes
-    # which minimum SGD heads for), the curves should not.
+        curves[path] = torch.stack(losses).float().cpu()
+    # Means over 20 steps: the trajectories differ step by step (rounding changes which way SGD
+    # goes), the curves should not. With ResNet-18 at 64 px on the CPU (float32 against bf16):
+    # 0.70 -> 0.24 in 100 steps, and the two curves within 0.003 of each other.
     smooth = {path: curve.unfold(0, 20, 20).mean(1) for path, curve in curves.items()}
     print({path: [round(v, 3) for v in s.tolist()] for path, s in smooth.items()})
     for path, s in smooth.items():
         assert s[-1] < 0.7 * s[0], f"{path}: the loss did not fall ({s[0]:.3f} -> {s[-1]:.3f})"
     gap = (smooth["fast"] - smooth["float32"]).abs() / smooth["float32"][0]
-    assert gap.max() < 0.15, f"the curves part: {gap.max():.3f} of the first loss"
+    assert gap.max() < 0.1, f"the curves part: {gap.max():.3f} of the first loss"

@@ -96,7 +96,12 @@ def test_train_transform_flips_half_the_time():
 def test_a_seeded_fast_train_transform_takes_the_release_box_and_flip(monkeypatch):
     boxes = []
     draw = MultiScaleCrop.draw
-    monkeypatch.setattr(MultiScaleCrop, "draw", lambda self, w, h: boxes.append(draw(self, w, h)) or boxes[-1])
+
+    def recording_draw(self, width, height):
+        boxes.append(draw(self, width, height))
+        return boxes[-1]
+
+    monkeypatch.setattr(MultiScaleCrop, "draw", recording_draw)
     ramp = np.tile(np.linspace(0, 255, 90, dtype=np.uint8)[None, :, None], (70, 1, 3))
     image = Image.fromarray(ramp)  # brighter to the right: a flip shows
     release, fast = train_transform(56), train_transform(56, fast=True)
@@ -130,7 +135,12 @@ def pil_pixels(path, upright=False):
 def test_read_image_decodes_jpegs_with_torchvision_for_the_fast_transforms(tmp_path, monkeypatch):
     decoded = []
     decode = util.decode_jpeg
-    monkeypatch.setattr(util, "decode_jpeg", lambda *a, **k: decoded.append(1) or decode(*a, **k))
+
+    def recording_decode(*args, **kwargs):
+        decoded.append(args[0])
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(util, "decode_jpeg", recording_decode)
     photo().save(tmp_path / "a.jpg", quality=90)
     photo().save(tmp_path / "b.jpg", format="PNG")  # PNG bytes under a .jpg name
     for name in ("a.jpg", "b.jpg"):
