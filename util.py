@@ -331,10 +331,13 @@ def load_image_tensor(path, upright=False):
         data = None
     if data is None or data[:3].tolist() != [0xFF, 0xD8, 0xFF]:  # the JPEG signature
         return F.pil_to_tensor(load_image(path, upright))
-    with Image.open(io.BytesIO(data.numpy())) as header:  # reads the header only
-        width, height = header.size
-    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-        return F.pil_to_tensor(load_image(path, upright))  # PIL's decompression-bomb rules
+    try:
+        with Image.open(io.BytesIO(data.numpy())) as header:  # reads the header only
+            too_large = Image.MAX_IMAGE_PIXELS and header.size[0] * header.size[1] > Image.MAX_IMAGE_PIXELS
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        too_large = True  # a broken header: load_image names the problem
+    if too_large:  # PIL's decompression-bomb rules, and its errors
+        return F.pil_to_tensor(load_image(path, upright))
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=upright)
     except RuntimeError:  # truncated, corrupt, or a JPEG flavour libjpeg-turbo lacks
