@@ -333,10 +333,10 @@ def load_image_tensor(path, upright=False):
         return F.pil_to_tensor(load_image(path, upright))
     try:
         with Image.open(io.BytesIO(data.numpy())) as header:  # reads the header only
-            too_large = Image.MAX_IMAGE_PIXELS and header.size[0] * header.size[1] > Image.MAX_IMAGE_PIXELS
+            use_pil = Image.MAX_IMAGE_PIXELS and header.size[0] * header.size[1] > Image.MAX_IMAGE_PIXELS
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        too_large = True  # a broken header: load_image names the problem
-    if too_large:  # PIL's decompression-bomb rules, and its errors
+        use_pil = True  # a broken header: load_image names the problem
+    if use_pil:  # PIL decompression-bomb rules, and its errors
         return F.pil_to_tensor(load_image(path, upright))
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=upright)
