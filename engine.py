@@ -4,11 +4,12 @@
 from, claim the run folder, build the data and the model, then for each epoch train, step the
 schedule, evaluate, report and save. `-e` evaluates once and writes only eval_<split>.* files.
 """
-import contextlib
+import fcntl
 import math
 import os
 import pickle
 import re
+import signal
 import socket
 import sys
 import time
@@ -162,14 +163,8 @@ def load_weights(model, checkpoint, path, class_independent_only=False):
 # The run folder: it belongs to one run
 # --------------------------------------------------------------------------------------------
 
-def check_run_folder(args, checkpoint):
-    """Refuse, before anything is written, what would overwrite or splice another run.
-
-    A fresh run needs a folder without a run in it; --resume continues the run whose latest
-    checkpoint it is (never an older one: that would overwrite the newer epochs). -e writes
-    only its own eval_* files, so any writable folder will do.
-    """
-    folder = args.checkpoint_dir
+def prepare_run_folder(folder):
+    """The run folder exists and can be written to: found before anything trains."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise DSDLError(f"--checkpoint-dir {folder} is a file, not a folder; pass a folder")
     try:
@@ -179,10 +174,17 @@ def check_run_folder(args, checkpoint):
                         f"folder you can write to") from error
     if not os.access(folder, os.W_OK | os.X_OK):
         raise DSDLError(f"--checkpoint-dir {folder} is not writable; pass a folder you can write to")
-    if args.evaluate:
-        return
-    present = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
+
+
+def check_run_folder(args, checkpoint):
+    """Refuse, before anything is written, a training run that would overwrite or splice
+    another: a fresh run needs a folder without a run in it; --resume continues the run whose
+    latest checkpoint it is (never an older one: that would overwrite the newer epochs)."""
+    folder = args.checkpoint_dir
     last = os.path.join(folder, CHECKPOINT)
+    resumed = os.path.abspath(args.resume) if args.resume else None
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))
+               and os.path.abspath(os.path.join(folder, name)) != resumed]
     if not args.resume:
         if present:
             way_on = (f"To continue it, pass --resume {last}; to" if os.path.isfile(last) else "To")
@@ -190,7 +192,7 @@ def check_run_folder(args, checkpoint):
                             f"overwrite it. {way_on} start a new run, pass another "
                             f"--checkpoint-dir (or delete that folder)")
         return
-    if not present or os.path.abspath(args.resume) == os.path.abspath(last):
+    if not present or resumed == os.path.abspath(last):
         return
     if not os.path.isfile(last):
         raise DSDLError(f"{folder} holds another run's {', '.join(present)}; continuing "
@@ -209,45 +211,61 @@ def check_run_folder(args, checkpoint):
                         f"continuation elsewhere with --checkpoint-dir NEW_FOLDER")
 
 
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
+class RunLock:
+    """`<folder>/run.lock`, locked (flock) by the run that writes into the folder.
+
+    The kernel lets go of the lock when its process ends, however it ends, so a second run is
+    refused exactly while the first lives. The file holds the holder's pid and host, for the
+    message of a refused run and the note of a run that takes over after a crash; a run that
+    ends removes it.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK)
+        self.file = None
+
+    def acquire(self):
+        while True:
+            lock_file = open(self.path, "a+")  # a+: never truncates what another run wrote
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock_file.seek(0)
+                holder = lock_file.read().split() or ["?", "?"]
+                lock_file.close()
+                raise DSDLError(f"another run (process {holder[0]} on {holder[-1]}) is writing "
+                                f"into {self.folder}; wait for it to end, or pass another "
+                                f"--checkpoint-dir") from None
+            try:  # the file locked is still the one at the path (not removed by its last holder)
+                if os.fstat(lock_file.fileno()).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            lock_file.close()
+        lock_file.seek(0)
+        left = lock_file.read().split()
+        if left:
+            print(f"note: taking over {self.path}, left by process {left[0]} which no longer runs")
+        lock_file.truncate(0)
+        lock_file.write(f"{os.getpid()} {socket.gethostname()}\n")
+        lock_file.flush()
+        self.file = lock_file
+
+    def release(self):
+        if self.file is not None:
+            os.remove(self.path)  # while still locked: the next run finds no file, or its own
+            self.file.close()
+            self.file = None
 
 
-@contextlib.contextmanager
-def run_lock(folder):
-    """Hold `folder/run.lock` (this process's pid and host) while the block runs: a second run
-    into the same folder is refused while the first lives; a lock left by a process that no
-    longer runs is taken over with a note."""
-    path = os.path.join(folder, LOCK)
-    host = socket.gethostname()
-    while True:
-        try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            break
-        except FileExistsError:
-            with open(path) as f:
-                fields = f.read().split()
-            pid = int(fields[0]) if fields and fields[0].isdigit() else None
-            owner_host = fields[1] if len(fields) > 1 else host
-            if pid is not None and pid != os.getpid() and (owner_host != host or process_alive(pid)):
-                raise DSDLError(f"another run (process {pid} on {owner_host}) is writing into "
-                                f"{folder}; wait for it to end or pass another --checkpoint-dir. "
-                                f"If no run uses that folder any more, delete {path}")
-            print(f"note: taking over {path}, left by process {pid} which no longer runs")
-            os.remove(path)
-    with os.fdopen(descriptor, "w") as f:
-        f.write(f"{os.getpid()} {host}\n")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(path)
+def claim_run_folder(args, checkpoint, lock):
+    """Rank 0, before any data is read: the folder is usable and, for training, locked and
+    free of another run."""
+    prepare_run_folder(args.checkpoint_dir)
+    if not args.evaluate:
+        lock.acquire()
+        check_run_folder(args, checkpoint)
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,7 +477,13 @@ def make_loader(dataset, batch_size, workers, seed, device, shuffle):
         dataset = Subset(dataset, range(torch.distributed.get_rank(), len(dataset), world_size))
     return DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
                       num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, worker_init_fn=ignore_interrupts)
+
+
+def ignore_interrupts(worker_id):
+    """Ctrl-C is for the main process, which stops the run and says how to resume; a loader
+    worker that died of it first would turn that into a DataLoader error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def set_epoch(loader, epoch, seed):
@@ -491,17 +515,34 @@ def check_args(args):
 
 
 def settle_args(args, checkpoint):
-    """What the command line left open: the trunk and input size of the checkpoint the run
-    starts from (else the paper's), and the run folder (with --resume: the checkpoint's)."""
+    """What the command line left open. From the checkpoint a run starts from: with --resume
+    and -e its recipe (`HYPER_PARAMETERS`; with --resume also --epochs), with --init-from its
+    trunk and input size, wherever the command line does not give them (a given value that
+    differs is used, with one warning listing each); else the paper's trunk and input size.
+    The run folder is, with --resume, the checkpoint's."""
     source = args.resume or args.init_from
     stored = (checkpoint or {}).get("args") or {}
-    for key, default in (("arch", DEFAULT_ARCH), ("image_size", DEFAULT_IMAGE_SIZE)):
-        option, theirs = "--" + key.replace("_", "-"), stored.get(key)
-        if getattr(args, key) is None:
-            setattr(args, key, theirs or default)
-        elif theirs is not None and theirs != getattr(args, key):
-            warnings.warn(f"{option} {getattr(args, key)} differs from the {theirs} that {source} "
-                          f"was trained with; using {getattr(args, key)}", stacklevel=2)
+    if args.init_from:
+        keys = ("arch", "image_size")
+    else:
+        keys = HYPER_PARAMETERS + (() if args.evaluate else ("epochs",))
+    changed = []
+    for key in keys:
+        theirs = stored.get(key)
+        if theirs is None:
+            continue
+        if key not in args.given:
+            setattr(args, key, theirs)
+        elif theirs != getattr(args, key) and key != "epochs":  # more epochs: the usual resume
+            changed.append(f"{key}: {theirs!r} -> {getattr(args, key)!r}")
+    if changed:
+        doing = "evaluating" if args.evaluate else "resuming" if args.resume else "starting"
+        warnings.warn(f"{doing} with other hyper-parameters than the checkpoint's ({source}); "
+                      f"the command line's are used:\n  " + "\n  ".join(changed), stacklevel=2)
+    args.arch = args.arch or DEFAULT_ARCH
+    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE
+    # The class list a checkpoint was trained on: a CSV dataset evaluated or resumed uses it.
+    args.checkpoint_classes = None if checkpoint is None or args.init_from else checkpoint.get("classes")
     if args.checkpoint_dir is None:
         args.checkpoint_dir = (os.path.dirname(args.resume) or ".") if args.resume else args.run_folder
 
@@ -535,13 +576,16 @@ def check_datasets(datasets, checkpoint, args):
     classes = [str(name) for name in test.classes]
     theirs = checkpoint.get("classes")
     if theirs is not None and list(theirs) != classes:
+        way = ("it can only be evaluated on data with its classes" if args.evaluate else
+               f"to start a run on this dataset from its weights, use --init-from {args.resume}")
         raise DSDLError(f"{args.resume} was trained on {len(theirs)} classes "
                         f"({', '.join(theirs[:4])}, ...), but this dataset has {len(classes)} "
-                        f"({', '.join(classes[:4])}, ...). To start a run on this dataset from its "
-                        f"weights, use --init-from {args.resume}")
-    trained_on = (checkpoint.get("dataset") or {}).get("name")
-    if not args.evaluate and trained_on is not None and trained_on != test.name:
-        raise DSDLError(f"{args.resume} is a run on {trained_on}, not {test.name}: --resume "
+                        f"({', '.join(classes[:4])}, ...); {way}")
+    # A run on one of the paper's benchmarks is known by its name; one on own data by its
+    # class list (checked above), whatever its folder is called.
+    trained_on = checkpoint.get("dataset") or {}
+    if not args.evaluate and trained_on.get("benchmark") and trained_on["name"] != test.name:
+        raise DSDLError(f"{args.resume} is a run on {trained_on['name']}, not {test.name}: --resume "
                         f"continues a run on its own dataset. To start a {test.name} run from its "
                         f"weights, use --init-from {args.resume}")
 
@@ -555,15 +599,6 @@ def semantics_for(args, classes, checkpoint, default_embeddings):
                         "C x 300 file in the class order (make_embeddings.py writes one)")
     path = args.embeddings or standard_embeddings(default_embeddings)
     return load_embeddings(path, num_classes=len(classes))
-
-
-def warn_changed_args(checkpoint, args):
-    stored = checkpoint.get("args") or {}
-    changed = [f"{key}: {stored[key]!r} -> {getattr(args, key)!r}" for key in HYPER_PARAMETERS
-               if key in stored and stored[key] != getattr(args, key)]
-    if changed:
-        warnings.warn("resuming with other hyper-parameters than the checkpoint's:\n  "
-                      + "\n  ".join(changed), stacklevel=2)
 
 
 def step_schedule(optimizer, model, args, start_epoch):
@@ -595,14 +630,14 @@ def table_title(args, dataset, epoch, source):
             f"{dataset.name} {dataset.split}")
 
 
-def score_submission(model, loss_fn, dataset, args, device, write_submission, amp_dtype):
-    """Score a split without labels and write the evaluation server's files (VOC 2012 test)."""
+def score_submission(model, loss_fn, dataset, args, device, write_submission, amp_dtype, folder):
+    """Score a split without labels and write the evaluation server's files (VOC 2012 test)
+    into `folder`."""
     loader = make_loader(dataset, args.batch_size, args.workers, args.seed, device, shuffle=False)
     result = evaluate(model, loss_fn, loader, device, amp_dtype, args.channels_last)
     if not is_main_process():
         return None
-    folder, archive = write_submission(result.scores, result.ids, list(dataset.classes),
-                                       args.checkpoint_dir)
+    folder, archive = write_submission(result.scores, result.ids, list(dataset.classes), folder)
     print(f"evaluation-server files for {len(result.ids)} {dataset.split} images: {folder}\n"
           f"upload {archive} to the evaluation server")
     return archive
@@ -624,23 +659,24 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
         raise DSDLError(f"--batch-size {args.batch_size} (the global batch) does not divide over "
                         f"{processes} processes; pass a multiple of {processes}")
     rank, world_size, device = init_distributed(args.device)
-    if rank == 0:
-        check_run_folder(args, checkpoint)
-    lock = run_lock(args.checkpoint_dir) if rank == 0 and not args.evaluate else contextlib.nullcontext()
-    with lock:
+    lock = RunLock(args.checkpoint_dir)
+    try:
+        with rank_zero_first():  # an error found by rank 0 stops every process
+            if rank == 0:
+                claim_run_folder(args, checkpoint, lock)
         with rank_zero_first():  # rank 0 downloads and extracts the data first
             datasets = Datasets(*datasets_fn(args))
         check_datasets(datasets, checkpoint, args)
-        if args.resume and not args.evaluate:
-            if "optimizer" in checkpoint:
-                warn_changed_args(checkpoint, args)
+        if args.resume and not args.evaluate and checkpoint.get("epoch", 0) >= args.epochs:
             done = checkpoint.get("epoch", 0)
-            if done >= args.epochs:
+            if rank == 0:
                 print(f"{args.resume} has already trained {done} epoch{'s' * (done != 1)}, and "
                       f"--epochs is {args.epochs}: nothing to do. Pass a larger --epochs to train on.")
-                return None
+            return None
         return train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_submission,
                                   device, world_size)
+    finally:
+        lock.release()
 
 
 def build_model(args, classes, checkpoint, default_embeddings, device, world_size):
@@ -679,7 +715,8 @@ def train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_sub
     dataset = dataset_record(datasets)
     provenance = report.provenance(world_size) if main_process else None
     settings = {**{key: getattr(args, key) for key in HYPER_PARAMETERS}, "dataset": test_set.name,
-                "benchmark": test_set.benchmark, "amp": args.amp, "fast_pipeline": args.fast_pipeline}
+                "benchmark": test_set.benchmark, "epochs": args.epochs,
+                **{key: getattr(args, key) for key in ("amp", "channels_last", "compile", "fast_pipeline")}}
 
     if args.evaluate:
         result = evaluate(model, loss_fn, test_loader, device, amp_dtype, args.channels_last)
@@ -691,18 +728,18 @@ def train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_sub
                       "settings": settings, "run": provenance}
             report.report_evaluation(
                 metrics, classes, table_title(args, test_set, epoch, args.resume),
-                test_set.benchmark, args.arch, record,
+                test_set.benchmark, (args.arch, args.image_size, test_set.split), record,
                 log_path=os.path.join(folder, f"eval_{test_set.split}.jsonl"),
                 table_path=os.path.join(folder, f"eval_{test_set.split}.md"))
             say(f"{test_set.split} loss {result.loss:.4f}; written to "
                 f"{os.path.join(folder, f'eval_{test_set.split}.md')} and .jsonl")
-        if datasets.submission is not None:
+        if datasets.submission is not None:  # beside, never over, what training submitted
             score_submission(model, loss_fn, datasets.submission, args, device, write_submission,
-                             amp_dtype)
+                             amp_dtype, os.path.join(folder, "eval_submission"))
         return metrics
 
     train_model = model  # what the training step calls: DDP-wrapped under torchrun
-    if world_size > 1:
+    if torch.distributed.is_initialized():
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameter_groups(args.lr, args.lrp), lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
@@ -713,10 +750,13 @@ def train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_sub
             if scaler is not None and "scaler" in checkpoint:
                 scaler.load_state_dict(checkpoint["scaler"])
         start_epoch = checkpoint.get("epoch", 0)
-        best_score = float(checkpoint.get("best_score", -math.inf))  # the release's is a tensor
         if os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(folder):
-            run_id = checkpoint.get("run_id") or run_id  # the same run; elsewhere, a branch
-        say(f"resumed from {args.resume} at epoch {start_epoch} (best mAP {best_score:.2f})")
+            run_id = checkpoint.get("run_id") or run_id
+            best_score = float(checkpoint.get("best_score", -math.inf))  # the release's: a tensor
+            say(f"resumed from {args.resume} at epoch {start_epoch} (best mAP {best_score:.2f})")
+        else:  # a branch: its model_best is the best of its own epochs, in its own folder
+            say(f"continuing {args.resume} from epoch {start_epoch} in {folder}, a new branch: "
+                f"its best model is chosen among the epochs trained here")
     elif args.init_from:
         say(f"starting from the trunk and auto-encoder weights of {args.init_from}")
     scheduler = step_schedule(optimizer, model, args, start_epoch)
@@ -750,7 +790,7 @@ def train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_sub
                  "lr_scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                  "best_score": best_score, "args": vars(args), "classes": classes,
                  "semantics": model.semantics.cpu(), "dataset": dataset, "run_id": run_id,
-                 "provenance": provenance}
+                 "provenance": provenance, "epoch_seconds": seconds}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         if main_process:
@@ -759,7 +799,7 @@ def train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_sub
                       "classes": classes, "settings": settings, "run": provenance}
             report.report_evaluation(
                 metrics, classes, table_title(args, test_set, epoch + 1, "this run"),
-                test_set.benchmark, args.arch, record, log_path,
+                test_set.benchmark, (args.arch, args.image_size, test_set.split), record, log_path,
                 table_path=os.path.join(folder, f"results_{test_set.split}.md"))
             report.plot_curves(log_path, folder, classes)
             # The best model first: a run killed between the two writes redoes this epoch on
@@ -769,7 +809,7 @@ def train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_sub
             save_checkpoint(state, os.path.join(folder, CHECKPOINT))
         say(report.epoch_line(epoch + 1, args.epochs, train_loss, test_set.split, metrics["mAP"],
                               best_score, seconds, saved=True, is_best=is_best))
-        if epoch + 1 in args.epoch_step:
+        if epoch + 1 in args.epoch_step and epoch + 1 < args.epochs:
             say(f"from epoch {epoch + 2}: {learning_rates(optimizer)}")
     if datasets.submission is not None:
         if torch.distributed.is_initialized():
@@ -778,7 +818,7 @@ def train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_sub
         if os.path.isfile(best):  # the submission comes from the best model, not the last
             load_weights(model, load_checkpoint(best), best)
         score_submission(model, loss_fn, datasets.submission, args, device, write_submission,
-                         amp_dtype)
+                         amp_dtype, folder)
     return metrics
 
 
@@ -786,15 +826,33 @@ def main(args, datasets_fn, default_embeddings, write_submission=None):
     """Entry point of the main_*.py scripts: a user's mistake ends in one `error:` line
     (exit status 1), Ctrl-C in a line saying how to go on (exit status 130)."""
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    # Ctrl-C reaches the loader workers too; one that dies of it before it ignores it makes
+    # the loader raise its own error in the main process. What follows an interrupt is the
+    # interrupt.
+    interrupted = []
+
+    def interrupt(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
     try:
         run(args, datasets_fn, default_embeddings, write_submission)
-    except DSDLError as error:
-        print(f"error: {user_message(error)}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        folder = args.checkpoint_dir or args.run_folder
-        print(f"\ninterrupted; {resume_advice(folder)}", file=sys.stderr)
+    except (KeyboardInterrupt, Exception) as error:
+        if not (interrupted or isinstance(error, KeyboardInterrupt)):
+            if not isinstance(error, DSDLError):
+                raise
+            if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank stops with it
+                print(f"error: {user_message(error)}", file=sys.stderr)
+            sys.exit(1)
+        if args.evaluate:
+            print("\ninterrupted; the evaluation did not finish: run the same command again",
+                  file=sys.stderr)
+        else:
+            print(f"\ninterrupted; {resume_advice(args.checkpoint_dir or args.run_folder)}",
+                  file=sys.stderr)
         sys.exit(130)
     finally:
+        signal.signal(signal.SIGINT, previous)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

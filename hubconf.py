@@ -16,7 +16,7 @@ import argparse
 from predict import load_model
 from util import DSDLError, eval_transform
 
-dependencies = ["torch", "torchvision"]
+dependencies = ["torch", "torchvision", "numpy", "PIL", "tqdm", "matplotlib"]
 
 
 def dsdl(checkpoint, dataset=None, embeddings=None, lambd=None, image_size=None, arch=None,

@@ -35,15 +35,16 @@ def datasets(args):
         args.train_csv or os.path.join(args.data, "train.csv"),
         args.test_csv or os.path.join(args.data, "test.csv"),
         args.images or os.path.join(args.data, "images"),
-        classes=custom.parse_classes(args.classes) if args.classes else None,
-        name=os.path.basename(os.path.normpath(args.data)),
+        # --classes, else the checkpoint's (-e / --resume), else every label of the CSVs
+        classes=custom.parse_classes(args.classes) if args.classes else args.checkpoint_classes,
+        name=os.path.basename(os.path.abspath(args.data)),
         train_transform=train_transform(args.image_size, args.fast_pipeline),
         test_transform=eval_transform(args.image_size, args.fast_pipeline),
         evaluate=args.evaluate)
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    args = options.parse_args(get_args_parser(), argv)
     import engine  # torch loads only now: --help and typos are answered at once
     engine.main(args, datasets, default_embeddings=None)
 

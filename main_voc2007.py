@@ -18,7 +18,7 @@ def datasets(args):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    args = options.parse_args(get_args_parser(), argv)
     import engine  # torch loads only now: --help and typos are answered at once
     engine.main(args, datasets, default_embeddings="voc_glove_word2vec.pkl")
 

@@ -16,7 +16,7 @@ def get_args_parser():
 
 def datasets(args):
     """train (None with -e), val, and test when its images are there or can be downloaded."""
-    from util import DSDLError, eval_transform, train_transform
+    from util import DSDLError, eval_transform, is_main_process, train_transform
     from voc import VOC2012
     train = None if args.evaluate else VOC2012(
         args.data, "train", train_transform(args.image_size, args.fast_pipeline))
@@ -24,15 +24,16 @@ def datasets(args):
     try:
         test = VOC2012(args.data, "test", eval_transform(args.image_size, args.fast_pipeline))
     except DSDLError as error:
-        print(f"warning: no evaluation-server submission will be written: {error}\n"
-              f"Training and model selection on val go on. Once the test images are in place, "
-              f"write the submission with -e --resume <checkpoint-dir>/model_best.pth.tar")
+        if is_main_process():
+            print(f"warning: no evaluation-server submission will be written: {error}\n"
+                  f"Training and model selection on val go on. Once the test images are in "
+                  f"place, write the submission with -e --resume <checkpoint-dir>/model_best.pth.tar")
         test = None
     return train, val, test
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    args = options.parse_args(get_args_parser(), argv)
     import engine  # torch loads only now: --help and typos are answered at once
     from voc import write_submission
     engine.main(args, datasets, default_embeddings="voc_glove_word2vec.pkl",

@@ -4,14 +4,15 @@ Importing torch takes a second or two, so the scripts parse their arguments firs
 typo or a value out of range is answered at once, before torch, the data or the model load.
 """
 import argparse
+import copy
 import os
 
 # The torchvision ResNets DSDL can use as its trunk (models.py builds them).
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 DEVICES = ("cuda", "cpu")
-# The settings that define a run's method and recipe. Resuming with other values than the
-# checkpoint's is allowed (they take effect) but is warned about; the other options (where the
-# files are, speed, how many epochs in all) may change between a run and its resumption freely.
+# The settings that define a run's method and recipe. --resume and -e take them from the
+# checkpoint unless the command line gives them; a given value that differs is used, with a
+# warning. The other options (where the files are, speed) may change freely.
 HYPER_PARAMETERS = ("arch", "image_size", "batch_size", "epoch_step", "lr", "lrp", "momentum",
                     "weight_decay", "max_grad_norm", "lambd", "beta", "seed", "no_pretrained")
 
@@ -62,6 +63,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(1, f"error: {message} (see {self.prog} --help)\n")
+
+
+def parse_args(parser, argv=None):
+    """`parser.parse_args(argv)`, with `given`: the names of the options the command line gave
+    (not taken from their defaults), so that a checkpoint's values can fill in the others."""
+    args = parser.parse_args(argv)
+    probe = copy.deepcopy(parser)
+    probe._defaults.clear()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(probe.parse_args(argv)))
+    return args
 
 
 def get_args_parser(description, run_folder, **defaults):
@@ -124,7 +137,7 @@ def get_args_parser(description, run_folder, **defaults):
     parser.add_argument("--device", type=device, default=None,
                         help="cuda or cpu (default: cuda when a GPU is available); under torchrun "
                              "each process takes its LOCAL_RANK's GPU")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seeds the initialisation, and per epoch the order of the images and "
                              "each image's crop and flip (default: %(default)s)")
     speed = parser.add_argument_group(
@@ -177,16 +190,15 @@ def add_checkpoint_options(parser):
                               ".zip), as make_embeddings.py makes them")
     parser.add_argument("--image-size", type=positive_int,
                         help="input side (default: the checkpoint's, else 448)")
-    parser.add_argument("--arch", choices=ARCHS, help="default: the checkpoint's (or inferred)")
+    parser.add_argument("--arch", choices=ARCHS,
+                        help="the ResNet trunk (default: the checkpoint's, or inferred from it)")
     parser.add_argument("--lambd", type=positive_float,
-                        help="default: the checkpoint's, else the dataset's")
+                        help="ridge regulariser (default: the checkpoint's, else the dataset's)")
 
 
 def predict_parser():
     """The options of predict.py (label your own images with a trained checkpoint)."""
-    parser = argparse.ArgumentParser(
-        description="Label your own images with a trained DSDL checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Label your own images with a trained DSDL checkpoint.")
     parser.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
     add_checkpoint_options(parser)
     parser.add_argument("--top-k", type=positive_int, metavar="K", help="at most K labels per image")
@@ -197,9 +209,10 @@ def predict_parser():
     parser.add_argument("--csv", metavar="FILE", help="also write the results as CSV")
     parser.add_argument("--cam", metavar="DIR",
                         help="save a class-map overlay per image and predicted class in DIR")
-    parser.add_argument("-b", "--batch-size", type=positive_int, default=32)
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=32,
+                        help="images per forward pass (default: %(default)s)")
     parser.add_argument("-j", "--workers", type=non_negative_int, default=default_workers(),
-                        help="data-loading processes")
+                        help="data-loading processes (default: the CPUs, at most 8: %(default)s)")
     parser.add_argument("--device", type=device, default=None,
                         help="cuda, cuda:N or cpu (default: cuda when a GPU is available)")
     return parser
@@ -207,11 +220,11 @@ def predict_parser():
 
 def export_parser():
     """The options of export.py (the trained model as one ONNX or TorchScript file)."""
-    parser = argparse.ArgumentParser(
-        description="Export a trained DSDL checkpoint with its head folded into one linear layer.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(
+        description="Export a trained DSDL checkpoint with its head folded into one linear layer.")
     add_checkpoint_options(parser)
-    parser.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    parser.add_argument("--format", choices=("onnx", "torchscript"), required=True,
+                        help="ONNX (for onnxruntime and others) or TorchScript")
     parser.add_argument("-o", "--output", required=True, metavar="FILE",
                         help="the model file; the class names go next to it, in FILE.classes.json")
     return parser

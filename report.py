@@ -73,23 +73,23 @@ def epoch_line(epoch, epochs, train_loss, split, score, best, seconds, saved, is
 # The paper's tables (spec section 1)
 # --------------------------------------------------------------------------------------------
 
-PAPER_ARCH = "resnet101"
+PAPER_ARCH, PAPER_IMAGE_SIZE = "resnet101", 448
 # benchmark -> the paper's DSDL row (ResNet-101 at 448 px); "AP" in the dataset's class order.
 PAPER_RESULTS = {
     "voc2007": {
-        "setting": "VOC 2007 test",
+        "setting": "VOC 2007 test", "split": "test",
         "mAP": 94.4,
         "AP": [99.8, 98.7, 98.4, 97.9, 81.9, 95.4, 97.6, 98.3, 83.3, 95.0,
                88.6, 98.0, 97.9, 95.8, 99.0, 86.6, 95.9, 86.4, 98.6, 94.4],
     },
     "voc2012": {
-        "setting": "VOC 2012 test, scored by the evaluation server",
+        "setting": "VOC 2012 test, scored by the evaluation server", "split": "test",
         "mAP": 93.2,
         "AP": [99.4, 95.3, 97.6, 95.7, 83.5, 94.8, 93.9, 98.5, 85.7, 94.5,
                83.8, 98.4, 97.7, 95.9, 98.5, 80.6, 95.7, 82.3, 98.2, 93.2],
     },
     "coco2014": {
-        "setting": "COCO 2014 val",
+        "setting": "COCO 2014 val", "split": "val",
         "mAP": 81.7, "CP": 84.1, "CR": 70.4, "CF1": 76.7, "OP": 85.1, "OR": 73.9, "OF1": 79.1,
         "CP_top3": 88.1, "CR_top3": 62.9, "CF1_top3": 73.4,
         "OP_top3": 89.6, "OR_top3": 65.3, "OF1_top3": 75.6,
@@ -100,13 +100,16 @@ SHORT_CLASS_NAMES = {"aeroplane": "aero", "bicycle": "bike", "diningtable": "tab
                      "motorbike": "mbike", "pottedplant": "plant", "tvmonitor": "tv"}
 
 
-def results_table(metrics, classes, benchmark=None, arch=None, title=None):
+def results_table(metrics, classes, benchmark=None, setting=(None, None, None), title=None):
     """One evaluation laid out like the paper's table, in Markdown.
 
     A per-class benchmark (VOC) gets one AP column per class and mAP; COCO gets mAP, the six
-    thresholded metrics and their top-3 variants. When `benchmark` and `arch` are the paper's
-    setting, the paper's row and our difference to it follow our row.
+    thresholded metrics and their top-3 variants. `setting` is (arch, image size, split): when
+    the benchmark, arch and image size are the paper's, the paper's row follows ours, and when
+    the split is the paper's too, our difference to it (VOC 2012's val is compared with nothing:
+    the paper's numbers are the test server's).
     """
+    arch, image_size, split = setting
     known = PAPER_RESULTS.get(benchmark)
     per_class = "AP" in known if known else len(classes) <= 20
     if per_class:
@@ -125,10 +128,11 @@ def results_table(metrics, classes, benchmark=None, arch=None, title=None):
 
     ours = row(metrics)
     rows = [["ours", *cells(ours)]]
-    paper = known if known and arch == PAPER_ARCH else None
+    paper = known if known and (arch, image_size) == (PAPER_ARCH, PAPER_IMAGE_SIZE) else None
     if paper is not None:
         rows.append(["DSDL paper", *cells(row(paper))])
-        rows.append(["difference", *cells(np.subtract(ours, row(paper)), "+")])
+        if split == paper["split"]:
+            rows.append(["difference", *cells(np.subtract(ours, row(paper)), "+")])
     lines = [title, ""] if title else []
     lines.append("| | " + " | ".join(headers) + " |")
     lines.append("|---|" + "---:|" * len(headers))
@@ -136,9 +140,9 @@ def results_table(metrics, classes, benchmark=None, arch=None, title=None):
     if paper is not None:
         lines += ["", f"Paper: Zhou, Huang, Xing, AAAI 2021, DSDL with ResNet-101 at 448 px on "
                       f"{paper['setting']}."]
+        if split != paper["split"]:
+            lines[-1] += f" Ours is on {split}: no difference is shown."
     return "\n".join(lines)
-
-
 
 
 def write_table(path, table):
@@ -146,10 +150,11 @@ def write_table(path, table):
         f.write(table + "\n")
 
 
-def report_evaluation(metrics, classes, title, benchmark, arch, record, log_path, table_path):
+def report_evaluation(metrics, classes, title, benchmark, setting, record, log_path, table_path):
     """Print one evaluation (the paper-style table and the thresholded metrics), append its
-    record to the log at `log_path` and save the table as Markdown at `table_path`."""
-    table = results_table(metrics, classes, benchmark, arch, title)
+    record to the log at `log_path` and save the table as Markdown at `table_path`. `setting`
+    is (arch, image size, split), as `results_table` takes it."""
+    table = results_table(metrics, classes, benchmark, setting, title)
     print(f"{table}\n{format_metrics(metrics, classes, per_class=len(classes) > 20)}")
     append_record(log_path, record)
     write_table(table_path, table)
@@ -315,8 +320,13 @@ def reproduction_block(folder):
     classes = last.get("classes") or [str(c) for c in range(len(last["AP"]))]
     lines = [f"### DSDL run: {settings.get('dataset', 'unknown dataset')}, {settings.get('arch', '?')} "
              f"at {settings.get('image_size', '?')} px", ""]
+    first = records[0].get("run") or {}
+    if first.get("command") not in (None, run.get("command")):  # resumed: how it began too
+        lines.append(f"- first command: `{first['command']}`")
     for key in ("command", "commit", "torch", "torchvision", "cuda", "cudnn", "gpu", "gpus", "python"):
         lines.append(f"- {key}: `{run.get(key, 'not recorded')}`")
+    lines.append("- settings: `" + " ".join(f"{key}={value}" for key, value in settings.items()
+                                             if key not in ("dataset", "benchmark")) + "`")
     seconds = [record["epoch_seconds"] for record in records if record.get("epoch_seconds")]
     if seconds:
         lines.append(f"- epochs logged: {len(records)}, median epoch time {duration(float(np.median(seconds)))}")
@@ -327,7 +337,8 @@ def reproduction_block(folder):
         metrics = {key: (math.nan if value is None else value) for key, value in record.items()}
         metrics["AP"] = [math.nan if value is None else value for value in record["AP"]]
         title = f"{name} epoch: {record['epoch']} ({record['split']})"
-        lines += ["", results_table(metrics, classes, settings.get("benchmark"), settings.get("arch"), title)]
+        setting = (settings.get("arch"), settings.get("image_size"), record["split"])
+        lines += ["", results_table(metrics, classes, settings.get("benchmark"), setting, title)]
     return "\n".join(lines)
 
 

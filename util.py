@@ -590,7 +590,10 @@ def standard_embeddings(name, folder="data"):
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         urls, md5 = STANDARD_EMBEDDINGS[name]
-        download(urls, path, md5)
+        try:
+            download(urls, path, md5)
+        except DSDLError as error:
+            raise DSDLError(f"{error}\nOr pass a copy you have with --embeddings PATH.") from error
     return path
 
 
@@ -601,10 +604,11 @@ def standard_embeddings(name, folder="data"):
 def init_distributed(device):
     """Join the process group torchrun describes; returns (rank, world size, device).
 
-    NCCL on GPUs, gloo on CPUs; each process drives the GPU of its LOCAL_RANK.
+    NCCL on GPUs, gloo on CPUs; each process drives the GPU of its LOCAL_RANK. Under torchrun
+    the group is joined with one process too (so that `torchrun --nproc_per_node 1` runs the
+    distributed code); without torchrun there is none.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
+    if "RANK" not in os.environ:  # not started by torchrun
         return 0, 1, torch.device(device)
     device = torch.device(device)
     if device.type == "cuda":
@@ -612,7 +616,7 @@ def init_distributed(device):
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), world_size, device
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
 def is_main_process():
@@ -621,10 +625,24 @@ def is_main_process():
 
 @contextlib.contextmanager
 def rank_zero_first():
-    """Under torchrun, rank 0 runs the block (downloads, extraction) before the other ranks."""
-    distributed = torch.distributed.is_initialized()
-    if distributed and not is_main_process():
-        torch.distributed.barrier()
-    yield
-    if distributed and is_main_process():
-        torch.distributed.barrier()
+    """Under torchrun, rank 0 runs the block (checks, downloads, extraction) before the other
+    ranks. A DSDLError raised there is raised by every rank (and printed by rank 0 only), so
+    that the other ranks stop with it instead of waiting or failing on a closed connection."""
+    if not torch.distributed.is_initialized():
+        yield
+        return
+    if is_main_process():
+        failure = [None]
+        try:
+            yield
+        except DSDLError as error:
+            failure = [str(error)]
+            raise
+        finally:
+            torch.distributed.broadcast_object_list(failure, src=0)
+    else:
+        failure = [None]
+        torch.distributed.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise DSDLError(failure[0])
+        yield

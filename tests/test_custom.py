@@ -198,3 +198,17 @@ def test_a_class_file_with_a_byte_order_mark_and_a_non_utf8_csv(tmp_path):
     latin.write_bytes("image,labels\ncaf\xe9.jpg,cat\n".encode("cp1252"))  # Excel's "CSV"
     with pytest.raises(custom.DSDLError, match=r"train\.csv is not UTF-8.*CSV UTF-8"):
         custom.read_label_csv(str(latin))
+
+
+def test_evaluation_takes_the_checkpoints_class_list_when_the_test_csv_lacks_a_class(
+        trained, tmp_path):
+    root, written, base, _ = trained
+    only_cats = tmp_path / "cats.csv"  # 'dog' and 'red car' appear nowhere in this file
+    only_cats.write_text("image,labels\n" + "".join(
+        f"{image},{'cat' if 'cat' in names else ''}\n" for image, names in written["test"]))
+    code = main_custom.main([str(root), *COMMON, "-e", "--resume", str(root / "checkpoints" / engine.CHECKPOINT),
+                             "--train-csv", str(tmp_path / "absent.csv"), "--test-csv", str(only_cats),
+                             "--checkpoint-dir", str(tmp_path / "out")])
+    assert code is None
+    (record,) = read_metrics(tmp_path / "out" / "eval_cats.jsonl")  # named after the CSV
+    assert len(record["AP"]) == len(CLASSES) and record["num_classes_ap"] == 1  # only cat has positives

@@ -89,3 +89,19 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_the_processes_mee
     assert ("error: --batch-size 7 (the global batch) does not divide over 2 processes; pass a "
             "multiple of 2") in capsys.readouterr().err
     assert not (tmp_path / "ck").exists()
+
+
+def test_a_mistake_found_by_rank_0_stops_every_process_with_one_error_line(two_process_run):
+    """A fresh run into the folder of a run: rank 0 finds it, and every rank stops with it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(ROOT, "main_voc2007.py"), *two_process_run.common,
+               "--checkpoint-dir", str(two_process_run.run)]
+    result = subprocess.run(command, capture_output=True, text=True, env=offline_environment(),
+                            timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "already holds a run" in errors[0]
+    # No rank fails on its own (a closed connection, a traceback from this project's code);
+    # what torchrun itself prints about a child that exited with 1 is torchrun's.
+    assert f'File "{ROOT}' not in result.stderr and "[rank" not in result.stderr
+    assert "Connection closed" not in result.stderr

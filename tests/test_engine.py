@@ -11,6 +11,7 @@ import torch
 
 import engine
 import main_voc2007
+import options
 from conftest import ROOT, SMALL, call_main, offline_environment, write_voc_tree
 from models import DSDL
 from report import read_metrics
@@ -19,8 +20,8 @@ from voc import VOC2007
 
 
 def parse(root, embeddings, checkpoint_dir, *extra):
-    return main_voc2007.get_args_parser().parse_args(
-        [root, *SMALL, "--embeddings", embeddings, "--checkpoint-dir", str(checkpoint_dir), *extra])
+    return options.parse_args(main_voc2007.get_args_parser(), [
+        root, *SMALL, "--embeddings", embeddings, "--checkpoint-dir", str(checkpoint_dir), *extra])
 
 
 def run(args):

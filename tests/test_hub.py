@@ -1,5 +1,8 @@
 """hubconf.py through torch.hub.load(source="local"): a trained model ready for inference, with
 its class names and its input transform; nothing is downloaded."""
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +15,23 @@ from util import DSDLError, load_embeddings
 from voc import VOC_CLASSES
 
 
-def test_hubconf_declares_only_torch_and_torchvision_as_dependencies():
-    import hubconf  # torch.hub checks that these import before it calls an entry point
-    assert hubconf.dependencies == ["torch", "torchvision"]
+def test_hubconf_declares_every_package_its_modules_import():
+    """torch.hub checks `dependencies` before it calls an entry point: a missing package is
+    then named, instead of a ModuleNotFoundError from inside this project's modules."""
+    import ast
+    import hubconf
+    imported = set()
+    for module in ("hubconf", "predict", "util", "models", "engine", "report", "options",
+                   "coco", "voc", "make_embeddings", "custom"):
+        with open(os.path.join(ROOT, module + ".py")) as f:
+            for node in ast.walk(ast.parse(f.read())):
+                if isinstance(node, ast.Import):
+                    imported |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported
+                   if name not in sys.stdlib_module_names and not os.path.isfile(os.path.join(ROOT, name + ".py"))}
+    assert third_party == set(hubconf.dependencies)
 
 
 def test_model_is_ready_in_eval_mode_with_its_classes_and_transform(trained):

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -255,16 +254,13 @@ def test_help_and_bad_options_answer_without_importing_torch(tmp_path):
     (fake / "__init__.py").write_text("raise ImportError('predict.py imported torch')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     command = [sys.executable, os.path.join(ROOT, "predict.py")]
-    start = time.perf_counter()
     done = subprocess.run(command + ["--help"], env=env, capture_output=True, text=True)
-    assert time.perf_counter() - start < 2
     assert done.returncode == 0, done.stderr
     assert "--resume" in done.stdout and "--classes-from-glove" in done.stdout
     done = subprocess.run(command + ["a.jpg", "--resume", "m.pth", "-b", "0"], env=env,
                           capture_output=True, text=True)
-    assert done.returncode == 2
-    assert done.stderr.splitlines()[-1].endswith(
-        "error: argument -b/--batch-size: must be at least 1, got 0")
+    assert done.returncode == 1
+    assert done.stderr == "error: argument -b/--batch-size: must be at least 1, got 0 (see predict.py --help)\n"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -279,8 +275,9 @@ def test_option_values_out_of_range_are_refused_by_the_parser(argv, message, tra
                                                                must_not_load):
     with pytest.raises(SystemExit) as exit:
         predict.main(["--resume", trained[0], *argv, trained[2][0]])
-    assert exit.value.code == 2
-    assert message in capsys.readouterr().err.splitlines()[-1]
+    assert exit.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
 
 
 def unwritable_folder(tmp_path):

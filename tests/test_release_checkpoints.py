@@ -23,7 +23,7 @@ from report import PAPER_RESULTS, results_table
 from util import compute_metrics, eval_transform
 from voc import VOC2007, VOC2012, VOC_CLASSES
 
-SMALL = ["--no-pretrained", "--image-size", "64", "-j", "0", "-b", "8", "--device", "cpu"]
+RELEASE_SMALL = ["--no-pretrained", "--image-size", "64", "-j", "0", "-b", "8", "--device", "cpu"]
 TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
@@ -91,7 +91,7 @@ def test_release_checkpoint_evaluates_voc2007_as_the_weights_loaded_by_hand(voc_
     root, _ = voc_root
     checkpoint, out = str(tmp_path / "voc2007.pth.tar"), tmp_path / "out"
     resnet, W1, W2 = release_checkpoint(checkpoint)
-    code = evaluate_cli(main_voc2007, monkeypatch, root, *SMALL, "--arch", "resnet18", "-e", "--resume",
+    code = evaluate_cli(main_voc2007, monkeypatch, root, *RELEASE_SMALL, "--arch", "resnet18", "-e", "--resume",
                         checkpoint, "--embeddings", random_embeddings, "--checkpoint-dir", str(out))
     assert code == 0
     test_set = VOC2007(root, "test", eval_transform(64), download=False)
@@ -110,7 +110,7 @@ def test_release_checkpoint_evaluates_voc2012_val_and_submits_test_scores(tmp_pa
     written = write_voc2012_tree(root)
     checkpoint, out = str(tmp_path / "voc2012.pth.tar"), tmp_path / "out"
     resnet, W1, W2 = release_checkpoint(checkpoint)
-    code = evaluate_cli(main_voc2012, monkeypatch, root, *SMALL, "--arch", "resnet18", "-e", "--resume",
+    code = evaluate_cli(main_voc2012, monkeypatch, root, *RELEASE_SMALL, "--arch", "resnet18", "-e", "--resume",
                         checkpoint, "--embeddings", random_embeddings, "--checkpoint-dir", str(out))
     assert code == 0
     val = VOC2012(root, "val", eval_transform(64), download=False)
@@ -120,7 +120,7 @@ def test_release_checkpoint_evaluates_voc2012_val_and_submits_test_scores(tmp_pa
 
     test = VOC2012(root, "test", eval_transform(64), download=False)
     scores = scores_by_hand(resnet, W1, W2, random_embeddings, 10.0, test)
-    with tarfile.open(out / "results.tar.gz") as tar:
+    with tarfile.open(out / "eval_submission" / "results.tar.gz") as tar:  # -e writes beside
         for c, name in enumerate(VOC_CLASSES):
             member = tar.extractfile(f"results/VOC2012/Main/comp1_cls_test_{name}.txt")
             rows = [line.split() for line in member.read().decode().splitlines()]
@@ -135,7 +135,7 @@ def test_release_checkpoint_evaluates_coco_as_the_weights_loaded_by_hand(tmp_pat
     np.save(embeddings, np.random.default_rng(3).standard_normal((len(COCO_TINY_CLASSES), 300)).astype(np.float32))
     checkpoint, out = str(tmp_path / "coco.pth.tar"), tmp_path / "out"
     resnet, W1, W2 = release_checkpoint(checkpoint)
-    code = evaluate_cli(main_coco, monkeypatch, root, *SMALL, "--arch", "resnet18", "-e", "--resume",
+    code = evaluate_cli(main_coco, monkeypatch, root, *RELEASE_SMALL, "--arch", "resnet18", "-e", "--resume",
                         checkpoint, "--embeddings", embeddings, "--checkpoint-dir", str(out))
     assert code == 0
     val = COCO2014(root, "val", eval_transform(64), download=False)
@@ -161,7 +161,7 @@ def test_release_checkpoint_for_another_feature_size_says_so_and_stops(voc_root,
     root, _ = voc_root
     checkpoint = str(tmp_path / "wrong.pth.tar")
     release_checkpoint(checkpoint, feature_dim=2048)  # a ResNet-101 dictionary on a ResNet-18 trunk
-    code = evaluate_cli(main_voc2007, monkeypatch, root, *SMALL, "--arch", "resnet18", "-e", "--resume",
+    code = evaluate_cli(main_voc2007, monkeypatch, root, *RELEASE_SMALL, "--arch", "resnet18", "-e", "--resume",
                         checkpoint, "--embeddings", random_embeddings, "--checkpoint-dir", str(tmp_path / "out"))
     error = capsys.readouterr().err
     assert code == 1
@@ -177,7 +177,7 @@ def test_coco_checkpoint_on_voc_says_the_class_counts_and_stops(voc_root, random
     checkpoint = str(tmp_path / "coco_ours.pth.tar")
     torch.save({"model": model.state_dict(), "epoch": 1, "classes": COCO_TINY_CLASSES,
                 "semantics": model.semantics}, checkpoint)
-    code = evaluate_cli(main_voc2007, monkeypatch, root, *SMALL, "--arch", "resnet18", "-e", "--resume",
+    code = evaluate_cli(main_voc2007, monkeypatch, root, *RELEASE_SMALL, "--arch", "resnet18", "-e", "--resume",
                         checkpoint, "--embeddings", random_embeddings, "--checkpoint-dir", str(tmp_path / "out"))
     error = capsys.readouterr().err
     assert code == 1
@@ -190,7 +190,7 @@ def test_paper_row_and_difference_follow_ours_in_the_papers_setting(voc_root, tm
     scores = np.random.default_rng(4).standard_normal(test_set.labels.shape)
     metrics = compute_metrics(scores, test_set.labels)
     assert engine.DEFAULT_ARCH == "resnet101"  # the paper's backbone, the default
-    report.report_evaluation(metrics, test_set.classes, "title", "voc2007", "resnet101", {"epoch": 3},
+    report.report_evaluation(metrics, test_set.classes, "title", "voc2007", ("resnet101", 448, "test"), {"epoch": 3},
                              str(tmp_path / "log.jsonl"), str(tmp_path / "results_test.md"))
     with open(tmp_path / "results_test.md") as f:
         lines = f.read().splitlines()
@@ -211,7 +211,7 @@ def test_table_lays_out_coco_as_the_paper_and_notes_the_papers_setting():
     metrics = {name: 50.0 + i for i, name in enumerate(names)}
     metrics.update({name + "_top3": 60.0 + i for i, name in enumerate(names[1:])})
     metrics["AP"] = [50.0] * 80
-    table = results_table(metrics, [f"c{i}" for i in range(80)], "coco2014", "resnet101", "title")
+    table = results_table(metrics, [f"c{i}" for i in range(80)], "coco2014", ("resnet101", 448, "val"), "title")
     lines = table.splitlines()
     assert lines[0] == "title"
     assert lines[2] == ("| | mAP | CP | CR | CF1 | OP | OR | OF1 | top-3 CP | top-3 CR | top-3 CF1 | "
@@ -222,6 +222,15 @@ def test_table_lays_out_coco_as_the_paper_and_notes_the_papers_setting():
     assert lines[6].startswith("| difference | -31.7 | -33.1 | -18.4 |")
     assert "COCO 2014 val" in lines[-1]
     # The VOC 2012 paper row is the official test server's: the note says so.
-    voc = results_table({"AP": [90.0] * 20, "mAP": 90.0}, list(VOC_CLASSES), "voc2012", "resnet101")
+    voc = results_table({"AP": [90.0] * 20, "mAP": 90.0}, list(VOC_CLASSES), "voc2012", ("resnet101", 448, "val"))
     assert "VOC 2012 test, scored by the evaluation server" in voc
+    # our val next to the paper's test-server numbers: the paper's row, but no difference
+    assert "| DSDL paper |" in voc and "| difference |" not in voc and "Ours is on val" in voc
     assert "| DSDL paper | 99.4 | 95.3 |" in voc
+
+
+def test_the_papers_row_is_shown_only_in_the_papers_setting():
+    metrics = {"AP": [90.0] * 20, "mAP": 90.0}
+    for setting in (("resnet18", 448, "test"), ("resnet101", 224, "test"), (None, None, None)):
+        assert "DSDL paper" not in results_table(metrics, list(VOC_CLASSES), "voc2007", setting)
+    assert "| difference |" in results_table(metrics, list(VOC_CLASSES), "voc2007", ("resnet101", 448, "test"))

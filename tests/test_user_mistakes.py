@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -19,7 +21,7 @@ import engine
 import main_coco
 import main_voc2007
 import main_voc2012
-from conftest import ROOT, SMALL, call_main, write_voc_tree
+from conftest import ROOT, SMALL, call_main, offline_environment, write_voc_tree
 from models import DSDL
 from report import read_metrics
 from test_coco import CATEGORIES, write_coco_tree
@@ -71,28 +73,33 @@ def test_the_same_training_command_twice_is_refused_before_anything_is_written(t
 
 def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(
         trained, run_folder, capsys):
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # Another process holds the folder's lock, as a run that trains there does.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "f.write(f'{os.getpid()} here\\n'); f.flush(); print('locked', flush=True); time.sleep(60)",
+         str(run_folder / engine.LOCK)], stdout=subprocess.PIPE, text=True)
     try:
-        (run_folder / engine.LOCK).write_text(f"{alive.pid} {os.uname().nodename}\n")
+        assert holder.stdout.readline().strip() == "locked"
         before = fingerprint(run_folder)
         code = main(*trained.common, "--epochs", "3", "--resume", run_folder / engine.CHECKPOINT)
         err = capsys.readouterr().err
-        assert code == 1 and f"another run (process {alive.pid} on" in err
+        assert code == 1 and f"another run (process {holder.pid} on here) is writing into" in err
         assert fingerprint(run_folder) == before
     finally:
-        alive.kill()
-        alive.wait()
-    # The same lock once its process is gone: taken over with a note, and the run goes on.
+        holder.kill()
+        holder.wait()
+    # Its lock once the process is gone (killed: it wrote its pid and never released it):
+    # taken over with a note, and the run goes on.
     code = main(*trained.common, "--epochs", "3", "--resume", run_folder / engine.CHECKPOINT)
     out = capsys.readouterr().out
-    assert code == 0 and f"taking over {run_folder / engine.LOCK}, left by process {alive.pid}" in out
+    assert code == 0 and f"taking over {run_folder / engine.LOCK}, left by process {holder.pid}" in out
     assert torch.load(run_folder / engine.CHECKPOINT, weights_only=True)["epoch"] == 3
     assert not (run_folder / engine.LOCK).exists()  # released at the end
 
 
 def test_resuming_an_older_checkpoint_into_its_folder_is_refused_but_may_branch_elsewhere(
         trained, run_folder, tmp_path, capsys):
-    best = torch.load(run_folder / engine.BEST, weights_only=True)
     older = tmp_path / "epoch1.pth.tar"
     state = torch.load(run_folder / engine.CHECKPOINT, weights_only=True)
     torch.save({**state, "epoch": 1}, older)  # the run as it stood after epoch 1
@@ -102,12 +109,16 @@ def test_resuming_an_older_checkpoint_into_its_folder_is_refused_but_may_branch_
     err = capsys.readouterr().err
     assert code == 1 and "(epoch 1) is an older epoch of this run than" in err
     assert "--checkpoint-dir NEW_FOLDER" in err and fingerprint(run_folder) == before
-    # Into another folder it is a branch, which overwrites nothing.
+    # Into another folder it is a branch, which overwrites nothing and selects its best model
+    # among its own epochs (the first of them is its best so far, however good the original's).
     code = main(*trained.common, "--epochs", "2", "--resume", run_folder / "epoch1.pth.tar",
                 "--checkpoint-dir", tmp_path / "branch")
     assert code == 0 and fingerprint(run_folder) == before
-    assert [r["epoch"] for r in read_metrics(tmp_path / "branch" / engine.METRICS_LOG)] == [2]
-    assert best["epoch"] in (1, 2)
+    (record,) = read_metrics(tmp_path / "branch" / engine.METRICS_LOG)
+    branch_best = torch.load(tmp_path / "branch" / engine.BEST, weights_only=True)
+    assert record["epoch"] == 2 and branch_best["epoch"] == 2
+    assert branch_best["best_score"] == pytest.approx(record["mAP"])
+    assert "a new branch" in capsys.readouterr().out
 
 
 def test_evaluating_into_the_training_folder_leaves_every_training_file_as_it_was(
@@ -127,8 +138,9 @@ def test_evaluating_into_the_training_folder_leaves_every_training_file_as_it_wa
 # ---- numbers that must be the ones asked for ----------------------------------------------------
 
 def test_an_input_size_other_than_the_checkpoints_is_used_with_a_warning(trained, run_folder, capsys):
-    with pytest.warns(UserWarning, match=r"--image-size 96 differs from the 64 that .* was trained "
-                                         r"with; using 96"):
+    with pytest.warns(UserWarning, match=r"evaluating with other hyper-parameters than the "
+                                         r"checkpoint's .*the command line's are used:\n  "
+                                         r"image_size: 64 -> 96$"):
         assert main(trained.root, "-e", "--resume", run_folder / engine.BEST, "--image-size", "96",
                     "--embeddings", trained.embeddings, "-j", "0", "--device", "cpu") == 0
     assert "resnet18 at 96 px" in capsys.readouterr().out
@@ -248,6 +260,7 @@ def test_custom_csvs_report_repeated_rows_and_images_in_both_splits(tmp_path):
     (["--device", "gpu"], "argument --device: 'gpu' is not a device: use cuda, cuda:N or cpu"),
     (["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
     (["--lambda", "3"], "unrecognized arguments: --lambda 3"),
+    (["--seed", "-1"], "argument --seed: must be 0 or more, got -1"),
 ])
 def test_an_impossible_option_value_is_one_error_line(argv, message, capsys):
     assert main("data/voc2007", *argv) == 1
@@ -299,7 +312,6 @@ def test_a_checkpoint_dir_that_cannot_be_a_folder_is_found_before_the_first_epoc
     assert main(*trained.common, "--checkpoint-dir", folder) == 1
     err = capsys.readouterr().err
     assert f"--checkpoint-dir {folder}" in err and "Traceback" not in err
-    assert "train" not in capsys.readouterr().out
 
 
 def test_ctrl_c_says_how_to_resume_and_exits_130(trained, run_folder, monkeypatch, capsys):
@@ -312,6 +324,25 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(trained, run_folder, monkeypatc
     assert capsys.readouterr().err.strip() == \
         f"interrupted; continue with --resume {run_folder / engine.CHECKPOINT}"
     assert fingerprint(run_folder) == before and not (run_folder / engine.LOCK).exists()
+
+
+def test_ctrl_c_in_a_terminal_with_loader_workers_is_the_same_one_line(trained, run_folder):
+    """Ctrl-C signals the whole foreground process group: the run and its loader workers."""
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main_voc2007.py"), *trained.common, "-j", "2",
+         "--epochs", "50", "--resume", str(run_folder / engine.CHECKPOINT)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**offline_environment(), "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith("training on"):  # the loaders and their workers start now
+            break
+    time.sleep(1.0)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == \
+        f"interrupted; continue with --resume {run_folder / engine.CHECKPOINT}"
+    assert "Traceback" not in err and "DataLoader worker" not in err
 
 
 def test_no_imagenet_weights_offline_is_the_advice_alone(offline, trained, tmp_path, capsys):

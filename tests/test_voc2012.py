@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 import engine
 import main_voc2012
+import options
 from conftest import SMALL, write_voc_tree
 from models import DSDL, DSDLLoss
 from util import DSDLError, eval_transform
@@ -148,12 +149,20 @@ def test_main_voc2012_trains_on_train_selects_on_val_and_submits_test(voc2012_ro
     printed = capsys.readouterr().out
     assert str(out / "results" / "VOC2012" / "Main") in printed and str(out / "results.tar.gz") in printed
 
+    # -e of the last checkpoint in the same folder writes its own submission beside training's.
+    submitted = (out / "results.tar.gz").read_bytes()
+    run_cli(monkeypatch, root, "-e", "--resume", str(out / engine.CHECKPOINT), "--embeddings",
+            random_embeddings, "-j", "0", "--device", "cpu")
+    assert (out / "results.tar.gz").read_bytes() == submitted
+    assert tarfile.open(out / "eval_submission" / "results.tar.gz").getnames() == \
+        tarfile.open(out / "results.tar.gz").getnames()
+
 
 def test_main_voc2012_refuses_to_select_the_best_model_on_the_unlabelled_test(voc2012_root, random_embeddings,
                                                                               tmp_path):
     root, _ = voc2012_root
-    args = main_voc2012.get_args_parser().parse_args(
-        [root, *SMALL, "--embeddings", random_embeddings, "--checkpoint-dir", str(tmp_path)])
+    args = options.parse_args(main_voc2012.get_args_parser(),
+                              [root, *SMALL, "--embeddings", random_embeddings, "--checkpoint-dir", str(tmp_path)])
     with pytest.raises(DSDLError, match="no labels"):
         engine.run(args, lambda a: (VOC2012(root, "train"), VOC2012(root, "test")),
                    default_embeddings=None)
