@@ -76,6 +76,19 @@ def write_voc_tree(root, year="2007", splits=None, size=64, seed=0, classes=VOC_
     return written
 
 
+def rewrite_split_files(root, split, rewrite, year="2007"):
+    """Replace the lines of every `<class>_<split>.txt` of the VOC tree at `root` by
+    `rewrite(class name, lines)`."""
+    main_folder = os.path.join(root, "VOCdevkit", f"VOC{year}", "ImageSets", "Main")
+    for name in VOC_CLASSES:
+        path = os.path.join(main_folder, f"{name}_{split}.txt")
+        with open(path) as f:
+            lines = f.readlines()
+        with open(path, "w") as f:
+            f.writelines(rewrite(name, lines))
+    return main_folder
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """No network in this process: every download fails at once, as with no connection (and

@@ -21,7 +21,7 @@ import engine
 import main_coco
 import main_voc2007
 import main_voc2012
-from conftest import ROOT, SMALL, call_main, offline_environment, write_voc_tree
+from conftest import ROOT, SMALL, call_main, offline_environment, rewrite_split_files, write_voc_tree
 from models import DSDL
 from report import read_metrics
 from test_coco import CATEGORIES, write_coco_tree
@@ -356,10 +356,7 @@ def test_no_imagenet_weights_offline_is_the_advice_alone(offline, trained, tmp_p
 def test_empty_splits_are_errors_that_name_the_files(tmp_path, trained, capsys):
     root = str(tmp_path / "voc")
     write_voc_tree(root, splits={"trainval": 4, "test": 4})
-    main_folder = os.path.join(root, "VOCdevkit", "VOC2007", "ImageSets", "Main")
-    for name in os.listdir(main_folder):
-        if name.endswith("_trainval.txt"):
-            open(os.path.join(main_folder, name), "w").close()
+    main_folder = rewrite_split_files(root, "trainval", lambda name, lines: [])
     assert main(root, *SMALL, "--embeddings", trained.embeddings, "--checkpoint-dir", tmp_path / "ck") == 1
     assert f"the trainval split files in {main_folder} list no images" in capsys.readouterr().err
 
@@ -402,12 +399,7 @@ def test_a_failed_first_checkpoint_write_does_not_claim_an_intact_previous_one(t
 def test_a_split_without_positives_says_no_model_can_be_selected(trained, tmp_path, capsys):
     root = str(tmp_path / "voc")
     write_voc_tree(root, splits={"trainval": 8, "test": 4})
-    main_folder = os.path.join(root, "VOCdevkit", "VOC2007", "ImageSets", "Main")
-    for name in os.listdir(main_folder):
-        if name.endswith("_test.txt"):
-            path = os.path.join(main_folder, name)
-            lines = [line.split()[0] + " -1\n" for line in open(path)]
-            open(path, "w").writelines(lines)
+    rewrite_split_files(root, "test", lambda name, lines: [line.split()[0] + " -1\n" for line in lines])
     folder = tmp_path / "ck"
     assert main(root, *SMALL, "--embeddings", trained.embeddings, "--epochs", "1",
                 "--checkpoint-dir", folder) == 0
