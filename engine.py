@@ -467,13 +467,14 @@ def make_loader(dataset, batch_size, workers, seed, device, shuffle):
     The training share comes from a DistributedSampler; the evaluation share is every
     world_size-th image, without the sampler's padding. Call `set_epoch` before each epoch.
     """
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    distributed = torch.distributed.is_initialized()
+    world_size = torch.distributed.get_world_size() if distributed else 1
     sampler = None
     if shuffle:
         dataset = EpochSeeded(dataset, seed)
-        sampler = (DistributedSampler(dataset, shuffle=True, seed=seed) if world_size > 1
+        sampler = (DistributedSampler(dataset, shuffle=True, seed=seed) if distributed
                    else RandomSampler(dataset, generator=torch.Generator()))
-    elif world_size > 1:
+    elif distributed:
         dataset = Subset(dataset, range(torch.distributed.get_rank(), len(dataset), world_size))
     return DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
                       num_workers=workers, pin_memory=device.type == "cuda",

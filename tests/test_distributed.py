@@ -19,8 +19,6 @@ from report import read_metrics
 def launch(processes, *args):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}", os.path.join(ROOT, "main_voc2007.py")]
-    if processes == 1:
-        command = [sys.executable, os.path.join(ROOT, "main_voc2007.py")]
     result = subprocess.run(command + list(args), capture_output=True, text=True,
                             env=offline_environment(), timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -48,6 +46,9 @@ def two_process_run(odd_tree, tmp_path_factory):
     shutil.copy(run / engine.CHECKPOINT, folder / "epoch1.pth.tar")
     evaluated = launch(2, *common, "-e", "--resume", str(folder / "epoch1.pth.tar"),
                        "--checkpoint-dir", str(folder / "two"))
+    # torchrun with one process runs the distributed code too (one GPU: NCCL, DDP, gathering)
+    launch(1, *common, "-e", "--resume", str(folder / "epoch1.pth.tar"),
+           "--checkpoint-dir", str(folder / "torchrun_one"))
     launch(2, *common, "--epochs", "2", "--resume", str(run / engine.CHECKPOINT))
     return types.SimpleNamespace(folder=folder, run=run, common=common, evaluated=evaluated)
 
@@ -59,6 +60,8 @@ def test_two_processes_evaluate_every_image_once_and_match_one_process(two_proce
     assert code == 0
     (one,) = read_metrics(folder / "one" / "eval_test.jsonl")
     (two,) = read_metrics(folder / "two" / "eval_test.jsonl")
+    (torchrun_one,) = read_metrics(folder / "torchrun_one" / "eval_test.jsonl")
+    assert torchrun_one["mAP"] == pytest.approx(one["mAP"], abs=1e-6)
     assert two["mAP"] == pytest.approx(one["mAP"], abs=1e-6)
     assert two["AP"] == pytest.approx(one["AP"], abs=1e-6, nan_ok=True)
     assert two["OP"] == pytest.approx(one["OP"]) and two["CF1_top3"] == pytest.approx(one["CF1_top3"])
