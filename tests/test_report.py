@@ -2,7 +2,6 @@
 what produced it (in checkpoints, in metrics.jsonl, and `python report.py FOLDER`)."""
 import io
 import math
-import os
 import subprocess
 import sys
 
