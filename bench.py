@@ -15,7 +15,11 @@ they measure the model, not the disk; the pipeline figures measure one data-load
 decoding on the GPU (nvJPEG) and turns the training and evaluation images/s into the wall-clock
 time of the paper's recipes.
 """
-import argparse
+import options
+
+if __name__ == "__main__":  # parse before importing torch: --help and mistakes answer at once
+    options.bench_parser(__doc__).parse_args()
+
 import json
 import math
 import os
@@ -33,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.io import ImageReadMode, decode_jpeg
 
 import engine
-from models import ARCHS, DSDL, DSDLLoss
+from models import DSDL, DSDLLoss
 from util import (DSDLError, load_image, load_image_tensor, normalize_on_device, read_image,
                   train_transform)
 
@@ -246,20 +250,8 @@ def print_row(title, release, fast, unit="{:>13.1f}"):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    parser.add_argument("--arch", choices=ARCHS, default=None, help="default: resnet101 on a GPU, resnet18 on a CPU")
-    parser.add_argument("--image-size", type=int, default=None, help="default: 448 on a GPU, 224 on a CPU")
-    parser.add_argument("-b", "--batch-size", type=int, default=None, help="default: 32 on a GPU, 8 on a CPU")
-    parser.add_argument("--steps", type=int, default=None, help="timed batches (default: 20 GPU, 3 CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed batches first (default: 5 GPU, 1 CPU)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed passes of the model figures; the best counts")
-    parser.add_argument("--pipeline-images", type=int, default=60, help="JPEGs for the pipeline figures")
-    parser.add_argument("--pipeline-only", action="store_true", help="time only the input pipeline")
-    parser.add_argument("--num-classes", type=int, default=20)
-    parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
-    parser.add_argument("--json", metavar="FILE", help="write the figures to this JSON file")
-    args = parser.parse_args()
+    args = options.bench_parser(__doc__).parse_args()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         engine.check_device(args.device)
     except DSDLError as error:

@@ -8,7 +8,11 @@ its words' vectors for a multi-word name ("traffic light", "dining_table"). A wo
 is an error that lists every missing word: a class never gets an invented vector. Rows follow
 the class order that main_custom.py uses (given, or the CSVs' labels sorted).
 """
-import argparse
+import options
+
+if __name__ == "__main__":  # parse before importing torch: --help and mistakes answer at once
+    options.embeddings_parser().parse_args()
+
 import os
 import pickle
 import re
@@ -116,24 +120,8 @@ def save_vectors(vectors, path):
         np.save(path, vectors, allow_pickle=False)
 
 
-def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--classes", nargs="+", metavar="NAME",
-                        help="class names in order, or one file with a name per line")
-    source.add_argument("--csv", nargs="+", metavar="CSV",
-                        help="label CSVs of main_custom.py: their labels, sorted, are the classes")
-    parser.add_argument("--glove", metavar="PATH",
-                        help=f"GloVe 300-d text file (or its .zip); default: {GLOVE_ZIP}, "
-                             f"downloaded into data/ when absent")
-    parser.add_argument("-o", "--output", default="embeddings.npy",
-                        help="where to write the C x 300 array (.npy, or .pkl)")
-    return parser
-
-
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    args = options.embeddings_parser().parse_args(argv)
     try:
         classes = custom.parse_classes(args.classes) if args.classes else custom.classes_from_csv(*args.csv)
         glove = args.glove

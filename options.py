@@ -228,3 +228,53 @@ def export_parser():
     parser.add_argument("-o", "--output", required=True, metavar="FILE",
                         help="the model file; the class names go next to it, in FILE.classes.json")
     return parser
+
+
+def report_parser():
+    """The options of report.py (the reproduction record of a run)."""
+    parser = ArgumentParser(description="Print the reproduction record of a training run as Markdown.")
+    parser.add_argument("folder", help="the run's --checkpoint-dir (it holds metrics.jsonl)")
+    return parser
+
+
+def embeddings_parser():
+    """The options of make_embeddings.py (class vectors from GloVe)."""
+    parser = ArgumentParser(description="Write the C x 300 class vectors of a class list from GloVe.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--classes", nargs="+", metavar="NAME",
+                        help="class names in order, or one file with a name per line")
+    source.add_argument("--csv", nargs="+", metavar="CSV",
+                        help="label CSVs of main_custom.py: their labels, sorted, are the classes")
+    parser.add_argument("--glove", metavar="PATH",
+                        help="GloVe 300-d text file (or its .zip); default: glove.840B.300d.zip, "
+                             "downloaded into data/ when absent")
+    parser.add_argument("-o", "--output", default="embeddings.npy",
+                        help="where to write the C x 300 array, .npy or .pkl (default: %(default)s)")
+    return parser
+
+
+def bench_parser(description):
+    """The options of bench.py (speed of the release-style path against the fast path)."""
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", type=device, default=None,
+                        help="cuda or cpu (default: cuda when a GPU is available)")
+    parser.add_argument("--arch", choices=ARCHS, default=None,
+                        help="default: resnet101 on a GPU, resnet18 on a CPU")
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="default: 448 on a GPU, 224 on a CPU")
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=None,
+                        help="default: 32 on a GPU, 8 on a CPU")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="timed batches (default: 20 GPU, 3 CPU)")
+    parser.add_argument("--warmup", type=positive_int, default=None,
+                        help="untimed batches first (default: 5 GPU, 1 CPU)")
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="timed passes of the model figures; the best counts (default: %(default)s)")
+    parser.add_argument("--pipeline-images", type=positive_int, default=60,
+                        help="JPEGs for the pipeline figures (default: %(default)s)")
+    parser.add_argument("--pipeline-only", action="store_true", help="time only the input pipeline")
+    parser.add_argument("--num-classes", type=positive_int, default=20,
+                        help="classes of the synthetic model (default: %(default)s)")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
+    parser.add_argument("--json", metavar="FILE", help="write the figures to this JSON file")
+    return parser

@@ -3,7 +3,11 @@
 
     python report.py checkpoints/voc2007     # the Markdown block to paste in a reproduction report
 """
-import argparse
+import options
+
+if __name__ == "__main__":  # parse before importing torch: --help and mistakes answer at once
+    options.report_parser().parse_args()
+
 import json
 import math
 import os
@@ -343,10 +347,7 @@ def reproduction_block(folder):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print the reproduction record of a training run "
-                                                 "as Markdown.")
-    parser.add_argument("folder", help="the run's --checkpoint-dir (it holds metrics.jsonl)")
-    args = parser.parse_args(argv)
+    args = options.report_parser().parse_args(argv)
     try:
         print(reproduction_block(args.folder))
     except DSDLError as error:
