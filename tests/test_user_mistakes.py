@@ -157,7 +157,7 @@ def test_resuming_a_voc2007_run_as_voc2012_is_refused(trained, run_folder, tmp_p
     assert not os.listdir(tmp_path / "ck")
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # no step is taken here
+@pytest.mark.filterwarnings("ignore:Detected call of")  # no step is taken here
 def test_init_from_starts_a_voc_run_from_the_trunk_and_dictionary_of_a_coco_classes_model(
         trained, tmp_path, monkeypatch, capsys):
     torch.manual_seed(3)
