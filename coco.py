@@ -1,5 +1,4 @@
 """MS-COCO 2014: image-level labels from the instance annotations (spec section 5)."""
-import collections
 import json
 import os
 import warnings
@@ -68,12 +67,6 @@ def read_instance_labels(path):
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DSDLError(f"cannot read the COCO annotations {path} ({error!r}); delete it to "
                         f"download annotations_trainval2014.zip again") from error
-    counts = collections.Counter(image["id"] for image in kept)
-    duplicated = sorted(image_id for image_id, count in counts.items() if count > 1)
-    if duplicated:
-        warnings.warn(f"{path} lists {len(duplicated)} image id(s) more than once (e.g. "
-                      f"{', '.join(map(str, duplicated[:5]))}); each entry is kept as an image",
-                      stacklevel=2)
     del data  # the annotations (most of the file) are not kept
     labels = np.full((len(kept), len(classes)), -1, dtype=np.int8)  # N x C
     for row, image in enumerate(kept):
@@ -154,6 +147,11 @@ class COCO2014(Dataset):
             self.annotation_file, cache_file)
         check_images_exist([os.path.join(self.image_folder, str(name)) for name in self.file_names],
                            f"COCO 2014 {split} ({self.image_folder})")
+        ids, counts = np.unique(self.image_ids, return_counts=True)
+        if (counts > 1).any():  # on every start, also when the labels come from the cache
+            warnings.warn(f"{self.annotation_file} lists {int((counts > 1).sum())} image id(s) more "
+                          f"than once (e.g. {', '.join(map(str, ids[counts > 1][:5]))}); each entry "
+                          f"is kept as an image", stacklevel=2)
 
     def _download(self, filename, expected):
         """Fetch and extract `filename` unless a verified copy is already in `root`."""

@@ -98,14 +98,12 @@ def problems_error(problems):
                      + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else ""))
 
 
-def classes_from_csv(*paths, skip_malformed=False):
-    """Every label named in the CSVs, sorted: the class list when none is given.
-
-    Malformed rows are an error, or skipped with `skip_malformed`.
-    """
+def classes_from_csv(*paths):
+    """Every label named in the CSVs, sorted: the class list when none is given. Malformed
+    rows are an error that lists them all."""
     parsed = [read_label_csv(path) for path in paths]
     problems = [problem for _, found in parsed for problem in found]
-    if problems and not skip_malformed:
+    if problems:
         raise problems_error(problems)
     return labels_of(paths, [rows for rows, _ in parsed])
 

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import time
 import uuid
 import warnings
@@ -27,7 +28,8 @@ import report
 from models import DSDL, DSDLLoss
 from options import HYPER_PARAMETERS
 from util import (DSDLError, atomic_write, compute_metrics, init_distributed, is_main_process,
-                  load_embeddings, normalize_on_device, rank_zero_first, standard_embeddings,
+                  load_embeddings, normalize_on_device, rank_zero_first, resolve_device,
+                  standard_embeddings,
                   user_message)
 
 CHECKPOINT = "checkpoint.pth.tar"   # the last epoch: what --resume continues from
@@ -43,11 +45,6 @@ class Datasets(NamedTuple):
     train: Dataset            # None with -e
     test: Dataset             # labelled; evaluated after every epoch, selects model_best
     submission: Dataset = None  # unlabelled, scored by the best model at the end (VOC 2012 test)
-
-
-def check_device(device):
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DSDLError(f"--device {device}, but no CUDA GPU is available; pass --device cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,7 +78,7 @@ def describe_non_checkpoint(head):
     text = head.lstrip().lower()
     if text.startswith(b"version https://git-lfs"):
         return "a git-lfs pointer, not the file itself: fetch it with `git lfs pull`"
-    if text.startswith((b"<!doctype", b"<html", b"<?xml", b"<")):
+    if text.startswith(b"<"):
         return "an HTML or XML page (a failed download?)"
     if all(byte in b"\t\n\r" or 32 <= byte < 127 for byte in head):
         return "a text file"
@@ -172,8 +169,11 @@ def prepare_run_folder(folder):
     except OSError as error:
         raise DSDLError(f"cannot create --checkpoint-dir {folder} ({error.strerror}); pass a "
                         f"folder you can write to") from error
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DSDLError(f"--checkpoint-dir {folder} is not writable; pass a folder you can write to")
+    try:  # a real write: permission bits do not stop root, a read-only mount does
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise DSDLError(f"--checkpoint-dir {folder} is not writable ({error.strerror}); pass a "
+                        f"folder you can write to") from error
 
 
 def check_run_folder(args, checkpoint):
@@ -337,6 +337,16 @@ def mean_over_processes(loss):
     return total.item() / torch.distributed.get_world_size()
 
 
+INTERRUPTS = []  # the Ctrl-Cs that main() has seen
+
+
+def stop_if_interrupted():
+    """Stop at the next batch after a Ctrl-C: its KeyboardInterrupt is raised wherever the main
+    process is, and Python swallows one that lands in a finaliser (with a message)."""
+    if INTERRUPTS:
+        raise KeyboardInterrupt
+
+
 class NonFiniteLoss(DSDLError):
     """The loss became NaN or infinite; the step was not taken."""
 
@@ -373,6 +383,7 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_n
         total += value * images.shape[0]
         count += images.shape[0]
         bar.set_postfix(loss=f"{value:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
+        stop_if_interrupted()
     return total / max(count, 1)
 
 
@@ -409,6 +420,7 @@ def evaluate(model, loss_fn, loader, device, amp_dtype=None, channels_last=False
         labels.append(batch_labels)
         ids.extend(batch_ids.tolist() if torch.is_tensor(batch_ids) else batch_ids)  # COCO: ints
         bar.set_postfix(img_s=f"{count / (time.perf_counter() - start):.1f}")
+        stop_if_interrupted()
     scores, labels = torch.cat(scores).cpu().numpy(), torch.cat(labels).numpy()
     total = float(total)
     if torch.distributed.is_initialized():
@@ -502,9 +514,7 @@ def set_epoch(loader, epoch, seed):
 
 def check_args(args):
     """Mistakes in the command line, found before any file is read or written."""
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    check_device(args.device)
+    args.device = resolve_device(args.device)
     if args.evaluate and not args.resume:
         raise DSDLError("-e/--evaluate needs the checkpoint to evaluate: --resume PATH")
     if args.resume and args.init_from:
@@ -517,16 +527,18 @@ def check_args(args):
 
 def settle_args(args, checkpoint):
     """What the command line left open. From the checkpoint a run starts from: with --resume
-    and -e its recipe (`HYPER_PARAMETERS`; with --resume also --epochs), with --init-from its
-    trunk and input size, wherever the command line does not give them (a given value that
-    differs is used, with one warning listing each); else the paper's trunk and input size.
-    The run folder is, with --resume, the checkpoint's."""
+    its recipe (`HYPER_PARAMETERS` and --epochs), with -e what changes the scores (trunk, input
+    size, lambda, beta), with --init-from its trunk and input size, wherever the command line
+    does not give them (a given value that differs is used, with one warning listing each);
+    else the paper's trunk and input size. The run folder is, with --resume, the checkpoint's."""
     source = args.resume or args.init_from
     stored = (checkpoint or {}).get("args") or {}
     if args.init_from:
         keys = ("arch", "image_size")
+    elif args.evaluate:  # what changes the scores (and the loss printed with them)
+        keys = ("arch", "image_size", "lambd", "beta")
     else:
-        keys = HYPER_PARAMETERS + (() if args.evaluate else ("epochs",))
+        keys = HYPER_PARAMETERS + ("epochs",)
     changed = []
     for key in keys:
         theirs = stored.get(key)
@@ -603,12 +615,14 @@ def semantics_for(args, classes, checkpoint, default_embeddings):
 
 
 def step_schedule(optimizer, model, args, start_epoch):
-    """The release's step decay (x0.1 at each of --epoch_step), positioned at `start_epoch`.
+    """The release's step decay (x0.1 at each of --epoch_step), positioned at `start_epoch`:
+    sets each group's learning rate, momentum and weight decay from `args`, and returns the
+    scheduler that decays them.
 
-    The hyper-parameters always come from the command line, also when resuming (so a changed
-    --lr or --epoch_step takes effect, with a warning), and a resumed run, or one that starts
-    from the release's checkpoints (which have no optimizer state), decays at the same epochs
-    as an uninterrupted one.
+    Built from `args` and the epoch rather than loaded from a checkpoint's `lr_scheduler` (which
+    is saved for other tools): a resumed run with a new --lr or --epoch_step (given on the
+    command line, with a warning) uses it, and a run that starts from the release's checkpoints
+    (which have no optimizer state) decays at the same epochs as an uninterrupted one.
     """
     for group, fresh in zip(optimizer.param_groups, model.parameter_groups(args.lr, args.lrp)):
         lr = fresh["lr"]
@@ -636,12 +650,10 @@ def score_submission(model, loss_fn, dataset, args, device, write_submission, am
     into `folder`."""
     loader = make_loader(dataset, args.batch_size, args.workers, args.seed, device, shuffle=False)
     result = evaluate(model, loss_fn, loader, device, amp_dtype, args.channels_last)
-    if not is_main_process():
-        return None
-    folder, archive = write_submission(result.scores, result.ids, list(dataset.classes), folder)
-    print(f"evaluation-server files for {len(result.ids)} {dataset.split} images: {folder}\n"
-          f"upload {archive} to the evaluation server")
-    return archive
+    if is_main_process():
+        folder, archive = write_submission(result.scores, result.ids, list(dataset.classes), folder)
+        print(f"evaluation-server files for {len(result.ids)} {dataset.split} images: {folder}\n"
+              f"upload {archive} to the evaluation server")
 
 
 # --------------------------------------------------------------------------------------------
@@ -659,6 +671,12 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
     if args.batch_size % processes:
         raise DSDLError(f"--batch-size {args.batch_size} (the global batch) does not divide over "
                         f"{processes} processes; pass a multiple of {processes}")
+    if args.resume and not args.evaluate and checkpoint.get("epoch", 0) >= args.epochs:
+        done = checkpoint.get("epoch", 0)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{args.resume} has already trained {done} epoch{'s' * (done != 1)}, and "
+                  f"--epochs is {args.epochs}: nothing to do. Pass a larger --epochs to train on.")
+        return None
     rank, world_size, device = init_distributed(args.device)
     lock = RunLock(args.checkpoint_dir)
     try:
@@ -668,14 +686,12 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
         with rank_zero_first():  # rank 0 downloads and extracts the data first
             datasets = Datasets(*datasets_fn(args))
         check_datasets(datasets, checkpoint, args)
-        if args.resume and not args.evaluate and checkpoint.get("epoch", 0) >= args.epochs:
-            done = checkpoint.get("epoch", 0)
-            if rank == 0:
-                print(f"{args.resume} has already trained {done} epoch{'s' * (done != 1)}, and "
-                      f"--epochs is {args.epochs}: nothing to do. Pass a larger --epochs to train on.")
-            return None
-        return train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_submission,
-                                  device, world_size)
+        classes = [str(name) for name in datasets.test.classes]
+        model = build_model(args, classes, checkpoint, default_embeddings, device, world_size)
+        if args.evaluate:
+            return evaluate_checkpoint(args, model, datasets, checkpoint, device, world_size,
+                                       write_submission)
+        return train(args, model, datasets, checkpoint, device, world_size, write_submission)
     finally:
         lock.release()
 
@@ -702,68 +718,110 @@ def build_model(args, classes, checkpoint, default_embeddings, device, world_siz
     return model
 
 
-def train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_submission, device,
-                       world_size):
+def describe_run(args, test_set, world_size, device):
+    """What every record of this run says of it: its settings and what produced it."""
+    settings = {key: getattr(args, key) for key in (*HYPER_PARAMETERS, "epochs", "amp",
+                                                     "channels_last", "compile", "fast_pipeline")}
+    settings.update(dataset=test_set.name, benchmark=test_set.benchmark)
+    return {"settings": settings, "run": report.provenance(device, world_size)}
+
+
+def report_split(args, test_set, metrics, record, source, prefix):
+    """Print and save one evaluation of the test split: the record appended to
+    `<prefix>_<split>.jsonl` (metrics.jsonl for training) and the table in `<prefix>_<split>.md`."""
+    folder, split = args.checkpoint_dir, test_set.split
+    log = os.path.join(folder, METRICS_LOG if prefix == "results" else f"{prefix}_{split}.jsonl")
+    report.report_evaluation(
+        metrics, [str(name) for name in test_set.classes],
+        table_title(args, test_set, record["epoch"], source), test_set.benchmark,
+        (args.arch, args.image_size, split), record, log,
+        table_path=os.path.join(folder, f"{prefix}_{split}.md"))
+    return log
+
+
+def evaluate_checkpoint(args, model, datasets, checkpoint, device, world_size, write_submission):
+    """-e: score the test split once. The results go to eval_<split>.jsonl and eval_<split>.md,
+    and a submission to eval_submission/: beside, never over, what training wrote."""
+    amp_dtype, _ = mixed_precision(device, args.amp)
+    loss_fn = DSDLLoss(args.lambd, args.beta)
+    test_set = datasets.test
+    loader = make_loader(test_set, args.batch_size, args.workers, args.seed, device, shuffle=False)
+    result = evaluate(model, loss_fn, loader, device, amp_dtype, args.channels_last)
+    metrics = compute_metrics(result.scores, result.labels)
+    if is_main_process():
+        record = {"checkpoint": os.path.abspath(args.resume), "epoch": checkpoint.get("epoch", 0),
+                  "split": test_set.split, "loss": result.loss, **metrics,
+                  **describe_run(args, test_set, world_size, device)}
+        log = report_split(args, test_set, metrics, record, args.resume, prefix="eval")
+        print(f"{test_set.split} loss {result.loss:.4f}; written to {log} and "
+              f"{log.removesuffix('.jsonl')}.md")
+    if datasets.submission is not None:
+        score_submission(model, loss_fn, datasets.submission, args, device, write_submission,
+                         amp_dtype, os.path.join(args.checkpoint_dir, "eval_submission"))
+    return metrics
+
+
+def restore_training(args, checkpoint, optimizer, scaler):
+    """(first epoch, best mAP so far, run id) of a run: a new one, or the one --resume continues
+    (optimizer and scaler state restored). Continued in another folder, a run is a new branch
+    whose model_best is the best of its own epochs."""
+    if not args.resume:
+        if args.init_from and is_main_process():
+            print(f"starting from the trunk and auto-encoder weights of {args.init_from}")
+        return 0, -math.inf, uuid.uuid4().hex
+    if "optimizer" in checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])  # the momentum buffers
+        if scaler is not None and "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+    start_epoch = checkpoint.get("epoch", 0)
+    if os.path.abspath(os.path.dirname(args.resume)) != os.path.abspath(args.checkpoint_dir):
+        if is_main_process():
+            print(f"continuing {args.resume} from epoch {start_epoch} in {args.checkpoint_dir}, "
+                  f"a new branch: its best model is chosen among the epochs trained here")
+        return start_epoch, -math.inf, uuid.uuid4().hex
+    best_score = float(checkpoint.get("best_score", -math.inf))  # the release's is a tensor
+    if is_main_process():
+        best = "none yet" if math.isinf(best_score) else f"{best_score:.2f}"
+        print(f"resumed from {args.resume} at epoch {start_epoch} (best mAP {best})")
+    return start_epoch, best_score, checkpoint.get("run_id") or uuid.uuid4().hex
+
+
+def non_finite_loss_advice(error, folder):
+    last = os.path.join(folder, CHECKPOINT)
+    if os.path.isfile(last):
+        return DSDLError(f"{error} {last} is intact: lower --lr and continue with --resume {last}")
+    return DSDLError(f"{error} No epoch was saved yet: start again with a lower --lr")
+
+
+def save_epoch(state, folder, is_best):
+    # The best model first: a run killed between the two writes redoes this epoch on resume
+    # and so writes both again; the other order would lose this epoch's best.
+    if is_best:
+        save_checkpoint(state, os.path.join(folder, BEST))
+    save_checkpoint(state, os.path.join(folder, CHECKPOINT))
+
+
+def train(args, model, datasets, checkpoint, device, world_size, write_submission):
+    """The release's training: each epoch trains, steps the schedule, evaluates the test split,
+    reports and saves (model_best when the test mAP improves); then the best model scores the
+    submission split, if there is one."""
     main_process = is_main_process()
     say = print if main_process else (lambda *_, **__: None)  # only rank 0 prints and writes
-    test_set = datasets.test
-    classes = [str(name) for name in test_set.classes]
-    model = build_model(args, classes, checkpoint, default_embeddings, device, world_size)
+    folder, test_set = args.checkpoint_dir, datasets.test
     amp_dtype, scaler = mixed_precision(device, args.amp)
     loss_fn = DSDLLoss(args.lambd, args.beta)
-    test_loader = make_loader(test_set, args.batch_size, args.workers, args.seed, device, shuffle=False)
-    folder = args.checkpoint_dir
-    dataset = dataset_record(datasets)
-    provenance = report.provenance(world_size) if main_process else None
-    settings = {**{key: getattr(args, key) for key in HYPER_PARAMETERS}, "dataset": test_set.name,
-                "benchmark": test_set.benchmark, "epochs": args.epochs,
-                **{key: getattr(args, key) for key in ("amp", "channels_last", "compile", "fast_pipeline")}}
-
-    if args.evaluate:
-        result = evaluate(model, loss_fn, test_loader, device, amp_dtype, args.channels_last)
-        metrics = compute_metrics(result.scores, result.labels)
-        epoch = checkpoint.get("epoch", 0)
-        if main_process:
-            record = {"checkpoint": os.path.abspath(args.resume), "epoch": epoch,
-                      "split": test_set.split, "loss": result.loss, **metrics,
-                      "settings": settings, "run": provenance}
-            report.report_evaluation(
-                metrics, classes, table_title(args, test_set, epoch, args.resume),
-                test_set.benchmark, (args.arch, args.image_size, test_set.split), record,
-                log_path=os.path.join(folder, f"eval_{test_set.split}.jsonl"),
-                table_path=os.path.join(folder, f"eval_{test_set.split}.md"))
-            say(f"{test_set.split} loss {result.loss:.4f}; written to "
-                f"{os.path.join(folder, f'eval_{test_set.split}.md')} and .jsonl")
-        if datasets.submission is not None:  # beside, never over, what training submitted
-            score_submission(model, loss_fn, datasets.submission, args, device, write_submission,
-                             amp_dtype, os.path.join(folder, "eval_submission"))
-        return metrics
-
     train_model = model  # what the training step calls: DDP-wrapped under torchrun
     if torch.distributed.is_initialized():
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameter_groups(args.lr, args.lrp), lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
-    start_epoch, best_score, run_id = 0, -math.inf, uuid.uuid4().hex
-    if args.resume:
-        if "optimizer" in checkpoint:
-            optimizer.load_state_dict(checkpoint["optimizer"])  # the momentum buffers
-            if scaler is not None and "scaler" in checkpoint:
-                scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch = checkpoint.get("epoch", 0)
-        if os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(folder):
-            run_id = checkpoint.get("run_id") or run_id
-            best_score = float(checkpoint.get("best_score", -math.inf))  # the release's: a tensor
-            say(f"resumed from {args.resume} at epoch {start_epoch} (best mAP {best_score:.2f})")
-        else:  # a branch: its model_best is the best of its own epochs, in its own folder
-            say(f"continuing {args.resume} from epoch {start_epoch} in {folder}, a new branch: "
-                f"its best model is chosen among the epochs trained here")
-    elif args.init_from:
-        say(f"starting from the trunk and auto-encoder weights of {args.init_from}")
+    start_epoch, best_score, run_id = restore_training(args, checkpoint, optimizer, scaler)
     scheduler = step_schedule(optimizer, model, args, start_epoch)
     train_loader = make_loader(datasets.train, args.batch_size, args.workers, args.seed, device,
                                shuffle=True)
-    log_path = os.path.join(folder, METRICS_LOG)
+    test_loader = make_loader(test_set, args.batch_size, args.workers, args.seed, device, shuffle=False)
+    described = describe_run(args, test_set, world_size, device) if main_process else {}
+    classes = [str(name) for name in test_set.classes]
     say(f"training on {len(datasets.train)} {datasets.train.split} images, evaluating on "
         f"{len(test_set)} {test_set.split} images; {learning_rates(optimizer)}")
     metrics = None
@@ -775,41 +833,31 @@ def train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_sub
                                          epoch, args.max_grad_norm, amp_dtype, scaler,
                                          args.channels_last)
         except NonFiniteLoss as error:
-            last = os.path.join(folder, CHECKPOINT)
-            if os.path.isfile(last):
-                raise DSDLError(f"{error} {last} is intact: lower --lr and continue with "
-                                f"--resume {last}") from error
-            raise DSDLError(f"{error} No epoch was saved yet: start again with a lower --lr") from error
+            raise non_finite_loss_advice(error, folder) from error
         scheduler.step()
         share_rank_zero_buffers(model)  # the unwrapped model: the processes' shares differ
         result = evaluate(model, loss_fn, test_loader, device, amp_dtype, args.channels_last)
         metrics = compute_metrics(result.scores, result.labels)
         is_best = metrics["mAP"] > best_score  # False for an undefined (NaN) mAP
-        best_score = max(best_score, metrics["mAP"]) if is_best else best_score
+        best_score = metrics["mAP"] if is_best else best_score
         seconds = time.perf_counter() - started
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "lr_scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                 "best_score": best_score, "args": vars(args), "classes": classes,
-                 "semantics": model.semantics.cpu(), "dataset": dataset, "run_id": run_id,
-                 "provenance": provenance, "epoch_seconds": seconds}
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
         if main_process:
             record = {"epoch": epoch + 1, "split": test_set.split, "loss": result.loss,
                       "train_loss": train_loss, "epoch_seconds": seconds, **metrics,
-                      "classes": classes, "settings": settings, "run": provenance}
-            report.report_evaluation(
-                metrics, classes, table_title(args, test_set, epoch + 1, "this run"),
-                test_set.benchmark, (args.arch, args.image_size, test_set.split), record, log_path,
-                table_path=os.path.join(folder, f"results_{test_set.split}.md"))
-            report.plot_curves(log_path, folder, classes)
-            # The best model first: a run killed between the two writes redoes this epoch on
-            # resume and so writes both again; the other order would lose this epoch's best.
-            if is_best:
-                save_checkpoint(state, os.path.join(folder, BEST))
-            save_checkpoint(state, os.path.join(folder, CHECKPOINT))
+                      "classes": classes, **described}
+            log = report_split(args, test_set, metrics, record, "this run", prefix="results")
+            report.plot_curves(log, folder, classes)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "lr_scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                     "best_score": best_score, "args": vars(args),
+                     "classes": classes, "semantics": model.semantics.cpu(),
+                     "dataset": dataset_record(datasets), "run_id": run_id,
+                     "provenance": described["run"], "epoch_seconds": seconds}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            save_epoch(state, folder, is_best)
         say(report.epoch_line(epoch + 1, args.epochs, train_loss, test_set.split, metrics["mAP"],
-                              best_score, seconds, saved=True, is_best=is_best))
+                              best_score, seconds, is_best))
         if epoch + 1 in args.epoch_step and epoch + 1 < args.epochs:
             say(f"from epoch {epoch + 2}: {learning_rates(optimizer)}")
     if datasets.submission is not None:
@@ -826,21 +874,25 @@ def train_and_evaluate(args, datasets, checkpoint, default_embeddings, write_sub
 def main(args, datasets_fn, default_embeddings, write_submission=None):
     """Entry point of the main_*.py scripts: a user's mistake ends in one `error:` line
     (exit status 1), Ctrl-C in a line saying how to go on (exit status 130)."""
+    formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
-    # Ctrl-C reaches the loader workers too; one that dies of it before it ignores it makes
-    # the loader raise its own error in the main process. What follows an interrupt is the
-    # interrupt.
-    interrupted = []
+    # Ctrl-C reaches the whole process group, loader workers included: they ignore it (this
+    # handler does nothing in a forked worker, `ignore_interrupts` once it runs), and in the
+    # main process whatever error follows an interrupt is taken for the interrupt.
+    INTERRUPTS.clear()
+    main_process = os.getpid()
 
     def interrupt(signum, frame):
-        interrupted.append(signum)
+        if os.getpid() != main_process:  # a loader worker, forked with this handler: ignore it
+            return
+        INTERRUPTS.append(signum)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, interrupt)
     try:
         run(args, datasets_fn, default_embeddings, write_submission)
     except (KeyboardInterrupt, Exception) as error:
-        if not (interrupted or isinstance(error, KeyboardInterrupt)):
+        if not (INTERRUPTS or isinstance(error, KeyboardInterrupt)):
             if not isinstance(error, DSDLError):
                 raise
             if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank stops with it
@@ -854,6 +906,8 @@ def main(args, datasets_fn, default_embeddings, write_submission=None):
                   file=sys.stderr)
         sys.exit(130)
     finally:
+        INTERRUPTS.clear()
         signal.signal(signal.SIGINT, previous)
+        warnings.formatwarning = formatwarning
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -27,6 +27,7 @@ import torch
 from predict import check_writable, load_model
 from util import IMAGENET_MEAN, IMAGENET_STD, DSDLError, user_message
 
+ONNX_OPSET = 20  # what onnxruntime 1.32 runs; the README states it
 ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export (torch.export based) imports
 
 
@@ -39,7 +40,7 @@ def export_onnx(model, image_size, path):
     torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["scores"],
                       dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
                       external_data=False,  # one file: the weights stay inside (< 2 GB)
-                      verbose=False)
+                      opset_version=ONNX_OPSET, verbose=False)
 
 
 def export_torchscript(model, path):

@@ -1,9 +1,12 @@
 """Train or evaluate DSDL on PASCAL VOC 2012 (train -> val) with the release's defaults.
 
 The best model by val mAP scores the test split, whose labels only the evaluation server has:
-its files are written to <checkpoint-dir>/results/VOC2012/Main/ and <checkpoint-dir>/results.tar.gz.
-Without the test images (VOC2012test.tar) the run trains and selects on val all the same.
+its files are written to <checkpoint-dir>/results/VOC2012/Main/ and <checkpoint-dir>/results.tar.gz
+(with -e, to <checkpoint-dir>/eval_submission/). Without the test images (VOC2012test.tar) the
+run trains and selects on val all the same.
 """
+import warnings
+
 import options
 
 
@@ -25,9 +28,10 @@ def datasets(args):
         test = VOC2012(args.data, "test", eval_transform(args.image_size, args.fast_pipeline))
     except DSDLError as error:
         if is_main_process():
-            print(f"warning: no evaluation-server submission will be written: {error}\n"
-                  f"Training and model selection on val go on. Once the test images are in "
-                  f"place, write the submission with -e --resume <checkpoint-dir>/model_best.pth.tar")
+            warnings.warn(f"no evaluation-server submission will be written: {error}\nTraining "
+                          f"and model selection on val go on. Once the test images are in "
+                          f"place, write the submission with -e --resume "
+                          f"<checkpoint-dir>/model_best.pth.tar")
         test = None
     return train, val, test
 

@@ -23,29 +23,37 @@ def default_workers():
     return min(8, cpus or 1)
 
 
+def number(kind, text):
+    try:
+        return kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
 def positive_int(text):
-    value = int(text)
+    value = number(int, text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def non_negative_int(text):
-    value = int(text)
+    value = number(int, text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
 def positive_float(text):
-    value = float(text)
+    value = number(float, text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
 def non_negative_float(text):
-    value = float(text)
+    value = number(float, text)
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be 0 or a positive number, got {text}")
     return value
@@ -161,7 +169,7 @@ def get_args_parser(description, run_folder, **defaults):
 
 
 def probability(text):
-    value = float(text)
+    value = number(float, text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be a probability between 0 and 1, got {text}")
     return value

@@ -35,7 +35,7 @@ import custom
 import engine
 import make_embeddings
 from models import DSDL
-from util import (DSDLError, eval_transform, load_embeddings, load_image, standard_embeddings,
+from util import (DSDLError, eval_transform, load_embeddings, load_image, resolve_device, standard_embeddings,
                   user_message)
 from coco import COCO_CLASSES
 from voc import VOC_CLASSES
@@ -320,8 +320,7 @@ def main(argv=None):
     """Returns the exit status: 0, or 1 when something (an image, the checkpoint) failed."""
     args = options.predict_parser().parse_args(argv)
     try:
-        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        engine.check_device(args.device)
+        args.device = resolve_device(args.device)
         for option, path in (("--json", args.json), ("--csv", args.csv), ("--cam", args.cam)):
             if path:
                 check_writable(option, path, folder=option == "--cam")

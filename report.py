@@ -60,7 +60,7 @@ def duration(seconds):
     return f"{seconds / 86400:.1f} days"
 
 
-def epoch_line(epoch, epochs, train_loss, split, score, best, seconds, saved, is_best):
+def epoch_line(epoch, epochs, train_loss, split, score, best, seconds, is_best):
     """The one line a training epoch ends with."""
     left = duration(seconds * (epochs - epoch))
     mean = "undefined" if np.isnan(score) else f"{score:.2f}"
@@ -70,7 +70,7 @@ def epoch_line(epoch, epochs, train_loss, split, score, best, seconds, saved, is
     if np.isnan(score):
         line += (f"; no class has a positive in {split}, so no model can be selected "
                  f"(model_best.pth.tar is not written)")
-    return line + ("; saved" if saved else "") + (", new best" if is_best else "")
+    return line + "; saved" + (", new best" if is_best else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,9 +290,9 @@ def git_commit(folder=os.path.dirname(os.path.abspath(__file__))):
     return commit + ("+changes" if changed else "")
 
 
-def provenance(world_size=1):
-    """The command line, the code and the software and hardware that ran it."""
-    cuda = torch.cuda.is_available()
+def provenance(device, world_size=1):
+    """The command line, the code and the software and hardware that ran it on `device`."""
+    cuda = device.type == "cuda"
     return {
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
         "commit": git_commit(),
@@ -301,7 +301,7 @@ def provenance(world_size=1):
         "torchvision": str(torchvision.__version__),
         "cuda": torch.version.cuda if cuda else None,
         "cudnn": str(torch.backends.cudnn.version()) if cuda else None,
-        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "gpus": world_size if cuda else 0,
         "host": socket.gethostname(),
     }

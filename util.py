@@ -1,6 +1,7 @@
 """Small shared pieces: metrics, transforms, image loading, files (atomic writes, downloads, safe
 extraction, label embeddings) and the distributed set-up. What a run reports is in report.py."""
 import contextlib
+import datetime
 import functools
 import hashlib
 import http.client
@@ -446,10 +447,11 @@ def extract(archive, target):
     """Extract a .tar/.tar.gz/.zip into `target`, refusing members that escape it.
 
     Members with absolute paths, `..` that leads outside, and links are refused before anything
-    is written; a file that already exists in `target` is kept, never overwritten. The archive is unpacked into a staging folder inside `target` and then moved in
-    place; the staging folder is removed only once everything is in place, so an extraction cut
-    short (killed, Ctrl-C) stays visible to `interrupted_extraction` and is redone instead of
-    leaving a tree that looks whole.
+    is written; a file that already exists in `target` is kept, never overwritten. The archive
+    is unpacked into a staging folder inside `target` and then moved in place; the staging
+    folder is removed only once everything is in place, so an extraction cut short (killed,
+    Ctrl-C) stays visible to `interrupted_extraction` and is redone instead of leaving a tree
+    that looks whole.
     """
     target = os.path.realpath(target)
     staging = os.path.join(target, STAGING_PREFIX + os.path.basename(archive))
@@ -521,7 +523,7 @@ def interrupted_extraction(archive, target):
     return os.path.isdir(os.path.join(target, STAGING_PREFIX + os.path.basename(archive)))
 
 
-# The standard GloVe class vectors (label_embeddings/README.md): name -> (urls, md5).
+# The standard GloVe class vectors (ML-GCN's, made from glove.840B.300d): name -> (urls, md5).
 STANDARD_EMBEDDINGS = {
     "voc_glove_word2vec.pkl": (
         ["https://github.com/megvii-research/ML-GCN/raw/master/data/voc/voc_glove_word2vec.pkl"],
@@ -601,6 +603,15 @@ def standard_embeddings(name, folder="data"):
 # Distributed training (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
 # --------------------------------------------------------------------------------------------
 
+def resolve_device(device):
+    """The device to run on: `device` (--device), else cuda when a GPU is available, else cpu;
+    asking for cuda without a GPU is an error."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DSDLError(f"--device {device}, but no CUDA GPU is available; pass --device cpu")
+    return device
+
+
 def init_distributed(device):
     """Join the process group torchrun describes; returns (rank, world size, device).
 
@@ -615,7 +626,10 @@ def init_distributed(device):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A long timeout: the other ranks wait while rank 0 downloads and extracts a dataset
+        # (COCO: 19 GB), which takes longer than the default 10 minutes.
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=12))
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
