@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import report
 from models import DSDL, DSDLLoss
-from options import HYPER_PARAMETERS
+from options import HYPER_PARAMETERS, PAPER_ARCH, PAPER_IMAGE_SIZE
 from util import (DSDLError, atomic_write, compute_metrics, init_distributed, is_main_process,
                   load_embeddings, normalize_on_device, rank_zero_first, resolve_device,
                   standard_embeddings,
@@ -37,7 +37,6 @@ BEST = "model_best.pth.tar"         # the epoch of the best test mAP (the releas
 METRICS_LOG = report.METRICS_LOG    # one record per epoch
 LOCK = "run.lock"                   # the pid of the run writing into the folder
 RUN_FILES = (CHECKPOINT, BEST, METRICS_LOG)
-DEFAULT_ARCH, DEFAULT_IMAGE_SIZE = "resnet101", 448  # the paper's, where no checkpoint says
 
 
 class Datasets(NamedTuple):
@@ -552,8 +551,8 @@ def settle_args(args, checkpoint):
         doing = "evaluating" if args.evaluate else "resuming" if args.resume else "starting"
         warnings.warn(f"{doing} with other hyper-parameters than the checkpoint's ({source}); "
                       f"the command line's are used:\n  " + "\n  ".join(changed), stacklevel=2)
-    args.arch = args.arch or DEFAULT_ARCH
-    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE
+    args.arch = args.arch or PAPER_ARCH
+    args.image_size = args.image_size or PAPER_IMAGE_SIZE
     # The class list a checkpoint was trained on: a CSV dataset evaluated or resumed uses it.
     args.checkpoint_classes = None if checkpoint is None or args.init_from else checkpoint.get("classes")
     if args.checkpoint_dir is None:

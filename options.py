@@ -9,6 +9,8 @@ import os
 
 # The torchvision ResNets DSDL can use as its trunk (models.py builds them).
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# The paper's setting: the defaults where no checkpoint says otherwise, and where its numbers hold.
+PAPER_ARCH, PAPER_IMAGE_SIZE = "resnet101", 448
 DEVICES = ("cuda", "cpu")
 # The settings that define a run's method and recipe. --resume and -e take them from the
 # checkpoint unless the command line gives them; a given value that differs is used, with a

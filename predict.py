@@ -139,7 +139,7 @@ def load_model(args):
     arch = (checkpoint_setting("--arch", args.arch, stored.get("arch") or checkpoint.get("arch"))
             or infer_arch(weights))
     image_size = (checkpoint_setting("--image-size", args.image_size, stored.get("image_size"))
-                  or 448)
+                  or options.PAPER_IMAGE_SIZE)
     model = DSDL(len(classes), semantics, lambd, arch, pretrained=False)
     # With --classes, only the trunk and W1, W2 load: the semantics are the new labels' vectors.
     engine.load_weights(model, checkpoint, args.resume, class_independent_only=bool(args.classes))

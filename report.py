@@ -23,6 +23,7 @@ import torchvision
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from options import PAPER_ARCH, PAPER_IMAGE_SIZE
 from util import DSDLError, atomic_write
 
 METRICS_LOG = "metrics.jsonl"   # one record per evaluation of a training run
@@ -77,7 +78,6 @@ def epoch_line(epoch, epochs, train_loss, split, score, best, seconds, is_best):
 # The paper's tables (spec section 1)
 # --------------------------------------------------------------------------------------------
 
-PAPER_ARCH, PAPER_IMAGE_SIZE = "resnet101", 448
 # benchmark -> the paper's DSDL row (ResNet-101 at 448 px); "AP" in the dataset's class order.
 PAPER_RESULTS = {
     "voc2007": {

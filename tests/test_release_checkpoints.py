@@ -189,7 +189,8 @@ def test_paper_row_and_difference_follow_ours_in_the_papers_setting(voc_root, tm
     test_set = VOC2007(root, "test", download=False)
     scores = np.random.default_rng(4).standard_normal(test_set.labels.shape)
     metrics = compute_metrics(scores, test_set.labels)
-    assert engine.DEFAULT_ARCH == "resnet101"  # the paper's backbone, the default
+    assert main_voc2007.get_args_parser().parse_args([root]).arch is None  # the checkpoint's, else:
+    assert engine.PAPER_ARCH == "resnet101"  # the paper's backbone
     report.report_evaluation(metrics, test_set.classes, "title", "voc2007", ("resnet101", 448, "test"), {"epoch": 3},
                              str(tmp_path / "log.jsonl"), str(tmp_path / "results_test.md"))
     with open(tmp_path / "results_test.md") as f:
