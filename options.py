@@ -4,7 +4,6 @@ Importing torch takes a second or two, so the scripts parse their arguments firs
 typo or a value out of range is answered at once, before torch, the data or the model load.
 """
 import argparse
-import copy
 import os
 
 # The torchvision ResNets DSDL can use as its trunk (models.py builds them).
@@ -79,11 +78,11 @@ def parse_args(parser, argv=None):
     """`parser.parse_args(argv)`, with `given`: the names of the options the command line gave
     (not taken from their defaults), so that a checkpoint's values can fill in the others."""
     args = parser.parse_args(argv)
-    probe = copy.deepcopy(parser)
-    probe._defaults.clear()
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    args.given = set(vars(probe.parse_args(argv)))
+    # argparse fills in a default only where the namespace has no value yet: parsed again into
+    # a namespace of placeholders, an option keeps its placeholder unless it was given.
+    unset = object()
+    probe = parser.parse_args(argv, argparse.Namespace(**{key: unset for key in vars(args)}))
+    args.given = {key for key, value in vars(probe).items() if value is not unset}
     return args
 
 

@@ -121,6 +121,18 @@ def test_resuming_an_older_checkpoint_into_its_folder_is_refused_but_may_branch_
     assert "a new branch" in capsys.readouterr().out
 
 
+def test_a_plain_resume_continues_with_the_runs_own_recipe(trained, run_folder, recwarn):
+    # Trained with --lr 0.1, -b 8, ResNet-18 at 64 px from random weights; resumed with none of it.
+    assert main(trained.root, "--resume", run_folder / engine.CHECKPOINT, "--epochs", "3",
+                "--embeddings", trained.embeddings, "-j", "0", "--device", "cpu") == 0
+    resumed = torch.load(run_folder / engine.CHECKPOINT, weights_only=True)
+    assert resumed["epoch"] == 3
+    assert {key: resumed["args"][key] for key in ("lr", "batch_size", "arch", "image_size", "no_pretrained")} \
+        == {"lr": 0.1, "batch_size": 8, "arch": "resnet18", "image_size": 64, "no_pretrained": True}
+    assert [group["lr"] for group in resumed["optimizer"]["param_groups"]] == pytest.approx([0.01, 0.1])
+    assert not [w for w in recwarn if "hyper-parameters" in str(w.message)]
+
+
 def test_evaluating_into_the_training_folder_leaves_every_training_file_as_it_was(
         trained, run_folder, capsys):
     before = fingerprint(run_folder)
