@@ -90,12 +90,17 @@ def check_rows(path, rows, images_dir, classes):
     return problems
 
 
+def listing(lines):
+    """The first MAX_PROBLEMS_SHOWN of `lines`, one per indented line, and how many more."""
+    shown = lines[:MAX_PROBLEMS_SHOWN]
+    more = len(lines) - len(shown)
+    return "\n  " + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
+
+
 def problems_error(problems):
-    """One error listing the problems (the first MAX_PROBLEMS_SHOWN of them)."""
-    shown = problems[:MAX_PROBLEMS_SHOWN]
-    more = len(problems) - len(shown)
-    return DSDLError(f"{len(problems)} problem(s) in the label files, fix them and run again:\n  "
-                     + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else ""))
+    """One error listing the problems."""
+    return DSDLError(f"{len(problems)} problem(s) in the label files, fix them and run again:"
+                     + listing(problems))
 
 
 def classes_from_csv(*paths):
@@ -128,11 +133,8 @@ def warn_duplicates(parsed):
             else:
                 first_seen[image] = (path, line)
     if notes:
-        shown = notes[:MAX_PROBLEMS_SHOWN]
-        more = len(notes) - len(shown)
         warnings.warn(f"{len(notes)} repeated image(s) in the label files; a test image that is "
-                      f"also trained on inflates the test mAP:\n  " + "\n  ".join(shown)
-                      + (f"\n  ... and {more} more" if more else ""), stacklevel=2)
+                      f"also trained on inflates the test mAP:" + listing(notes), stacklevel=2)
 
 
 class LabelCSV(Dataset):

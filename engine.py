@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import sys
-import tempfile
 import time
 import uuid
 import warnings
@@ -29,8 +28,7 @@ from models import DSDL, DSDLLoss
 from options import HYPER_PARAMETERS, PAPER_ARCH, PAPER_IMAGE_SIZE
 from util import (DSDLError, atomic_write, compute_metrics, init_distributed, is_main_process,
                   load_embeddings, normalize_on_device, rank_zero_first, resolve_device,
-                  standard_embeddings,
-                  user_message)
+                  standard_embeddings, user_message, write_error)
 
 CHECKPOINT = "checkpoint.pth.tar"   # the last epoch: what --resume continues from
 BEST = "model_best.pth.tar"         # the epoch of the best test mAP (the release's selection)
@@ -168,9 +166,8 @@ def prepare_run_folder(folder):
     except OSError as error:
         raise DSDLError(f"cannot create --checkpoint-dir {folder} ({error.strerror}); pass a "
                         f"folder you can write to") from error
-    try:  # a real write: permission bits do not stop root, a read-only mount does
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as error:
+    error = write_error(folder)
+    if error is not None:
         raise DSDLError(f"--checkpoint-dir {folder} is not writable ({error.strerror}); pass a "
                         f"folder you can write to") from error
 
@@ -725,16 +722,15 @@ def describe_run(args, test_set, world_size, device):
     return {"settings": settings, "run": report.provenance(device, world_size)}
 
 
-def report_split(args, test_set, metrics, record, source, prefix):
-    """Print and save one evaluation of the test split: the record appended to
-    `<prefix>_<split>.jsonl` (metrics.jsonl for training) and the table in `<prefix>_<split>.md`."""
-    folder, split = args.checkpoint_dir, test_set.split
-    log = os.path.join(folder, METRICS_LOG if prefix == "results" else f"{prefix}_{split}.jsonl")
+def report_split(args, test_set, metrics, record, source, log, table):
+    """Print one evaluation of the test split, append its record to the file `log` and save its
+    table as `table`, both in the run folder; returns the log's path."""
+    log = os.path.join(args.checkpoint_dir, log)
     report.report_evaluation(
         metrics, [str(name) for name in test_set.classes],
         table_title(args, test_set, record["epoch"], source), test_set.benchmark,
-        (args.arch, args.image_size, split), record, log,
-        table_path=os.path.join(folder, f"{prefix}_{split}.md"))
+        (args.arch, args.image_size, test_set.split), record, log,
+        table_path=os.path.join(args.checkpoint_dir, table))
     return log
 
 
@@ -751,7 +747,8 @@ def evaluate_checkpoint(args, model, datasets, checkpoint, device, world_size, w
         record = {"checkpoint": os.path.abspath(args.resume), "epoch": checkpoint.get("epoch", 0),
                   "split": test_set.split, "loss": result.loss, **metrics,
                   **describe_run(args, test_set, world_size, device)}
-        log = report_split(args, test_set, metrics, record, args.resume, prefix="eval")
+        log = report_split(args, test_set, metrics, record, args.resume,
+                           f"eval_{test_set.split}.jsonl", f"eval_{test_set.split}.md")
         print(f"{test_set.split} loss {result.loss:.4f}; written to {log} and "
               f"{log.removesuffix('.jsonl')}.md")
     if datasets.submission is not None:
@@ -844,7 +841,8 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
             record = {"epoch": epoch + 1, "split": test_set.split, "loss": result.loss,
                       "train_loss": train_loss, "epoch_seconds": seconds, **metrics,
                       "classes": classes, **described}
-            log = report_split(args, test_set, metrics, record, "this run", prefix="results")
+            log = report_split(args, test_set, metrics, record, "this run", METRICS_LOG,
+                               f"results_{test_set.split}.md")
             report.plot_curves(log, folder, classes)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "lr_scheduler": scheduler.state_dict(), "epoch": epoch + 1,

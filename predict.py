@@ -22,7 +22,6 @@ import collections
 import csv
 import json
 import os
-import tempfile
 from typing import NamedTuple
 
 import numpy as np
@@ -35,8 +34,8 @@ import custom
 import engine
 import make_embeddings
 from models import DSDL
-from util import (DSDLError, eval_transform, load_embeddings, load_image, resolve_device, standard_embeddings,
-                  user_message)
+from util import (DSDLError, eval_transform, load_embeddings, load_image, resolve_device,
+                  standard_embeddings, user_message, write_error)
 from coco import COCO_CLASSES
 from voc import VOC_CLASSES
 
@@ -308,9 +307,8 @@ def check_writable(option, path, folder=False):
     if not os.path.isdir(parent):
         raise DSDLError(f"{option} {path}: the folder {parent} does not exist")
     where = path if os.path.isdir(path) else parent
-    try:  # the one sure test of "can write here" (permissions, read-only mounts, root or not)
-        tempfile.TemporaryFile(dir=where).close()
-    except OSError as error:
+    error = write_error(where)
+    if error is not None:
         raise DSDLError(f"{option} {path} cannot be written ({error.strerror}: {where})") from error
     if os.path.isfile(path) and not os.access(path, os.W_OK):
         raise DSDLError(f"{option} {path} cannot be written: the file is read-only")

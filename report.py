@@ -182,6 +182,13 @@ def append_record(path, record):
         f.write(json.dumps({key: clean(value) for key, value in record.items()}) + "\n")
 
 
+def nan_for_null(value):
+    """A value read back from the log: the null that `append_record` wrote for NaN is NaN again."""
+    if isinstance(value, list):
+        return [nan_for_null(v) for v in value]
+    return math.nan if value is None else value
+
+
 def drop_partial_last_line(path):
     """Cut a line that a killed run left half-written, so the next record starts a line of its own.
 
@@ -243,7 +250,7 @@ def curves_figure(records):
 
 def per_class_ap_figure(record, classes=None):
     """Bar chart of one evaluation's per-class AP; a class without positives has no bar (n/a)."""
-    ap = np.array([np.nan if v is None else v for v in record["AP"]], dtype=np.float64)
+    ap = np.array(nan_for_null(record["AP"]), dtype=np.float64)
     classes = list(classes) if classes is not None else [str(c) for c in range(len(ap))]
     figure = Figure(figsize=(max(6.0, 2.0 + 0.3 * len(ap)), 4.5), dpi=100)
     axes = figure.subplots()
@@ -338,8 +345,7 @@ def reproduction_block(folder):
         if record is None:
             lines += ["", f"{name} epoch: none (no mAP was defined)"]
             continue
-        metrics = {key: (math.nan if value is None else value) for key, value in record.items()}
-        metrics["AP"] = [math.nan if value is None else value for value in record["AP"]]
+        metrics = {key: nan_for_null(value) for key, value in record.items()}
         title = f"{name} epoch: {record['epoch']} ({record['split']})"
         setting = (settings.get("arch"), settings.get("image_size"), record["split"])
         lines += ["", results_table(metrics, classes, settings.get("benchmark"), setting, title)]

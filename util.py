@@ -11,6 +11,7 @@ import pickle
 import shutil
 import stat
 import tarfile
+import tempfile
 import urllib.request
 import zipfile
 
@@ -176,6 +177,11 @@ def normalize_on_device(images):
     return (images.permute(0, 3, 1, 2).float() - mean) / std
 
 
+def train_resize(image_size):
+    """The side the release resizes training images to before cropping: 512 for 448 (8/7)."""
+    return round(image_size * 8 / 7)
+
+
 class TensorTransform:
     """A `--fast-pipeline` transform: a uint8 image in, an H x W x 3 uint8 tensor out.
 
@@ -209,7 +215,7 @@ class FastTrainTransform(TensorTransform):
     """
 
     def __init__(self, image_size):
-        self.resize = round(image_size * 8 / 7)
+        self.resize = train_resize(image_size)
         self.crop = MultiScaleCrop(image_size)
 
     def transform(self, image):
@@ -247,7 +253,7 @@ def train_transform(image_size=448, fast=False):
     """
     if fast:
         return FastTrainTransform(image_size)
-    resize = round(image_size * 8 / 7)
+    resize = train_resize(image_size)
     return transforms.Compose([
         transforms.Resize((resize, resize)),
         MultiScaleCrop(image_size),
@@ -330,19 +336,22 @@ def load_image_tensor(path, upright=False):
         data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
     except OSError:  # missing, a folder ...: load_image says what is wrong
         data = None
-    if data is None or data[:3].tolist() != [0xFF, 0xD8, 0xFF]:  # the JPEG signature
-        return F.pil_to_tensor(load_image(path, upright))
+    if data is not None and data[:3].tolist() == [0xFF, 0xD8, 0xFF] and within_pil_limit(data):
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=upright)
+        except RuntimeError:  # truncated, corrupt, or a JPEG flavour libjpeg-turbo lacks
+            pass
+    return F.pil_to_tensor(load_image(path, upright))  # with PIL's rules and errors
+
+
+def within_pil_limit(data):
+    """Whether the image whose encoded bytes are `data` has at most Image.MAX_IMAGE_PIXELS
+    pixels, PIL's guard against decompression bombs (from its header; False if unreadable)."""
     try:
-        with Image.open(io.BytesIO(data.numpy())) as header:  # reads the header only
-            use_pil = Image.MAX_IMAGE_PIXELS and header.size[0] * header.size[1] > Image.MAX_IMAGE_PIXELS
+        with Image.open(io.BytesIO(data.numpy())) as header:
+            return not Image.MAX_IMAGE_PIXELS or header.size[0] * header.size[1] <= Image.MAX_IMAGE_PIXELS
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        use_pil = True  # a broken header: load_image names the problem
-    if use_pil:  # PIL decompression-bomb rules, and its errors
-        return F.pil_to_tensor(load_image(path, upright))
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=upright)
-    except RuntimeError:  # truncated, corrupt, or a JPEG flavour libjpeg-turbo lacks
-        return F.pil_to_tensor(load_image(path, upright))
+        return False
 
 
 def read_image(path, transform=None, upright=False):
@@ -507,6 +516,16 @@ def fetch(archive, urls, md5, root, what, hint):
             raise DSDLError(f"{what} is not in {root} and could not be downloaded.\n{error}\n"
                             f"{hint}") from error
     extract(archive, root)
+
+
+def write_error(folder):
+    """The OSError that writing a file in `folder` raises, or None. A real write: permission
+    bits do not stop root, and a read-only mount stops everyone."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        return error
+    return None
 
 
 def check_images_exist(paths, what):
