@@ -129,10 +129,11 @@ def test_release_checkpoint_exports_with_dataset_and_image_size_and_new_labels(t
 
 
 def test_onnx_without_its_packages_says_what_to_install(trained, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if it were not installed
+    for package in ("onnx", "onnxscript"):  # as if neither were installed, installed or not
+        monkeypatch.setitem(sys.modules, package, None)
     monkeypatch.setattr(export, "load_model", lambda args: pytest.fail("the checkpoint was loaded"))
     assert export.main(["--resume", trained[0], "--format", "onnx",
                         "-o", str(tmp_path / "dsdl.onnx")]) == 1
-    assert capsys.readouterr().err == ("error: --format onnx needs the packages onnxscript: "
+    assert capsys.readouterr().err == ("error: --format onnx needs the packages onnx, onnxscript: "
                                        "pip install -r requirements-export.txt\n")
     assert os.listdir(tmp_path) == []
