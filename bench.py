@@ -20,6 +20,7 @@ import options
 if __name__ == "__main__":  # parse before importing torch: --help and mistakes answer at once
     options.bench_parser(__doc__).parse_args()
 
+import argparse
 import json
 import math
 import os
@@ -37,8 +38,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.io import ImageReadMode, decode_jpeg
 
 import engine
-from models import DSDL, DSDLLoss
-from util import (DSDLError, load_image, load_image_tensor, normalize_on_device, read_image, resolve_device,
+import models
+from distributed import resolve_device
+from util import (DSDLError, load_image, load_image_tensor, normalize_on_device, read_image,
                   train_transform)
 
 # Dense bf16 / fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the MFU figure.
@@ -81,20 +83,25 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure_model(device, arch, image_size, batch_size, num_classes, steps, warmup, fast, compile=False,
-                  rounds=3):
+def synthetic_model(settings, num_classes, device):
+    """The model of `settings` (random class vectors for DSDL) and its loss, on `device`."""
+    model = models.build_model(settings, num_classes, torch.randn(num_classes, 300), pretrained=False)
+    return model.to(device), models.build_loss(settings)
+
+
+def measure_model(device, settings, image_size, batch_size, num_classes, steps, warmup, fast,
+                  compile=False, rounds=3):
     """Training, evaluation and inference images/s, and on a GPU the peak memory, of one
     configuration. Inference is the forward pass alone, of the model and of its folded form
     (`DSDL.folded`: the head as one linear layer, as export.py writes it). Each figure is the
     best of `rounds` timed passes: other work on a shared machine only ever slows a pass down."""
     torch.manual_seed(0)
-    model = DSDL(num_classes, torch.randn(num_classes, 300), 10.0, arch, pretrained=False).to(device)
+    model, loss_fn = synthetic_model(settings, num_classes, device)
     amp_dtype, scaler = engine.mixed_precision(device, fast)
     if fast:
         model.to(memory_format=torch.channels_last)
         if compile:
             engine.compile_trunk(model.trunk)
-    loss_fn = DSDLLoss(10.0, 1e-4)
     optimizer = torch.optim.SGD(model.parameter_groups(0.01, 0.1), lr=0.01, momentum=0.9)
 
     def loader(batches):
@@ -224,9 +231,9 @@ def write_jpegs(folder, count, size=(500, 375)):
         Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.jpg"), quality=90)
 
 
-def forward_flops(device, arch, image_size, num_classes):
+def forward_flops(device, settings, image_size, num_classes):
     """FLOPs of one image's forward pass, counted by PyTorch (spec: about 62 G for ResNet-101 at 448)."""
-    model = DSDL(num_classes, torch.randn(num_classes, 300), 10.0, arch, pretrained=False).to(device).eval()
+    model = synthetic_model(settings, num_classes, device)[0].eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(torch.randn(1, 3, image_size, image_size, device=device))
@@ -261,6 +268,11 @@ def main():
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     arch = args.arch or ("resnet101" if gpu else "resnet18")
+    try:
+        models.check_arch(arch)
+    except DSDLError as error:
+        sys.exit(f"error: {error}")
+    settings = argparse.Namespace(model=args.model, arch=arch, pool="max", lambd=10.0, beta=1e-4)
     image_size = args.image_size or (448 if gpu else 224)
     batch_size = args.batch_size or (32 if gpu else 8)
     steps, warmup = args.steps or (20 if gpu else 3), args.warmup or (5 if gpu else 1)
@@ -273,7 +285,7 @@ def main():
     figures = {"device": where, "torch": torch.__version__, "pipeline_image_size": PIPELINE_SIZE}
 
     if not args.pipeline_only:
-        model = dict(device=device, arch=arch, image_size=image_size, batch_size=batch_size,
+        model = dict(device=device, settings=settings, image_size=image_size, batch_size=batch_size,
                      num_classes=args.num_classes, steps=steps, warmup=warmup, rounds=args.rounds)
         release = measure_model(**model, fast=False)
         with warnings.catch_warnings(record=True) as caught:
@@ -281,7 +293,7 @@ def main():
             fast = measure_model(**model, fast=True, compile=args.compile)
         for warning in caught:
             print(f"note: {warning.message}")
-        flops = forward_flops(device, arch, image_size, args.num_classes)
+        flops = forward_flops(device, settings, image_size, args.num_classes)
         figures.update({
             "arch": arch, "image_size": image_size, "batch_size": batch_size,
             "train_img_s_release": release["train"], "train_img_s_fast": fast["train"],

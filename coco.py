@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util import DSDLError, atomic_write, check_images_exist, fetch, interrupted_extraction, read_image
+from downloads import fetch, interrupted_extraction
+
+from util import DSDLError, atomic_write, check_images_exist, read_image
 
 COCO_SITE = "http://images.cocodataset.org/"
 # archive -> (path on the COCO site, md5)

@@ -1,11 +1,12 @@
-"""Export a trained DSDL checkpoint for inference: ONNX or TorchScript, the head folded.
+"""Export a trained checkpoint (DSDL or the baseline) for inference: ONNX or TorchScript, the head folded.
 
     python export.py --resume checkpoints/voc2007/model_best.pth.tar --format onnx -o dsdl.onnx
     python export.py --resume release/voc2007.pth.tar --dataset voc --format torchscript -o dsdl.pt
 
 Once trained, the dictionary is fixed, so the closed-form coefficients are one constant matrix
-P = D^T (D D^T + lambda I)^-1 (`DSDL.folded`): the exported model is the ResNet trunk, global max
-pooling and one linear layer without bias (weight P^T), with no solve at run time. It takes a
+P = D^T (D D^T + lambda I)^-1 (`DSDL.folded`): the exported model is the trunk, its global
+pooling and one linear layer without bias (weight P^T), with no solve at run time; the baseline
+is exported as it is (its linear layer keeps its bias). It takes a
 batch of any size of images B x 3 x S x S (S: the checkpoint's input size, resized ignoring the
 aspect ratio and normalised with the ImageNet mean and std) and returns the scores B x C
 (logits: a class's probability is their sigmoid). The class names, in the order of the scores,
@@ -78,7 +79,7 @@ def main(argv=None):
             export_torchscript(folded, args.output)
     with open(sidecar(args.output), "w") as f:
         json.dump({"classes": classes, "image_size": image_size, "mean": IMAGENET_MEAN,
-                   "std": IMAGENET_STD, "arch": model.arch, "lambd": model.lambd}, f, indent=2)
+                   "std": IMAGENET_STD, **model.settings()}, f, indent=2)
     print(f"wrote {args.output} ({args.format}: images B x 3 x {image_size} x {image_size} -> "
           f"scores B x {len(classes)}, logits) and {sidecar(args.output)} (class names)")
     return 0

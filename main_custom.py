@@ -16,14 +16,17 @@ def get_args_parser():
     parser = options.get_args_parser(
         "DSDL on your own dataset: train on a label CSV, evaluate on another after every epoch.",
         run_folder="checkpoints/custom", lambd=10.0, beta=1e-4)
-    parser.add_argument("--train-csv", metavar="CSV", help="training labels (default: DATA/train.csv)")
-    parser.add_argument("--test-csv", metavar="CSV", help="test labels (default: DATA/test.csv)")
-    parser.add_argument("--images", metavar="DIR",
-                        help="folder the CSVs' image paths are relative to (default: DATA/images)")
-    parser.add_argument("--classes", nargs="+", metavar="NAME",
-                        help="the class list, in the order of the --embeddings rows: names, or "
-                             "one file with a name per line (default: every label of the CSVs, "
-                             "sorted)")
+    data = parser.add_argument_group("own data")
+    options.add_option(data, "--train-csv", metavar="CSV", role="files",
+                       help="training labels (default: DATA/train.csv)")
+    options.add_option(data, "--test-csv", metavar="CSV", role="files",
+                       help="test labels (default: DATA/test.csv)")
+    options.add_option(data, "--images", metavar="DIR", role="files",
+                       help="folder the CSVs' image paths are relative to (default: DATA/images)")
+    options.add_option(data, "--classes", nargs="+", metavar="NAME", role="files",
+                       help="the class list, in the order of the --embeddings rows: names, or "
+                            "one file with a name per line (default: every label of the CSVs, "
+                            "sorted)")
     return parser
 
 

@@ -19,7 +19,8 @@ def get_args_parser():
 
 def datasets(args):
     """train (None with -e), val, and test when its images are there or can be downloaded."""
-    from util import DSDLError, eval_transform, is_main_process, train_transform
+    from distributed import is_main_process
+    from util import DSDLError, eval_transform, train_transform
     from voc import VOC2012
     train = None if args.evaluate else VOC2012(
         args.data, "train", train_transform(args.image_size, args.fast_pipeline))

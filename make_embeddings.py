@@ -23,7 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 import custom
-from util import DSDLError, download
+from downloads import download
+from util import DSDLError
 
 DIM = 300
 GLOVE_ZIP = "glove.840B.300d.zip"  # 2.0 GB; holds glove.840B.300d.txt (5.6 GB, 2.2M cased words)

@@ -6,16 +6,45 @@ typo or a value out of range is answered at once, before torch, the data or the 
 import argparse
 import os
 
-# The torchvision ResNets DSDL can use as its trunk (models.py builds them).
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # The paper's setting: the defaults where no checkpoint says otherwise, and where its numbers hold.
 PAPER_ARCH, PAPER_IMAGE_SIZE = "resnet101", 448
+MODEL_NAMES = ("dsdl", "baseline")  # models.MODELS, named here so that --help needs no torch
 DEVICES = ("cuda", "cpu")
-# The settings that define a run's method and recipe. --resume and -e take them from the
-# checkpoint unless the command line gives them; a given value that differs is used, with a
-# warning. The other options (where the files are, speed) may change freely.
-HYPER_PARAMETERS = ("arch", "image_size", "batch_size", "epoch_step", "lr", "lrp", "momentum",
-                    "weight_decay", "max_grad_norm", "lambd", "beta", "seed", "no_pretrained")
+
+# Every option of the entry scripts declares its role where it is defined (`add_option`);
+# what a checkpoint restores and what a record holds are derived from the roles:
+ROLES = {
+    "trunk": "the trunk and its input (--resume, -e and --init-from take the checkpoint's)",
+    "scores": "the rest of what changes the scores of given weights (--resume and -e take the "
+              "checkpoint's)",
+    "recipe": "how training goes (--resume takes the checkpoint's)",
+    "files": "where things are read and written (never taken from a checkpoint)",
+    "runtime": "speed and what this command does (never taken; recorded)",
+}
+TAKEN = {"resume": ("trunk", "scores", "recipe"), "evaluate": ("trunk", "scores"),
+         "init_from": ("trunk",)}
+RECORDED = ("trunk", "scores", "recipe", "runtime")  # a run's settings in its checkpoints and logs
+OPTION_ROLES = {}  # option (its dest) -> role, filled by add_option
+
+
+def add_option(parser, *flags, role, **kwargs):
+    """`parser.add_argument(*flags, **kwargs)`, recording the option's role (one of ROLES)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r} of {flags[0]}")
+    action = parser.add_argument(*flags, **kwargs)
+    OPTION_ROLES[action.dest] = role
+    return action
+
+
+def options_without_role(parser):
+    """The options of `parser` (their dests) that were not defined with `add_option`."""
+    return [action.dest for action in parser._actions
+            if not isinstance(action, argparse._HelpAction) and action.dest not in OPTION_ROLES]
+
+
+def with_role(*roles):
+    """The options (dests) whose role is one of `roles`, in the order they were defined."""
+    return tuple(dest for dest, role in OPTION_ROLES.items() if role in roles)
 
 
 def default_workers():
@@ -66,6 +95,17 @@ def device(text):
     return text
 
 
+class ArchAction(argparse.Action):
+    """--arch NAME; `--arch list` prints the trunks there are and exits, like --help."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value == "list":
+            import models  # torch loads only for the list
+            print(models.describe_archs())
+            parser.exit(0)
+        setattr(namespace, self.dest, value)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a mistake in the command line is one `error:` line and exit status 1,
     like every other mistake the scripts report."""
@@ -87,86 +127,138 @@ def parse_args(parser, argv=None):
 
 
 def get_args_parser(description, run_folder, **defaults):
-    """Every option of the main_*.py scripts; each script sets its dataset's defaults and its
-    default run folder (`run_folder`)."""
+    """Every option of the main_*.py scripts, each with its role (`add_option`); each script sets
+    its dataset's defaults and its default run folder (`run_folder`)."""
     parser = ArgumentParser(description=description)
-    parser.add_argument("data", help="dataset root; the dataset is downloaded there when absent")
-    parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="input side in pixels (default: the checkpoint's with -e, --resume "
-                             "or --init-from, else 448)")
-    parser.add_argument("-b", "--batch-size", type=positive_int, default=32,
-                        help="global batch, divided over the processes under torchrun "
-                             "(default: %(default)s)")
-    parser.add_argument("--epochs", type=positive_int, default=200,
-                        help="total number of epochs, counted from the first (default: %(default)s)")
-    parser.add_argument("--epoch_step", type=positive_int, nargs="+", default=[40],
-                        help="epochs at which every learning rate is multiplied by 0.1 "
-                             "(default: %(default)s)")
-    parser.add_argument("--lr", type=positive_float, default=0.01,
-                        help="learning rate of the dictionary, W1 and W2 (default: %(default)s)")
-    parser.add_argument("--lrp", type=positive_float, default=0.1,
-                        help="the CNN trunk learns at lr * lrp (default: %(default)s)")
-    parser.add_argument("--momentum", type=non_negative_float, default=0.9,
-                        help="SGD momentum (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=non_negative_float, default=1e-4,
-                        help="SGD weight decay (default: %(default)s)")
-    parser.add_argument("--max-grad-norm", type=positive_float, default=10.0,
-                        help="the total gradient norm is clipped to this before each step "
-                             "(default: %(default)s)")
-    parser.add_argument("--lambd", type=positive_float, default=10.0,
-                        help="ridge regulariser of the coefficients, also the weight of ||A|| "
-                             "(default: %(default)s)")
-    parser.add_argument("--beta", type=non_negative_float, default=1e-4,
-                        help="weight of the reconstruction and sparsity terms of the loss "
-                             "(default: %(default)s)")
-    parser.add_argument("-e", "--evaluate", action="store_true",
-                        help="only evaluate the checkpoint given by --resume; the results go to "
-                             "eval_<split>.jsonl and eval_<split>.md, training's files are not touched")
-    parser.add_argument("--resume", default=None, metavar="PATH",
-                        help="checkpoint to continue training from (or to evaluate with -e): "
-                             "this project's or one of the authors' released checkpoints")
-    parser.add_argument("--init-from", default=None, metavar="PATH",
-                        help="start a new run from the weights of another run's checkpoint (trunk "
-                             "and auto-encoder, any class list, e.g. a COCO model for VOC): fresh "
-                             "optimizer, epoch 0, no best score")
-    parser.add_argument("-j", "--workers", type=non_negative_int, default=default_workers(),
-                        help="data-loading processes (default: the CPUs, at most 8: %(default)s)")
-    parser.add_argument("--arch", default=None, choices=ARCHS,
-                        help="torchvision ResNet trunk (default: the checkpoint's with -e, "
-                             "--resume or --init-from, else resnet101)")
-    parser.add_argument("--no-pretrained", action="store_true",
-                        help="start the trunk from random weights instead of ImageNet's")
-    parser.add_argument("--embeddings", default=None, metavar="PATH",
-                        help="C x 300 class vectors (.pkl or .npy); default: the dataset's standard "
-                             "GloVe file, downloaded (md5 checked) into data/")
-    parser.add_argument("--checkpoint-dir", default=None,
-                        help=f"the run folder: checkpoints, metrics.jsonl, tables and plots; it "
-                             f"belongs to one run (default: the --resume checkpoint's folder, else "
-                             f"{run_folder})")
-    parser.add_argument("--device", type=device, default=None,
-                        help="cuda or cpu (default: cuda when a GPU is available); under torchrun "
-                             "each process takes its LOCAL_RANK's GPU")
-    parser.add_argument("--seed", type=non_negative_int, default=0,
-                        help="seeds the initialisation, and per epoch the order of the images and "
-                             "each image's crop and flip (default: %(default)s)")
+    add_option(parser, "data", role="files",
+               help="dataset root; the dataset is downloaded there when absent")
+    model = parser.add_argument_group("model", "what is trained (the defaults are the release's)")
+    add_option(model, "--model", choices=MODEL_NAMES, default=None, role="scores",
+               help="dsdl: the paper's method, as released; baseline: the paper's baseline row, "
+                    "one linear layer (with bias) on the pooled features, trained with binary "
+                    "cross-entropy (default: the checkpoint's with -e or --resume, else dsdl)")
+    add_option(model, "--arch", default=None, action=ArchAction, role="trunk",
+               help="the trunk: any torchvision classification network by name (resnet101, "
+                    "convnext_tiny, efficientnet_v2_s, swin_t, vit_b_16, ...) or timm/<name> "
+                    "with timm installed; `--arch list` prints them (default: the checkpoint's "
+                    "with -e, --resume or --init-from, else resnet101)")
+    add_option(model, "--pool", choices=("max", "avg"), default=None, role="trunk",
+               help="global pooling of the trunk's last map (default: the checkpoint's, else "
+                    "max, the release's)")
+    add_option(model, "--image-size", type=positive_int, default=None, role="trunk",
+               help="input side in pixels (default: the checkpoint's with -e, --resume or "
+                    "--init-from, else 448)")
+    add_option(model, "--lambd", type=positive_float, default=10.0, role="scores",
+               help="DSDL: ridge regulariser of the coefficients, also the weight of ||A|| "
+                    "(default: %(default)s)")
+    add_option(model, "--beta", type=non_negative_float, default=1e-4, role="scores",
+               help="DSDL: weight of the reconstruction and sparsity terms of the loss "
+                    "(default: %(default)s)")
+    add_option(model, "--no-pretrained", action="store_true", role="recipe",
+               help="start the trunk from random weights instead of ImageNet's (each network's "
+                    "default torchvision weights; the release's ResNets keep IMAGENET1K_V1)")
+    add_option(model, "--embeddings", default=None, metavar="PATH", role="files",
+               help="DSDL: C x 300 class vectors (.pkl or .npy); default: the dataset's standard "
+                    "GloVe file, downloaded (md5 checked) into data/")
+    recipe = parser.add_argument_group("recipe", "the release's training recipe")
+    add_option(recipe, "-b", "--batch-size", type=positive_int, default=32, role="recipe",
+               help="global batch, divided over the processes under torchrun "
+                    "(default: %(default)s)")
+    add_option(recipe, "--epochs", type=positive_int, default=200, role="recipe",
+               help="total number of epochs, counted from the first (default: %(default)s)")
+    add_option(recipe, "--epoch_step", type=positive_int, nargs="+", default=[40], role="recipe",
+               help="epochs at which every learning rate is multiplied by 0.1 "
+                    "(default: %(default)s)")
+    add_option(recipe, "--lr", type=positive_float, default=0.01, role="recipe",
+               help="learning rate of the head (DSDL: W1 and W2; baseline: the linear layer) "
+                    "(default: %(default)s)")
+    add_option(recipe, "--lrp", type=positive_float, default=0.1, role="recipe",
+               help="the CNN trunk learns at lr * lrp (default: %(default)s)")
+    add_option(recipe, "--momentum", type=non_negative_float, default=0.9, role="recipe",
+               help="SGD momentum (default: %(default)s)")
+    add_option(recipe, "--weight-decay", type=non_negative_float, default=1e-4, role="recipe",
+               help="SGD weight decay (default: %(default)s)")
+    add_option(recipe, "--max-grad-norm", type=positive_float, default=10.0, role="recipe",
+               help="the total gradient norm is clipped to this before each step "
+                    "(default: %(default)s)")
+    add_option(recipe, "--seed", type=non_negative_int, default=0, role="recipe",
+               help="seeds the initialisation, and per epoch the order of the images and "
+                    "each image's crop and flip (default: %(default)s)")
+    run = parser.add_argument_group("run", "where a run starts from and where it writes")
+    add_option(run, "-e", "--evaluate", action="store_true", role="runtime",
+               help="only evaluate the checkpoint given by --resume; the results go to "
+                    "eval_<split>.jsonl and eval_<split>.md, training's files are not touched")
+    add_option(run, "--resume", default=None, metavar="PATH", role="files",
+               help="checkpoint to continue training from (or to evaluate with -e): "
+                    "this project's or one of the authors' released checkpoints")
+    add_option(run, "--init-from", default=None, metavar="PATH", role="files",
+               help="start a new run from the weights of another run's checkpoint (the trunk, "
+                    "and for DSDL the auto-encoder; any class list, e.g. a COCO model for VOC): "
+                    "fresh optimizer, epoch 0, no best score")
+    add_option(run, "--checkpoint-dir", default=None, role="files",
+               help=f"the run folder: checkpoints, metrics.jsonl, tables and plots; it "
+                    f"belongs to one run (default: the --resume checkpoint's folder, else "
+                    f"{run_folder})")
+    add_option(run, "-j", "--workers", type=non_negative_int, default=default_workers(),
+               role="runtime",
+               help="data-loading processes (default: the CPUs, at most 8: %(default)s)")
+    add_option(run, "--device", type=device, default=None, role="runtime",
+               help="cuda or cpu (default: cuda when a GPU is available); under torchrun "
+                    "each process takes its LOCAL_RANK's GPU")
     speed = parser.add_argument_group(
         "speed", "off by default: the defaults train exactly as the release (float32, PIL pipeline)")
-    speed.add_argument("--amp", action="store_true",
-                       help="mixed precision on GPUs: bf16 where supported, else fp16 with a "
-                            "gradient scaler; the dictionary, the C x C solve and the loss stay "
-                            "float32. No effect on a CPU (float32, with a warning)")
-    speed.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
-    speed.add_argument("--compile", action="store_true",
-                       help="torch.compile the trunk (falls back to eager with a warning)")
-    speed.add_argument("--fast-pipeline", action="store_true",
-                       help="JPEGs decoded by torchvision and the release's resizes, crop and flip "
-                            "done on uint8 tensors, batches normalised on the device: the same "
-                            "crops and flips, pixels on average within 0.1 grey level (at most 2) "
-                            "of the release's")
-    speed.add_argument("--sync-bn", action="store_true",
-                       help="synchronise BatchNorm statistics across processes (torchrun)")
+    add_option(speed, "--amp", action="store_true", role="runtime",
+               help="mixed precision on GPUs: bf16 where supported, else fp16 with a "
+                    "gradient scaler; the head, the C x C solve and the loss stay "
+                    "float32. No effect on a CPU (float32, with a warning)")
+    add_option(speed, "--channels-last", action="store_true", role="runtime",
+               help="channels-last memory layout")
+    add_option(speed, "--compile", action="store_true", role="runtime",
+               help="torch.compile the trunk (falls back to eager with a warning)")
+    add_option(speed, "--fast-pipeline", action="store_true", role="runtime",
+               help="JPEGs decoded by torchvision and the release's resizes, crop and flip "
+                    "done on uint8 tensors, batches normalised on the device: the same "
+                    "crops and flips, pixels on average within 0.1 grey level (at most 2) "
+                    "of the release's")
+    add_option(speed, "--sync-bn", action="store_true", role="runtime",
+               help="synchronise BatchNorm statistics across processes (torchrun)")
     parser.set_defaults(run_folder=run_folder, **defaults)
     return parser
+
+
+def take_from_checkpoint(args, stored, source):
+    """What the command line left open, from the settings `stored` in the checkpoint a run
+    starts from (`source`): with --resume the options of the roles TAKEN["resume"] (and the
+    number of epochs), with -e those of TAKEN["evaluate"], with --init-from those of
+    TAKEN["init_from"], wherever the command line does not give them (a given value that differs
+    is used, with one warning listing each); else the paper's model, trunk and input size. The
+    run folder is, with --resume, the checkpoint's."""
+    import warnings
+    kind = "init_from" if args.init_from else "evaluate" if args.evaluate else "resume"
+    changed = []
+    for key in with_role(*TAKEN[kind]) if source else ():
+        theirs = stored.get(key)
+        if theirs is None:
+            continue
+        if key not in args.given:
+            setattr(args, key, theirs)
+        elif theirs != getattr(args, key) and key != "epochs":  # more epochs: the usual resume
+            changed.append(f"{key}: {theirs!r} -> {getattr(args, key)!r}")
+    if changed:
+        doing = "evaluating" if args.evaluate else "resuming" if args.resume else "starting"
+        warnings.warn(f"{doing} with other hyper-parameters than the checkpoint's ({source}); "
+                      f"the command line's are used:\n  " + "\n  ".join(changed), stacklevel=3)
+    args.model = args.model or "dsdl"
+    args.arch = args.arch or PAPER_ARCH
+    args.pool = args.pool or "max"
+    args.image_size = args.image_size or PAPER_IMAGE_SIZE
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = (os.path.dirname(args.resume) or ".") if args.resume else args.run_folder
+
+
+def recorded_settings(args):
+    """A run's settings, as its checkpoints and log records hold them (the roles RECORDED)."""
+    return {key: getattr(args, key) for key in with_role(*RECORDED) if hasattr(args, key)}
 
 
 def probability(text):
@@ -199,8 +291,9 @@ def add_checkpoint_options(parser):
                               ".zip), as make_embeddings.py makes them")
     parser.add_argument("--image-size", type=positive_int,
                         help="input side (default: the checkpoint's, else 448)")
-    parser.add_argument("--arch", choices=ARCHS,
-                        help="the ResNet trunk (default: the checkpoint's, or inferred from it)")
+    parser.add_argument("--arch", action=ArchAction,
+                        help="the trunk (default: the checkpoint's, or for the release's, the "
+                             "ResNet inferred from its weights)")
     parser.add_argument("--lambd", type=positive_float,
                         help="ridge regulariser (default: the checkpoint's, else the dataset's)")
 
@@ -267,8 +360,11 @@ def bench_parser(description):
     parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=device, default=None,
                         help="cuda or cpu (default: cuda when a GPU is available)")
-    parser.add_argument("--arch", choices=ARCHS, default=None,
-                        help="default: resnet101 on a GPU, resnet18 on a CPU")
+    parser.add_argument("--arch", default=None, action=ArchAction,
+                        help="any --arch of the entry scripts (default: resnet101 on a GPU, "
+                             "resnet18 on a CPU)")
+    parser.add_argument("--model", choices=MODEL_NAMES, default="dsdl",
+                        help="the model timed (default: %(default)s)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="default: 448 on a GPU, 224 on a CPU")
     parser.add_argument("-b", "--batch-size", type=positive_int, default=None,

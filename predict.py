@@ -18,6 +18,7 @@ import options
 if __name__ == "__main__":  # parse before importing torch: --help and bad options answer at once
     options.predict_parser().parse_args()
 
+import argparse
 import collections
 import csv
 import json
@@ -31,11 +32,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import custom
-import engine
+import checkpoints
 import make_embeddings
-from models import DSDL
-from util import (DSDLError, eval_transform, load_embeddings, load_image, resolve_device,
-                  standard_embeddings, user_message, write_error)
+import models
+from distributed import resolve_device
+from embeddings import load_embeddings, standard_embeddings
+from util import DSDLError, eval_transform, load_image, user_message, write_error
 from coco import COCO_CLASSES
 from voc import VOC_CLASSES
 
@@ -114,11 +116,16 @@ def load_model(args):
     if args.classes and not (args.embeddings or args.classes_from_glove):
         raise DSDLError("--classes needs the labels' word vectors: --embeddings FILE (C x 300, "
                         "rows in the order of the names) or --classes-from-glove GLOVE_FILE")
-    checkpoint = engine.load_checkpoint(args.resume)
-    weights = engine.checkpoint_weights(checkpoint)
+    checkpoint = checkpoints.load_checkpoint(args.resume)
+    weights = checkpoints.checkpoint_weights(checkpoint)
     stored = checkpoint.get("args") or {}
     known = DATASETS.get(args.dataset)
     trained = checkpoint.get("classes") or (known.classes if known else None)
+    model_name = stored.get("model") or "dsdl"
+    vectors = models.needs_class_vectors(model_name)
+    if args.classes and not vectors:
+        raise DSDLError(f"{args.resume} is a {model_name} model, which scores its training classes "
+                        f"only: --classes needs a DSDL checkpoint (its labels come from word vectors)")
     if args.classes:
         classes, semantics = label_vectors(args)
         warn_zero_shot(classes, trained, args.resume)
@@ -127,21 +134,24 @@ def load_model(args):
         if not classes:
             raise DSDLError(f"{args.resume} stores no class names (a checkpoint of the authors' "
                             f"release?); pass --dataset voc or --dataset coco")
-        if semantics is None:  # the release stores no semantics: the dataset's standard vectors
+        if semantics is None and vectors:  # the release stores none: the dataset's standard ones
             if not (args.embeddings or known):
                 raise DSDLError(f"{args.resume} stores no class vectors; pass --embeddings or --dataset")
             semantics = load_embeddings(args.embeddings or standard_embeddings(known.embeddings),
                                         num_classes=len(classes))
     lambd = args.lambd or stored.get("lambd") or (known.lambd if known else None)
-    if lambd is None:
+    if lambd is None and vectors:
         raise DSDLError(f"{args.resume} does not say its lambda; pass --lambd or --dataset")
     arch = (checkpoint_setting("--arch", args.arch, stored.get("arch") or checkpoint.get("arch"))
             or infer_arch(weights))
     image_size = (checkpoint_setting("--image-size", args.image_size, stored.get("image_size"))
                   or options.PAPER_IMAGE_SIZE)
-    model = DSDL(len(classes), semantics, lambd, arch, pretrained=False)
+    settings = argparse.Namespace(model=model_name, arch=arch, pool=stored.get("pool") or "max",
+                                  lambd=lambd)
+    models.check_arch(arch)
+    model = models.build_model(settings, len(classes), semantics, pretrained=False)
     # With --classes, only the trunk and W1, W2 load: the semantics are the new labels' vectors.
-    engine.load_weights(model, checkpoint, args.resume, class_independent_only=bool(args.classes))
+    checkpoints.load_weights(model, checkpoint, args.resume, class_independent_only=bool(args.classes))
     return model, list(classes), image_size
 
 

@@ -23,7 +23,7 @@ import torchvision
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from options import PAPER_ARCH, PAPER_IMAGE_SIZE
+from options import PAPER_ARCH, PAPER_IMAGE_SIZE, recorded_settings
 from util import DSDLError, atomic_write
 
 METRICS_LOG = "metrics.jsonl"   # one record per evaluation of a training run
@@ -42,6 +42,10 @@ def format_metrics(metrics, classes, per_class=False):
     for suffix, title in (("", "all"), ("_top3", "top-3")):
         lines.append(f"{title:>6}: " + "  ".join(
             f"{name} {metrics[name + suffix]:.2f}" for name in THRESHOLDED))
+    shown = {"mAP", "AP", "num_classes_ap", *THRESHOLDED, *(name + "_top3" for name in THRESHOLDED)}
+    others = [key for key, value in metrics.items() if key not in shown and np.isscalar(value)]
+    if others:  # whatever else compute_metrics returns
+        lines.append(" other: " + "  ".join(f"{key} {metrics[key]:.2f}" for key in others))
     if per_class:
         width = max(len(name) for name in classes)
         lines.append("per-class AP:")
@@ -99,21 +103,25 @@ PAPER_RESULTS = {
         "OP_top3": 89.6, "OR_top3": 65.3, "OF1_top3": 75.6,
     },
 }
+# benchmark -> the paper's ResNet-101 baseline row (448 px): mAP only.
+PAPER_BASELINE = {"voc2007": {"mAP": 89.9}, "coco2014": {"mAP": 77.3}}
+MODEL_TITLES = {"dsdl": "DSDL", "baseline": "ResNet baseline"}
 # The paper's VOC tables abbreviate these class names.
 SHORT_CLASS_NAMES = {"aeroplane": "aero", "bicycle": "bike", "diningtable": "table",
                      "motorbike": "mbike", "pottedplant": "plant", "tvmonitor": "tv"}
 
 
-def results_table(metrics, classes, benchmark=None, setting=(None, None, None), title=None):
+def results_table(metrics, classes, benchmark=None, setting=(None, None, None, None), title=None):
     """One evaluation laid out like the paper's table, in Markdown.
 
     A per-class benchmark (VOC) gets one AP column per class and mAP; COCO gets mAP, the six
-    thresholded metrics and their top-3 variants. `setting` is (arch, image size, split): when
-    the benchmark, arch and image size are the paper's, the paper's row follows ours, and when
-    the split is the paper's too, our difference to it (VOC 2012's val is compared with nothing:
-    the paper's numbers are the test server's).
+    thresholded metrics and their top-3 variants. `setting` is (model, arch, image size, split):
+    when the benchmark, arch and image size are the paper's, the paper's row of that model (DSDL,
+    or its ResNet-101 baseline) follows ours, and when the split is the paper's too, our
+    difference to it (VOC 2012's val is compared with nothing: the paper's numbers are the test
+    server's). The paper gives only the mAP of its baseline: its other cells are empty.
     """
-    arch, image_size, split = setting
+    model, arch, image_size, split = setting
     known = PAPER_RESULTS.get(benchmark)
     per_class = "AP" in known if known else len(classes) <= 20
     if per_class:
@@ -125,26 +133,30 @@ def results_table(metrics, classes, benchmark=None, setting=(None, None, None), 
                 *((name + "_top3", None) for name in THRESHOLDED)]
 
     def row(source):
-        return [source[key] if index is None else source[key][index] for key, index in keys]
+        return [np.nan if key not in source else source[key] if index is None else source[key][index]
+                for key, index in keys]
 
     def cells(values, sign=""):
         return ["–" if np.isnan(v) else f"{v:{sign}.1f}" for v in np.asarray(values, dtype=float)]
 
     ours = row(metrics)
     rows = [["ours", *cells(ours)]]
-    paper = known if known and (arch, image_size) == (PAPER_ARCH, PAPER_IMAGE_SIZE) else None
+    papers = {"dsdl": known, "baseline": PAPER_BASELINE.get(benchmark)}
+    paper = (papers.get(model or "dsdl") if (arch, image_size) == (PAPER_ARCH, PAPER_IMAGE_SIZE)
+             else None)
+    name = MODEL_TITLES.get(model or "dsdl", model)
     if paper is not None:
-        rows.append(["DSDL paper", *cells(row(paper))])
-        if split == paper["split"]:
+        rows.append([f"{name} paper", *cells(row(paper))])
+        if split == known["split"]:
             rows.append(["difference", *cells(np.subtract(ours, row(paper)), "+")])
     lines = [title, ""] if title else []
     lines.append("| | " + " | ".join(headers) + " |")
     lines.append("|---|" + "---:|" * len(headers))
     lines.extend("| " + " | ".join(entries) + " |" for entries in rows)
     if paper is not None:
-        lines += ["", f"Paper: Zhou, Huang, Xing, AAAI 2021, DSDL with ResNet-101 at 448 px on "
-                      f"{paper['setting']}."]
-        if split != paper["split"]:
+        lines += ["", f"Paper: Zhou, Huang, Xing, AAAI 2021, {name} with ResNet-101 at 448 px on "
+                      f"{known['setting']}."]
+        if split != known["split"]:
             lines[-1] += f" Ours is on {split}: no difference is shown."
     return "\n".join(lines)
 
@@ -157,11 +169,40 @@ def write_table(path, table):
 def report_evaluation(metrics, classes, title, benchmark, setting, record, log_path, table_path):
     """Print one evaluation (the paper-style table and the thresholded metrics), append its
     record to the log at `log_path` and save the table as Markdown at `table_path`. `setting`
-    is (arch, image size, split), as `results_table` takes it."""
+    is (model, arch, image size, split), as `results_table` takes it."""
     table = results_table(metrics, classes, benchmark, setting, title)
     print(f"{table}\n{format_metrics(metrics, classes, per_class=len(classes) > 20)}")
     append_record(log_path, record)
     write_table(table_path, table)
+
+
+# --------------------------------------------------------------------------------------------
+# What a training run or an evaluation reports, in its run folder
+# --------------------------------------------------------------------------------------------
+
+def describe_run(args, test_set, world_size, device):
+    """What every record of this run says of it: its settings (options.RECORDED) and what
+    produced it."""
+    settings = recorded_settings(args)
+    settings.update(dataset=test_set.name, benchmark=test_set.benchmark)
+    return {"settings": settings, "run": provenance(device, world_size)}
+
+
+def table_title(args, dataset, epoch, source):
+    return (f"{MODEL_TITLES.get(args.model, args.model)} {args.arch} at {args.image_size} px, "
+            f"epoch {epoch} of {source}, on {dataset.name} {dataset.split}")
+
+
+def report_split(args, test_set, metrics, record, source, log, table):
+    """Print one evaluation of the test split, append its record to the file `log` and save its
+    table as `table`, both in the run folder; returns the log's path."""
+    log = os.path.join(args.checkpoint_dir, log)
+    report_evaluation(
+        metrics, [str(name) for name in test_set.classes],
+        table_title(args, test_set, record["epoch"], source), test_set.benchmark,
+        (args.model, args.arch, args.image_size, test_set.split), record, log,
+        table_path=os.path.join(args.checkpoint_dir, table))
+    return log
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,7 +370,9 @@ def reproduction_block(folder):
     run = last.get("run") or {}
     settings = last.get("settings") or {}
     classes = last.get("classes") or [str(c) for c in range(len(last["AP"]))]
-    lines = [f"### DSDL run: {settings.get('dataset', 'unknown dataset')}, {settings.get('arch', '?')} "
+    model = settings.get("model") or "dsdl"
+    lines = [f"### {MODEL_TITLES.get(model, model)} run: {settings.get('dataset', 'unknown dataset')}, "
+             f"{settings.get('arch', '?')} "
              f"at {settings.get('image_size', '?')} px", ""]
     first = records[0].get("run") or {}
     if first.get("command") not in (None, run.get("command")):  # resumed: how it began too
@@ -347,7 +390,7 @@ def reproduction_block(folder):
             continue
         metrics = {key: nan_for_null(value) for key, value in record.items()}
         title = f"{name} epoch: {record['epoch']} ({record['split']})"
-        setting = (settings.get("arch"), settings.get("image_size"), record["split"])
+        setting = (model, settings.get("arch"), settings.get("image_size"), record["split"])
         lines += ["", results_table(metrics, classes, settings.get("benchmark"), setting, title)]
     return "\n".join(lines)
 

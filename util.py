@@ -1,19 +1,11 @@
-"""Small shared pieces: metrics, transforms, image loading, files (atomic writes, downloads, safe
-extraction, label embeddings) and the distributed set-up. What a run reports is in report.py."""
+"""What the release's util.py held: the metrics and the transforms, with image decoding and the
+project's error type. Downloads are in downloads.py, class vectors in embeddings.py, the
+torchrun set-up in distributed.py; what a run reports is in report.py."""
 import contextlib
-import datetime
 import functools
-import hashlib
-import http.client
 import io
 import os
-import pickle
-import shutil
-import stat
-import tarfile
 import tempfile
-import urllib.request
-import zipfile
 
 import numpy as np
 import torch
@@ -21,7 +13,6 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
-from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -365,7 +356,7 @@ def read_image(path, transform=None, upright=False):
 
 
 # --------------------------------------------------------------------------------------------
-# Files: checksums, downloads, safe extraction, label embeddings
+# Files: atomic writes, writability, the images of a dataset
 # --------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -391,133 +382,6 @@ def atomic_write(path, mode="wb"):
         raise
 
 
-def md5sum(path, chunk=1 << 20):
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def download(urls, path, md5=None):
-    """Download the first of `urls` that works to `path`, with a progress bar.
-
-    The bytes go to `path + '.part'` and are renamed only after the md5 matches, so a cut or
-    corrupted download never looks complete; a bad partial file is removed.
-    """
-    if isinstance(urls, str):
-        urls = [urls]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = path + ".part"
-    errors = []
-    for url in urls:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
-                    for block in iter(lambda: response.read(1 << 20), b""):
-                        out.write(block)
-                        bar.update(len(block))
-                received = out.tell()
-        # no network, HTTP error, timeout, disk full, connection cut (http.client.IncompleteRead)
-        except (OSError, http.client.HTTPException) as error:
-            errors.append(f"{url}: {error}")
-            if os.path.exists(partial):
-                os.remove(partial)
-                errors[-1] += "; the partial download has been removed"
-            continue
-        if total is not None and received != total:  # a connection closed early ends the stream
-            os.remove(partial)
-            errors.append(f"{url}: the download was cut short ({received} of {total} bytes) "
-                          f"and has been removed")
-            continue
-        if md5 is not None and md5sum(partial) != md5:
-            os.remove(partial)
-            errors.append(f"{url}: checksum mismatch (expected md5 {md5}); the download was "
-                          f"cut short or corrupted and has been removed")
-            continue
-        os.replace(partial, path)
-        return path
-    raise DSDLError(f"could not download {os.path.basename(path)} to {path}:\n  " + "\n  ".join(errors)
-                    + f"\nRun the same command again to retry, or download it by hand and place it at "
-                      f"{path}; check the network if it keeps failing.")
-
-
-STAGING_PREFIX = ".extracting-"
-
-
-def _check_member(target, name):
-    resolved = os.path.realpath(os.path.join(target, name))
-    if os.path.isabs(name) or os.path.commonpath([target, resolved]) != target:
-        raise DSDLError(f"refusing archive member {name!r}: it would be written outside {target}")
-
-
-def extract(archive, target):
-    """Extract a .tar/.tar.gz/.zip into `target`, refusing members that escape it.
-
-    Members with absolute paths, `..` that leads outside, and links are refused before anything
-    is written; a file that already exists in `target` is kept, never overwritten. The archive
-    is unpacked into a staging folder inside `target` and then moved in place; the staging
-    folder is removed only once everything is in place, so an extraction cut short (killed,
-    Ctrl-C) stays visible to `interrupted_extraction` and is redone instead of leaving a tree
-    that looks whole.
-    """
-    target = os.path.realpath(target)
-    staging = os.path.join(target, STAGING_PREFIX + os.path.basename(archive))
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    _check_member(staging, info.filename)
-                    if stat.S_ISLNK(info.external_attr >> 16):
-                        raise DSDLError(f"refusing link {info.filename!r} in {archive}")
-                zf.extractall(staging)
-        else:
-            with tarfile.open(archive) as tf:
-                for member in tf.getmembers():
-                    _check_member(staging, member.name)
-                    if member.issym() or member.islnk():
-                        raise DSDLError(f"refusing link {member.name!r} in {archive}")
-                tf.extractall(staging, filter="data")
-    except tarfile.FilterError as error:  # device files and the like
-        shutil.rmtree(staging, ignore_errors=True)
-        raise DSDLError(f"refusing a member of {archive}: {error}") from error
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise DSDLError(f"{archive} is not a valid archive ({error}); delete it and download "
-                        f"it again") from error
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise DSDLError(f"could not extract {archive} into {target} ({error}); free disk space "
-                        f"and run again") from error
-    except DSDLError:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    # Merge the staged tree into the target (archives like VOC's share top folders).
-    for folder, _, files in os.walk(staging):
-        destination = os.path.join(target, os.path.relpath(folder, staging))
-        os.makedirs(destination, exist_ok=True)
-        for name in files:
-            if not os.path.exists(os.path.join(destination, name)):  # never over a user's file
-                os.replace(os.path.join(folder, name), os.path.join(destination, name))
-    shutil.rmtree(staging)
-
-
-def fetch(archive, urls, md5, root, what, hint):
-    """Make sure `archive` (a path in `root`) is there whole, downloading it when absent or
-    when its md5 differs, and extract it into `root`. `what` names the data ("VOC 2007 test")
-    and `hint` says how to put it in place by hand, in the error when the download fails."""
-    if not (os.path.isfile(archive) and (md5 is None or md5sum(archive) == md5)):
-        try:
-            download(urls, archive, md5)
-        except DSDLError as error:
-            raise DSDLError(f"{what} is not in {root} and could not be downloaded.\n{error}\n"
-                            f"{hint}") from error
-    extract(archive, root)
-
-
 def write_error(folder):
     """The OSError that writing a file in `folder` raises, or None. A real write: permission
     bits do not stop root, and a read-only mount stops everyone."""
@@ -535,147 +399,3 @@ def check_images_exist(paths, what):
         raise DSDLError(f"{len(missing)} of the {len(paths)} images of {what} are missing, e.g. "
                         f"{', '.join(missing[:3])}. Restore them, or move the dataset folder "
                         f"away to download it again.")
-
-
-def interrupted_extraction(archive, target):
-    """Whether an extraction of `archive` (a name or path) into `target` was cut short (`extract`)."""
-    return os.path.isdir(os.path.join(target, STAGING_PREFIX + os.path.basename(archive)))
-
-
-# The standard GloVe class vectors (ML-GCN's, made from glove.840B.300d): name -> (urls, md5).
-STANDARD_EMBEDDINGS = {
-    "voc_glove_word2vec.pkl": (
-        ["https://github.com/megvii-research/ML-GCN/raw/master/data/voc/voc_glove_word2vec.pkl"],
-        "214a91652f7e0533f9108683ffa15ab1"),
-    "coco_glove_word2vec.pkl": (
-        ["https://github.com/megvii-research/ML-GCN/raw/master/data/coco/coco_glove_word2vec.pkl"],
-        "1977a47d8ba304e6f3f89788edf1ab9d"),
-}
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles a plain numpy array and refuses every other global (so no code can run)."""
-
-    def find_class(self, module, name):
-        if (module, name) in {("numpy.core.multiarray", "_reconstruct"),
-                              ("numpy._core.multiarray", "_reconstruct")}:
-            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct
-        if (module, name) == ("numpy", "ndarray"):
-            return np.ndarray
-        if (module, name) == ("numpy", "dtype"):
-            return np.dtype
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-
-
-def load_embeddings(path, num_classes=None):
-    """Load a C x 300 label-embedding file (.pkl of one numpy array, or .npy) safely.
-
-    A file named like a standard one must match its md5; pickles are read by an unpickler that
-    allows only numpy's array globals, so a hostile file is refused without running anything.
-    """
-    if not os.path.isfile(path):
-        raise DSDLError(f"label embeddings not found: {path}")
-    name = os.path.basename(path)
-    if name in STANDARD_EMBEDDINGS and md5sum(path) != STANDARD_EMBEDDINGS[name][1]:
-        raise DSDLError(f"{path} has md5 {md5sum(path)}, not the standard file's "
-                        f"{STANDARD_EMBEDDINGS[name][1]}; delete it to download it again")
-    try:
-        if path.endswith(".npy"):
-            array = np.load(path, allow_pickle=False)
-        else:
-            with open(path, "rb") as f:
-                array = _NumpyOnlyUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, ValueError, EOFError, OSError) as error:
-        raise DSDLError(f"cannot load label embeddings {path}: {error}. Expected a pickled "
-                        f"numpy array or a .npy file of shape C x 300.") from error
-    if not isinstance(array, np.ndarray) or array.ndim != 2 or array.shape[1] != 300 or (
-            num_classes is not None and array.shape[0] != num_classes):
-        shape = getattr(array, "shape", type(array).__name__)
-        raise DSDLError(f"label embeddings {path} have shape {shape}; expected "
-                        f"({num_classes if num_classes is not None else 'C'}, 300), one 300-d "
-                        f"vector per class in the dataset's class order")
-    if array.dtype.kind not in "fiu":  # e.g. an object array of strings: no code, but no vectors
-        raise DSDLError(f"label embeddings {path} hold {array.dtype} values; expected numbers")
-    # A NaN or an all-zero vector makes the loss NaN (cos(S, S_hat) is undefined): say which row.
-    broken = [row for row in range(array.shape[0])
-              if not np.isfinite(array[row]).all() or not np.any(array[row])]
-    if broken:
-        raise DSDLError(f"label embeddings {path}: row(s) {', '.join(map(str, broken[:10]))} "
-                        f"{'are' if len(broken) > 1 else 'is'} all zeros or hold NaN/inf; every "
-                        f"class needs a real 300-d vector (make_embeddings.py writes them)")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-
-
-def standard_embeddings(name, folder="data"):
-    """Path of a standard GloVe file in `folder`, downloaded (md5 checked) when absent."""
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        urls, md5 = STANDARD_EMBEDDINGS[name]
-        try:
-            download(urls, path, md5)
-        except DSDLError as error:
-            raise DSDLError(f"{error}\nOr pass a copy you have with --embeddings PATH.") from error
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed training (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
-# --------------------------------------------------------------------------------------------
-
-def resolve_device(device):
-    """The device to run on: `device` (--device), else cuda when a GPU is available, else cpu;
-    asking for cuda without a GPU is an error."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DSDLError(f"--device {device}, but no CUDA GPU is available; pass --device cpu")
-    return device
-
-
-def init_distributed(device):
-    """Join the process group torchrun describes; returns (rank, world size, device).
-
-    NCCL on GPUs, gloo on CPUs; each process drives the GPU of its LOCAL_RANK. Under torchrun
-    the group is joined with one process too (so that `torchrun --nproc_per_node 1` runs the
-    distributed code); without torchrun there is none.
-    """
-    if "RANK" not in os.environ:  # not started by torchrun
-        return 0, 1, torch.device(device)
-    device = torch.device(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        # A long timeout: the other ranks wait while rank 0 downloads and extracts a dataset
-        # (COCO: 19 GB), which takes longer than the default 10 minutes.
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=datetime.timedelta(hours=12))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-
-
-def is_main_process():
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-@contextlib.contextmanager
-def rank_zero_first():
-    """Under torchrun, rank 0 runs the block (checks, downloads, extraction) before the other
-    ranks. A DSDLError raised there is raised by every rank (and printed by rank 0 only), so
-    that the other ranks stop with it instead of waiting or failing on a closed connection."""
-    if not torch.distributed.is_initialized():
-        yield
-        return
-    if is_main_process():
-        failure = [None]
-        try:
-            yield
-        except DSDLError as error:
-            failure = [str(error)]
-            raise
-        finally:
-            torch.distributed.broadcast_object_list(failure, src=0)
-    else:
-        failure = [None]
-        torch.distributed.broadcast_object_list(failure, src=0)
-        if failure[0] is not None:
-            raise DSDLError(failure[0])
-        yield

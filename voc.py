@@ -6,7 +6,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util import DSDLError, atomic_write, check_images_exist, fetch, interrupted_extraction, read_image
+from downloads import fetch, interrupted_extraction
+
+from util import DSDLError, atomic_write, check_images_exist, read_image
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

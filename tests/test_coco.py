@@ -11,14 +11,16 @@ import torch
 from PIL import Image
 
 import coco
-import util
-import engine
+import downloads
+import checkpoints
+import runs
 from report import read_metrics
 import main_coco
 from coco import COCO2014
 from conftest import SMALL, class_image
 from models import DSDL
-from util import DSDLError, compute_metrics, eval_transform, md5sum
+from downloads import md5sum
+from util import DSDLError, compute_metrics, eval_transform
 
 # Category ids deliberately out of name order: the class index must follow the names.
 CATEGORIES = {"zebra": 1, "person": 2, "dog": 4, "bus": 7, "apple": 13}
@@ -142,9 +144,9 @@ def test_main_coco_resumes_a_checkpoint_written_after_the_labels_came_from_the_c
     common = [coco_root, *SMALL, "--embeddings", coco_embeddings, "--checkpoint-dir", str(out)]
     for epochs in ("1", "2"):  # the second start reads the label cache and writes a checkpoint
         monkeypatch.setattr(sys, "argv", ["main_coco.py", *common, "--epochs", epochs,
-                                          *(["--resume", str(out / engine.CHECKPOINT)] if epochs == "2" else [])])
+                                          *(["--resume", str(out / checkpoints.CHECKPOINT)] if epochs == "2" else [])])
         main_coco.main()
-    checkpoint = torch.load(out / engine.CHECKPOINT, weights_only=True)
+    checkpoint = torch.load(out / checkpoints.CHECKPOINT, weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["classes"] == CLASSES
 
 
@@ -206,7 +208,7 @@ def test_coco_extracts_the_official_zips_found_in_root(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("downloaded although verified archives are present")
 
-    monkeypatch.setattr(util, "download", no_network)
+    monkeypatch.setattr(downloads, "download", no_network)
     dataset = COCO2014(str(root), "val")
     assert os.path.isdir(root / "val2014") and not os.path.exists(root / "train2014")
     np.testing.assert_array_equal(dataset.labels, expected_labels("val")[1])
@@ -227,10 +229,10 @@ def test_main_coco_trains_one_epoch_with_the_coco_defaults(coco_root, coco_embed
     monkeypatch.setattr(sys, "argv", ["main_coco.py", coco_root, *SMALL, "--epochs", "1",
                                       "--embeddings", coco_embeddings, "--checkpoint-dir", str(out)])
     main_coco.main()
-    best = torch.load(out / engine.BEST, weights_only=True)
+    best = torch.load(out / checkpoints.BEST, weights_only=True)
     assert best["args"]["lambd"] == 0.1 and best["args"]["beta"] == 1e-6  # spec section 3
     assert best["classes"] == CLASSES
-    record = read_metrics(out / engine.METRICS_LOG)[-1]
+    record = read_metrics(out / runs.METRICS_LOG)[-1]
     assert (record["epoch"], record["split"]) == (1, "val")
 
     # The logged metrics are those of the saved model's scores on val2014.

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import custom
-import engine
+import checkpoints
+import runs
 import main_custom
 from conftest import class_image
 from models import DSDL
@@ -85,10 +86,10 @@ def test_malformed_rows_are_reported_with_line_numbers_before_training(tmp_path,
     with open(tmp_path / "test.csv", "a") as f:
         f.write("\n"                            # blank, ignored
                 "test/404.jpg,cat\n")           # missing image
-    checkpoints = tmp_path / "checkpoints"
+    run_dir = tmp_path / "checkpoints"
     with pytest.raises(SystemExit) as exit_info:
         main_custom.main([str(tmp_path), *COMMON, "--classes", *CLASSES, "--epochs", "1",
-                          "--embeddings", "unused.npy", "--checkpoint-dir", str(checkpoints)])
+                          "--embeddings", "unused.npy", "--checkpoint-dir", str(run_dir)])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     train, test = tmp_path / "train.csv", tmp_path / "test.csv"
@@ -99,15 +100,15 @@ def test_malformed_rows_are_reported_with_line_numbers_before_training(tmp_path,
                      f"{test}, line {len(written['test']) + 3}: image not found"):
         assert expected in err
     assert "5 problem(s)" in err
-    assert not checkpoints.exists() or not os.listdir(checkpoints)  # nothing written
+    assert not run_dir.exists() or not os.listdir(run_dir)  # nothing written
     # Without --classes (the classes taken from the files), the other four are still reported
     # together, and the class 'bird' of a well-formed row is simply one more class.
     with pytest.raises(SystemExit):
         main_custom.main([str(tmp_path), *COMMON, "--epochs", "1", "--embeddings", "unused.npy",
-                          "--checkpoint-dir", str(checkpoints)])
+                          "--checkpoint-dir", str(run_dir)])
     err = capsys.readouterr().err
     assert "4 problem(s)" in err and f"line {first + 3}: expected 2 fields" in err
-    assert "bird" not in err and not os.listdir(checkpoints)
+    assert "bird" not in err and not os.listdir(run_dir)
 
 
 def test_own_dataset_needs_class_vectors(tmp_path, capsys):
@@ -125,32 +126,32 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("custom")
     written = write_dataset(root)
     np.save(root / "classes.npy", np.random.default_rng(1).standard_normal((3, 300)).astype(np.float32))
-    checkpoints = root / "checkpoints"
+    run_dir = root / "checkpoints"
     base = [str(root), *COMMON, "--embeddings", str(root / "classes.npy"),
-            "--checkpoint-dir", str(checkpoints)]
+            "--checkpoint-dir", str(run_dir)]
     main_custom.main([*base, "--epochs", "1"])
-    first = torch.load(checkpoints / engine.CHECKPOINT, weights_only=True)
+    first = torch.load(run_dir / checkpoints.CHECKPOINT, weights_only=True)
     os.replace(root / "train.csv", root / "renamed.csv")
     main_custom.main([*base, "--epochs", "2", "--train-csv", str(root / "renamed.csv"),
-                      "--resume", str(checkpoints / engine.CHECKPOINT)])
+                      "--resume", str(run_dir / checkpoints.CHECKPOINT)])
     return root, written, base, first
 
 
 def test_training_on_a_csv_saves_its_classes_and_resumes(trained):
     root, _, _, first = trained
     assert first["classes"] == CLASSES and first["epoch"] == 1
-    last = torch.load(root / "checkpoints" / engine.CHECKPOINT, weights_only=True)
+    last = torch.load(root / "checkpoints" / checkpoints.CHECKPOINT, weights_only=True)
     assert last["classes"] == CLASSES and last["epoch"] == 2
-    assert [(r["epoch"], r["split"]) for r in read_metrics(root / "checkpoints" / engine.METRICS_LOG)] \
+    assert [(r["epoch"], r["split"]) for r in read_metrics(root / "checkpoints" / runs.METRICS_LOG)] \
         == [(1, "test"), (2, "test")]
 
 
 def test_evaluation_on_a_csv_scores_the_csv_labels(trained, capsys):
     root, written, base, _ = trained
-    checkpoint = root / "checkpoints" / engine.CHECKPOINT
+    checkpoint = root / "checkpoints" / checkpoints.CHECKPOINT
     main_custom.main([*base, "-e", "--resume", str(checkpoint), "--train-csv",
                       str(root / "renamed.csv")])
-    logged = read_metrics(root / "checkpoints" / engine.METRICS_LOG)[-1]
+    logged = read_metrics(root / "checkpoints" / runs.METRICS_LOG)[-1]
     # The same numbers from the checkpoint's model and the CSV's labels, computed here.
     state = torch.load(checkpoint, weights_only=True)
     model = DSDL(3, state["semantics"], 10.0, arch="resnet18", pretrained=False)
@@ -170,12 +171,12 @@ def test_evaluation_on_a_csv_scores_the_csv_labels(trained, capsys):
 
 def test_training_draws_the_curves_of_its_log_next_to_the_checkpoints(trained, tmp_path):
     root, _, _, _ = trained
-    checkpoints = root / "checkpoints"
-    log = checkpoints / engine.METRICS_LOG
+    run_dir = root / "checkpoints"
+    log = run_dir / runs.METRICS_LOG
     # Redrawn from the log here, the pictures are the very files training wrote.
     plot_curves(log, tmp_path, CLASSES)
     for name in ("curves.png", "per_class_ap.png"):
-        with Image.open(checkpoints / name) as written, Image.open(tmp_path / name) as redrawn:
+        with Image.open(run_dir / name) as written, Image.open(tmp_path / name) as redrawn:
             assert written.format == "PNG"
             np.testing.assert_array_equal(np.asarray(written), np.asarray(redrawn))
 
@@ -187,7 +188,7 @@ def test_class_vectors_of_another_length_are_refused(tmp_path, capsys):
         main_custom.main([str(tmp_path), *COMMON, "--epochs", "1", "--embeddings",
                           str(tmp_path / "wrong.npy"), "--checkpoint-dir", str(tmp_path / "ck")])
     assert "have shape (4, 300); expected (3, 300)" in capsys.readouterr().err
-    assert not (tmp_path / "ck" / engine.CHECKPOINT).exists()
+    assert not (tmp_path / "ck" / checkpoints.CHECKPOINT).exists()
 
 
 def test_a_class_file_with_a_byte_order_mark_and_a_non_utf8_csv(tmp_path):
@@ -206,7 +207,7 @@ def test_evaluation_takes_the_checkpoints_class_list_when_the_test_csv_lacks_a_c
     only_cats = tmp_path / "cats.csv"  # 'dog' and 'red car' appear nowhere in this file
     only_cats.write_text("image,labels\n" + "".join(
         f"{image},{'cat' if 'cat' in names else ''}\n" for image, names in written["test"]))
-    code = main_custom.main([str(root), *COMMON, "-e", "--resume", str(root / "checkpoints" / engine.CHECKPOINT),
+    code = main_custom.main([str(root), *COMMON, "-e", "--resume", str(root / "checkpoints" / checkpoints.CHECKPOINT),
                              "--train-csv", str(tmp_path / "absent.csv"), "--test-csv", str(only_cats),
                              "--checkpoint-dir", str(tmp_path / "out")])
     assert code is None

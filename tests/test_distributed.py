@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import engine
+import checkpoints
+import runs
 import main_voc2007
 from conftest import ROOT, SMALL, call_main, offline_environment, write_voc_tree
 from report import read_metrics
@@ -44,13 +45,13 @@ def two_process_run(odd_tree, tmp_path_factory):
     common = [odd_tree, *SMALL, "--embeddings", embeddings]
     run = folder / "run"
     launch(2, *common, "--epochs", "1", "--checkpoint-dir", str(run))
-    shutil.copy(run / engine.CHECKPOINT, folder / "epoch1.pth.tar")
+    shutil.copy(run / checkpoints.CHECKPOINT, folder / "epoch1.pth.tar")
     evaluated = launch(2, *common, "-e", "--resume", str(folder / "epoch1.pth.tar"),
                        "--checkpoint-dir", str(folder / "two"))
     # torchrun with one process runs the distributed code too (one GPU: NCCL, DDP, gathering)
     launch(1, *common, "-e", "--resume", str(folder / "epoch1.pth.tar"),
            "--checkpoint-dir", str(folder / "torchrun_one"))
-    launch(2, *common, "--epochs", "2", "--resume", str(run / engine.CHECKPOINT))
+    launch(2, *common, "--epochs", "2", "--resume", str(run / checkpoints.CHECKPOINT))
     return types.SimpleNamespace(folder=folder, run=run, common=common, evaluated=evaluated)
 
 
@@ -69,19 +70,19 @@ def test_two_processes_evaluate_every_image_once_and_match_one_process(two_proce
     # (the loss is not compared: its norms are over a batch, and the per-process batch is halved)
     assert two_process_run.evaluated.stdout.count("| ours |") == 1  # only rank 0 prints
     # The mAP the 2-process training logged is that of the weights and BatchNorm statistics it saved.
-    logged = read_metrics(two_process_run.run / engine.METRICS_LOG)[0]
+    logged = read_metrics(two_process_run.run / runs.METRICS_LOG)[0]
     assert logged["epoch"] == 1 and logged["mAP"] == pytest.approx(one["mAP"], abs=1e-6)
 
 
 def test_two_process_training_writes_one_checkpoint_that_resumes(two_process_run):
     run = two_process_run.run
     assert sorted(name for name in os.listdir(run) if name.endswith(".tar")) == [
-        engine.CHECKPOINT, engine.BEST]
+        checkpoints.CHECKPOINT, checkpoints.BEST]
     first = torch.load(two_process_run.folder / "epoch1.pth.tar", weights_only=True)
-    second = torch.load(run / engine.CHECKPOINT, weights_only=True)
+    second = torch.load(run / checkpoints.CHECKPOINT, weights_only=True)
     assert first["epoch"] == 1 and second["epoch"] == 2
     assert not torch.equal(first["model"]["W2"], second["model"]["W2"])  # it trained on
-    assert [r["epoch"] for r in read_metrics(run / engine.METRICS_LOG)] == [1, 2]  # one writer
+    assert [r["epoch"] for r in read_metrics(run / runs.METRICS_LOG)] == [1, 2]  # one writer
 
 
 def test_a_global_batch_that_does_not_divide_is_refused_before_the_processes_meet(

@@ -11,7 +11,9 @@ import torch
 
 import make_embeddings
 from conftest import SHARED_EMBEDDINGS
-from util import DSDLError, load_embeddings, md5sum
+from downloads import md5sum
+from embeddings import load_embeddings
+from util import DSDLError
 
 WORDS = ["the", "cat", "Dog", "new york", "new", "traffic", "light", "red", "car"]
 

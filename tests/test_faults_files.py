@@ -19,7 +19,8 @@ from PIL import Image
 
 import voc
 from conftest import write_voc_tree
-from util import DSDLError, download, eval_transform, extract, interrupted_extraction
+from downloads import download, extract, interrupted_extraction
+from util import DSDLError, eval_transform
 from voc import VOC2007
 
 

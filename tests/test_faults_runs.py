@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-import engine
+import checkpoints
+import runs
 from report import append_record, read_metrics
 import main_voc2007
 from conftest import ROOT, SMALL, offline_environment, write_voc_tree
@@ -99,14 +100,14 @@ def run_cli(arguments, log, moment="never", count=0, snapshot=None):
 
         builtins.open = open_or_die
     if snapshot is not None:
-        save = engine.save_checkpoint
+        save = checkpoints.save_checkpoint
 
         def save_and_copy(state, path):
             save(state, path)
             if state["epoch"] == 1:
                 shutil.copytree(os.path.dirname(os.path.abspath(path)), snapshot, dirs_exist_ok=True)
 
-        engine.save_checkpoint = save_and_copy
+        checkpoints.save_checkpoint = save_and_copy
     sys.argv = ["main_voc2007.py", *arguments]
     main_voc2007.main()
 
@@ -146,14 +147,14 @@ def reference(tmp_path_factory, child):
     code, output = child([root, *SMALL, *EPOCHS, "--embeddings", embeddings,
                           "--checkpoint-dir", str(final)], snapshot=str(after_epoch_1))
     assert code == 0, output[-3000:]
-    assert load(after_epoch_1 / engine.CHECKPOINT)["epoch"] == 1
+    assert load(after_epoch_1 / checkpoints.CHECKPOINT)["epoch"] == 1
     return types.SimpleNamespace(root=root, embeddings=embeddings, final=final,
                                  after_epoch_1=after_epoch_1)
 
 
 def load(path):
     """A checkpoint as --resume reads it (weights_only): proves the file is whole."""
-    return engine.load_checkpoint(str(path))
+    return checkpoints.load_checkpoint(str(path))
 
 
 def same_bytes(a, b):
@@ -182,7 +183,7 @@ def cli_arguments(reference, checkpoint_dir, *extra):
 
 def resume_arguments(reference, checkpoint_dir, *extra):
     return cli_arguments(reference, checkpoint_dir, *EPOCHS, "--resume",
-                         str(checkpoint_dir / engine.CHECKPOINT), *extra)
+                         str(checkpoint_dir / checkpoints.CHECKPOINT), *extra)
 
 
 def copy_of_epoch_1(reference, folder):
@@ -201,9 +202,9 @@ def main_in_process(monkeypatch, arguments):
 KILLS = [  # (moment, count, where the run is when it dies)
     ("train", 2, "epoch 2, training batch 2"),
     ("evaluate", 2, "epoch 2, evaluation batch 2"),
-    (engine.METRICS_LOG, 40, "epoch 2, 40 characters into its line of metrics.jsonl"),
-    (engine.BEST, 10 * MB, "epoch 2, 10 MB into writing model_best.pth.tar"),
-    (engine.CHECKPOINT, 10 * MB, "epoch 2, 10 MB into writing checkpoint.pth.tar"),
+    (runs.METRICS_LOG, 40, "epoch 2, 40 characters into its line of metrics.jsonl"),
+    (checkpoints.BEST, 10 * MB, "epoch 2, 10 MB into writing model_best.pth.tar"),
+    (checkpoints.CHECKPOINT, 10 * MB, "epoch 2, 10 MB into writing checkpoint.pth.tar"),
 ]
 
 
@@ -214,27 +215,27 @@ def test_a_run_killed_again_and_again_loses_nothing_and_resumes_to_the_uninterru
     (model_best: epoch 2 once it was written whole); the end is the uninterrupted run bit for bit."""
     # Epoch 2 improves on epoch 1 here, so it writes model_best; were it not, there would be no
     # such write to kill (and model_best would stay epoch 1's, as the assertions below allow).
-    improved = load(reference.final / engine.BEST)["epoch"] == 2
+    improved = load(reference.final / checkpoints.BEST)["epoch"] == 2
     folder = copy_of_epoch_1(reference, tmp_path / "ck")
     epoch_1 = reference.after_epoch_1
-    for moment, count, where in [kill for kill in KILLS if improved or kill[0] != engine.BEST]:
+    for moment, count, where in [kill for kill in KILLS if improved or kill[0] != checkpoints.BEST]:
         code, output = child(resume_arguments(reference, folder), moment=moment, count=count)
         assert code == -signal.SIGKILL, f"not killed at {where}:\n{output[-3000:]}"
-        assert same_bytes(folder / engine.CHECKPOINT, epoch_1 / engine.CHECKPOINT), where
-        assert load(folder / engine.CHECKPOINT)["epoch"] == 1, where
-        if moment == engine.CHECKPOINT:  # model_best (if epoch 2 is best) was written whole before
-            assert_same_weights(folder / engine.BEST, reference.final / engine.BEST)
+        assert same_bytes(folder / checkpoints.CHECKPOINT, epoch_1 / checkpoints.CHECKPOINT), where
+        assert load(folder / checkpoints.CHECKPOINT)["epoch"] == 1, where
+        if moment == checkpoints.CHECKPOINT:  # model_best (if epoch 2 is best) was written whole before
+            assert_same_weights(folder / checkpoints.BEST, reference.final / checkpoints.BEST)
         else:
-            assert same_bytes(folder / engine.BEST, epoch_1 / engine.BEST), where
-        records = read_metrics(folder / engine.METRICS_LOG)
+            assert same_bytes(folder / checkpoints.BEST, epoch_1 / checkpoints.BEST), where
+        records = read_metrics(folder / runs.METRICS_LOG)
         logged = [record["epoch"] for record in records]
-        assert logged == ([1] if moment in ("train", "evaluate", engine.METRICS_LOG) else [1, 2]), where
-        if moment in (engine.BEST, engine.CHECKPOINT):  # the kill came mid-write
+        assert logged == ([1] if moment in ("train", "evaluate", runs.METRICS_LOG) else [1, 2]), where
+        if moment in (checkpoints.BEST, checkpoints.CHECKPOINT):  # the kill came mid-write
             (partial,) = [name for name in temporaries(folder) if name.startswith(moment)]
             assert os.path.getsize(folder / partial) == count, where
             assert len(temporaries(folder)) == 1, where  # an earlier kill's file was cleaned up
-        if moment == engine.METRICS_LOG:  # the kill left half a line, which is not read
-            with open(folder / engine.METRICS_LOG) as f:
+        if moment == runs.METRICS_LOG:  # the kill left half a line, which is not read
+            with open(folder / runs.METRICS_LOG) as f:
                 assert not f.read().endswith("\n")
 
     # The plain command line, with the killed runs' partial temporary files still there.
@@ -244,23 +245,23 @@ def test_a_run_killed_again_and_again_loses_nothing_and_resumes_to_the_uninterru
                             capture_output=True, text=True, cwd=tmp_path, timeout=300,
                             env=offline_environment())
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_weights(folder / engine.CHECKPOINT, reference.final / engine.CHECKPOINT)
-    assert_same_weights(folder / engine.BEST, reference.final / engine.BEST)
+    assert_same_weights(folder / checkpoints.CHECKPOINT, reference.final / checkpoints.CHECKPOINT)
+    assert_same_weights(folder / checkpoints.BEST, reference.final / checkpoints.BEST)
     assert temporaries(folder) == []
 
     def measured(records):  # without what differs between any two runs: the command, the time
         return [{key: value for key, value in record.items() if key not in ("run", "epoch_seconds")}
                 for record in records]
 
-    assert measured(read_metrics(folder / engine.METRICS_LOG)) == \
-        measured(read_metrics(reference.final / engine.METRICS_LOG))
-    with open(folder / engine.METRICS_LOG) as f:
+    assert measured(read_metrics(folder / runs.METRICS_LOG)) == \
+        measured(read_metrics(reference.final / runs.METRICS_LOG))
+    with open(folder / runs.METRICS_LOG) as f:
         for line in f:
             json.loads(line)  # every line whole: the half line of the kill was dropped
 
 
 def test_a_metrics_log_cut_mid_line_reads_and_takes_new_records_cleanly(tmp_path):
-    log = tmp_path / engine.METRICS_LOG
+    log = tmp_path / runs.METRICS_LOG
     for epoch in (1, 2):
         append_record(log, {"epoch": epoch, "split": "test", "mAP": 10.0 * epoch})
     with open(log, "a") as f:
@@ -296,7 +297,7 @@ def test_a_checkpoint_write_that_fails_part_way_keeps_the_previous_one_and_says_
     # model_best.pth.tar is written first, and is the write that fails
     assert "the previous model_best.pth.tar there is intact" in message and "--resume" in message
     assert "Traceback" not in message
-    for name in (engine.CHECKPOINT, engine.BEST):
+    for name in (checkpoints.CHECKPOINT, checkpoints.BEST):
         assert same_bytes(folder / name, reference.after_epoch_1 / name)
         assert load(folder / name)["epoch"] == 1
     assert temporaries(folder) == []
@@ -321,10 +322,10 @@ def test_a_non_finite_loss_stops_the_run_naming_epoch_and_batch_and_keeps_both_c
     assert stopped.value.code == 1
     message = capsys.readouterr().err
     assert f"the loss became {value} at epoch 2, batch 3" in message
-    assert f"{folder / engine.CHECKPOINT} is intact: lower --lr and continue with --resume" in message
-    for name in (engine.CHECKPOINT, engine.BEST):
+    assert f"{folder / checkpoints.CHECKPOINT} is intact: lower --lr and continue with --resume" in message
+    for name in (checkpoints.CHECKPOINT, checkpoints.BEST):
         assert same_bytes(folder / name, reference.after_epoch_1 / name)
-    assert [r["epoch"] for r in read_metrics(folder / engine.METRICS_LOG)] == [1]
+    assert [r["epoch"] for r in read_metrics(folder / runs.METRICS_LOG)] == [1]
 
 
 # ---- resuming with other settings ---------------------------------------------------------------
@@ -334,7 +335,7 @@ def test_resuming_with_other_hyper_parameters_warns_with_each_difference_and_onl
     folder = copy_of_epoch_1(reference, tmp_path / "ck")
     # --epochs 1: the checkpoint is at epoch 1, nothing is left to train; only the resume runs.
     arguments = cli_arguments(reference, folder, "--epochs", "1", "--resume",
-                              str(folder / engine.CHECKPOINT), "--lambd", "5", "--momentum", "0.5",
+                              str(folder / checkpoints.CHECKPOINT), "--lambd", "5", "--momentum", "0.5",
                               "--epoch_step", "1", "--seed", "7", "-b", "4")
     with pytest.warns(UserWarning, match="other hyper-parameters") as caught:
         main_in_process(monkeypatch, arguments)
@@ -381,7 +382,7 @@ def test_a_class_without_positives_is_reported_undefined_and_the_map_says_over_h
     defined = (flags == 1).any(axis=0)
     folder = tmp_path / "ck"
     main_in_process(monkeypatch, [root, *SMALL, "--embeddings", reference.embeddings, "-e",
-                                  "--resume", str(reference.after_epoch_1 / engine.BEST),
+                                  "--resume", str(reference.after_epoch_1 / checkpoints.BEST),
                                   "--checkpoint-dir", str(folder)])
     out = capsys.readouterr().out
     assert f"(over {defined.sum()} of 20 classes)" in out
@@ -422,7 +423,7 @@ def test_a_checkpoint_that_needs_arbitrary_unpickling_is_refused_without_running
         reference, tmp_path, monkeypatch, capsys, payload):
     marker = tmp_path / "code-was-run"
     hostile = tmp_path / "hostile.pth.tar"
-    weights = load(reference.after_epoch_1 / engine.BEST)["model"]
+    weights = load(reference.after_epoch_1 / checkpoints.BEST)["model"]
     torch.save({"model": weights, "epoch": 1, "payload": payloads(marker)[payload]}, hostile)
     with pytest.raises(SystemExit) as stopped:
         main_in_process(monkeypatch, cli_arguments(reference, tmp_path / "ck", "-e", "--resume", str(hostile)))
@@ -451,7 +452,7 @@ def test_an_embeddings_pickle_that_would_run_code_stops_the_run_before_anything_
     assert str(hostile) in message and "Traceback" not in message
     assert ("not allowed" in message) if payload != "object array" else ("expected numbers" in message)
     assert not marker.exists()
-    assert not os.path.exists(folder / engine.CHECKPOINT)
+    assert not os.path.exists(folder / checkpoints.CHECKPOINT)
 
 
 def test_a_standard_embeddings_file_swapped_for_a_hostile_one_is_refused_by_its_checksum(

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
+import checkpoints
 import engine
 from conftest import ROOT, class_image, write_voc_tree
 from models import DSDL, DSDLLoss
@@ -193,14 +194,14 @@ def test_a_checkpoint_written_on_the_gpu_loads_on_the_cpu_and_back(tmp_path):
     optimizer = torch.optim.SGD(model.parameter_groups(0.01, 0.1), lr=0.01, momentum=0.9)
     engine.train_one_epoch(model, DSDLLoss(10.0, 1e-4), optimizer, [(images, labels, [""] * 8)],
                            DEVICE, 0, 10.0)  # weights and BatchNorm statistics made on the GPU
-    path = str(tmp_path / engine.CHECKPOINT)
-    engine.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    path = str(tmp_path / checkpoints.CHECKPOINT)
+    checkpoints.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "epoch": 1}, path)
-    checkpoint = engine.load_checkpoint(path)
+    checkpoint = checkpoints.load_checkpoint(path)
     assert all(tensor.device.type == "cpu" for tensor in checkpoint["model"].values())
     on_cpu, back_on_gpu = small_model(seed=1), small_model(seed=2)  # other weights, overwritten
-    engine.load_weights(on_cpu, checkpoint, path)
-    engine.load_weights(back_on_gpu, checkpoint, path)
+    checkpoints.load_weights(on_cpu, checkpoint, path)
+    checkpoints.load_weights(back_on_gpu, checkpoint, path)
     back_on_gpu.to(DEVICE)
     batch = as_float(images)
     with torch.no_grad():
@@ -232,7 +233,7 @@ def test_torchrun_trains_one_epoch_and_evaluates_on_the_gpu(tmp_path, random_emb
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert (tmp_path / "run" / engine.CHECKPOINT).is_file()
+    assert (tmp_path / "run" / checkpoints.CHECKPOINT).is_file()
     assert "mAP" in result.stdout
 
 

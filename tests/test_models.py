@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import DSDL, DSDLLoss, DSDLOutput, ridge_coefficients
+from models import (MODELS, DSDL, Baseline, BaselineLoss, DSDLLoss, DSDLOutput, build_loss, build_model,
+                    ridge_coefficients)
 
 
 def small_model(num_classes=5, lambd=10.0, seed=0):
@@ -153,3 +154,110 @@ def test_pretrained_weights_offline_say_which_file_to_place_where(offline, tmp_p
     assert "resnet18-f37072fd.pth" in message
     assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in message
     assert "--no-pretrained" in message
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's baseline, global average pooling, and what every model shares
+# --------------------------------------------------------------------------------------------
+
+def small_baseline(num_classes=5, pool="max", seed=0):
+    torch.manual_seed(seed)
+    return Baseline(num_classes, arch="resnet18", pretrained=False, pool=pool)
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_baseline_scores_are_one_linear_layer_with_bias_on_globally_pooled_features(pool):
+    model = small_baseline(pool=pool).eval()
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        output = model(images)
+        feature_map = model.trunk(images).numpy()                        # B x d_f x h x w
+    pooled = feature_map.max(axis=(2, 3)) if pool == "max" else feature_map.mean(axis=(2, 3))
+    np.testing.assert_allclose(output.features.numpy(), pooled, rtol=1e-5, atol=1e-6)
+    weight, bias = model.fc.weight.detach().numpy(), model.fc.bias.detach().numpy()
+    np.testing.assert_allclose(output.scores.numpy(), pooled @ weight.T + bias, rtol=1e-4, atol=1e-5)
+
+
+def test_baseline_loss_is_binary_cross_entropy_on_the_logits_by_hand():
+    scores = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 0.0, 1.0]])
+    targets = torch.tensor([[1, 0, 1], [0, 1, 0]])
+    loss = BaselineLoss()(types.SimpleNamespace(scores=scores), targets).item()
+    p = 1 / (1 + np.exp(-scores.numpy().astype(np.float64)))
+    y = targets.numpy()
+    expected = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    assert loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_baseline_parameter_groups_trunk_at_lr_times_lrp_linear_layer_at_lr():
+    model = small_baseline()
+    groups = model.parameter_groups(lr=0.01, lrp=0.1)
+    assert [g["lr"] for g in groups] == [pytest.approx(0.001), 0.01]
+    trunk, head = ({id(p) for p in g["params"]} for g in groups)
+    assert head == {id(model.fc.weight), id(model.fc.bias)}
+    assert trunk | head == {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_baseline_class_maps_are_cams_that_sum_to_the_scores(pool):
+    model = small_baseline(pool=pool).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        scores, maps = model.class_maps(images)
+        feature_map = model.trunk(images).numpy()
+    torch.testing.assert_close(scores, model(images).scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(maps.sum(dim=(2, 3)).numpy(), scores.numpy(), rtol=1e-4, atol=1e-4)
+    if pool == "avg":  # the classic CAM (Zhou et al. 2016), with the bias spread evenly
+        weight, bias = model.fc.weight.detach().numpy(), model.fc.bias.detach().numpy()
+        positions = feature_map.shape[2] * feature_map.shape[3]
+        cam = (np.einsum("bkhw,ck->bchw", feature_map, weight) + bias[None, :, None, None]) / positions
+        np.testing.assert_allclose(maps.numpy(), cam, rtol=1e-4, atol=1e-5)
+
+
+def test_dsdl_with_average_pooling_reads_mean_features_and_its_maps_sum_to_the_scores():
+    torch.manual_seed(0)
+    model = DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=False, pool="avg").eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        output = model(images)
+        scores, maps = model.class_maps(images)
+        mean = model.trunk(images).mean(dim=(2, 3))
+    torch.testing.assert_close(output.features, mean)
+    torch.testing.assert_close(scores, output.scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(maps.sum(dim=(2, 3)), scores, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["dsdl", "baseline"])
+def test_the_folded_model_gives_the_models_scores(name):
+    torch.manual_seed(0)
+    settings = types.SimpleNamespace(model=name, arch="resnet18", pool="max", lambd=10.0, beta=1e-4)
+    model = build_model(settings, 4, torch.randn(4, 300)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.folded()(images), model(images).scores, rtol=1e-4, atol=1e-5)
+    assert (model.folded().classifier.bias is not None) == (name == "baseline")
+
+
+def test_the_model_table_builds_each_model_and_its_loss_by_name():
+    settings = types.SimpleNamespace(model=None, arch="resnet18", pool="max", lambd=0.5, beta=0.25)
+    for name, entry in MODELS.items():
+        settings.model = name
+        assert type(build_model(settings, 3, torch.randn(3, 300))) is entry.network
+        assert type(build_loss(settings)) is entry.loss
+    settings.model = "dsdl"
+    assert build_model(settings, 3, torch.randn(3, 300)).lambd == 0.5
+    assert (build_loss(settings).lambd, build_loss(settings).beta) == (0.5, 0.25)
+
+
+def test_init_from_loads_the_trunk_across_models_and_keeps_the_heads_own_weights():
+    dsdl, baseline = small_model(num_classes=5, seed=1), small_baseline(num_classes=3, seed=2)
+    own_fc = baseline.fc.weight.detach().clone()
+    baseline.load_weights(dict(dsdl.state_dict()), "dsdl.pth", class_independent_only=True)
+    for key, value in dsdl.features.state_dict().items():
+        assert torch.equal(baseline.features.state_dict()[key], value), key
+    assert torch.equal(baseline.fc.weight, own_fc)
+    # and back: a DSDL from a baseline's trunk keeps its own auto-encoder
+    fresh = small_model(num_classes=4, seed=3)
+    own_w1 = fresh.W1.detach().clone()
+    fresh.load_weights(dict(baseline.state_dict()), "baseline.pth", class_independent_only=True)
+    assert torch.equal(fresh.W1, own_w1)
+    assert torch.equal(fresh.features[0].weight, baseline.features[0].weight)

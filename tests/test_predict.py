@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-import engine
+import checkpoints
 import options
 import predict
 import torchvision
-from models import ARCHS
+from models import RELEASE_RESNETS
 from conftest import class_image
 from models import DSDL
 from util import DSDLError
@@ -177,7 +177,7 @@ def test_release_checkpoint_takes_classes_and_semantics_from_dataset(trained, tm
 
 def test_release_arch_is_read_from_the_layer3_blocks():
     """Key names of the release's format, built from each torchvision ResNet itself."""
-    for arch in ARCHS:
+    for arch in RELEASE_RESNETS:
         resnet = torchvision.models.get_model(arch, weights=None)
         trunk = torch.nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
                                     resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
@@ -238,7 +238,7 @@ def must_not_load(monkeypatch):
     """Fails the test if the checkpoint is read (so no image is scored either)."""
     def load_checkpoint(*args, **kwargs):
         pytest.fail("the checkpoint was loaded before the mistake was reported")
-    monkeypatch.setattr(engine, "load_checkpoint", load_checkpoint)
+    monkeypatch.setattr(checkpoints, "load_checkpoint", load_checkpoint)
 
 
 def files_under(folder):

@@ -9,7 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-import engine
+import checkpoints
+import options
 import report
 from report import read_metrics
 import main_coco
@@ -150,7 +151,7 @@ def test_release_checkpoint_without_batchnorm_counters_loads_the_same_weights(tm
     models = []
     for path in (with_counters, without):
         model = DSDL(20, np.load(random_embeddings), 10.0, "resnet18", pretrained=False)
-        engine.load_weights(model, engine.load_checkpoint(path), path)
+        checkpoints.load_weights(model, checkpoints.load_checkpoint(path), path)
         models.append(model.state_dict())
     for key, value in models[0].items():
         assert torch.equal(value, models[1][key]), key
@@ -190,8 +191,8 @@ def test_paper_row_and_difference_follow_ours_in_the_papers_setting(voc_root, tm
     scores = np.random.default_rng(4).standard_normal(test_set.labels.shape)
     metrics = compute_metrics(scores, test_set.labels)
     assert main_voc2007.get_args_parser().parse_args([root]).arch is None  # the checkpoint's, else:
-    assert engine.PAPER_ARCH == "resnet101"  # the paper's backbone
-    report.report_evaluation(metrics, test_set.classes, "title", "voc2007", ("resnet101", 448, "test"), {"epoch": 3},
+    assert options.PAPER_ARCH == "resnet101"  # the paper's backbone
+    report.report_evaluation(metrics, test_set.classes, "title", "voc2007", ("dsdl", "resnet101", 448, "test"), {"epoch": 3},
                              str(tmp_path / "log.jsonl"), str(tmp_path / "results_test.md"))
     with open(tmp_path / "results_test.md") as f:
         lines = f.read().splitlines()
@@ -212,7 +213,7 @@ def test_table_lays_out_coco_as_the_paper_and_notes_the_papers_setting():
     metrics = {name: 50.0 + i for i, name in enumerate(names)}
     metrics.update({name + "_top3": 60.0 + i for i, name in enumerate(names[1:])})
     metrics["AP"] = [50.0] * 80
-    table = results_table(metrics, [f"c{i}" for i in range(80)], "coco2014", ("resnet101", 448, "val"), "title")
+    table = results_table(metrics, [f"c{i}" for i in range(80)], "coco2014", ("dsdl", "resnet101", 448, "val"), "title")
     lines = table.splitlines()
     assert lines[0] == "title"
     assert lines[2] == ("| | mAP | CP | CR | CF1 | OP | OR | OF1 | top-3 CP | top-3 CR | top-3 CF1 | "
@@ -223,7 +224,7 @@ def test_table_lays_out_coco_as_the_paper_and_notes_the_papers_setting():
     assert lines[6].startswith("| difference | -31.7 | -33.1 | -18.4 |")
     assert "COCO 2014 val" in lines[-1]
     # The VOC 2012 paper row is the official test server's: the note says so.
-    voc = results_table({"AP": [90.0] * 20, "mAP": 90.0}, list(VOC_CLASSES), "voc2012", ("resnet101", 448, "val"))
+    voc = results_table({"AP": [90.0] * 20, "mAP": 90.0}, list(VOC_CLASSES), "voc2012", ("dsdl", "resnet101", 448, "val"))
     assert "VOC 2012 test, scored by the evaluation server" in voc
     # our val next to the paper's test-server numbers: the paper's row, but no difference
     assert "| DSDL paper |" in voc and "| difference |" not in voc and "Ours is on val" in voc
@@ -232,6 +233,7 @@ def test_table_lays_out_coco_as_the_paper_and_notes_the_papers_setting():
 
 def test_the_papers_row_is_shown_only_in_the_papers_setting():
     metrics = {"AP": [90.0] * 20, "mAP": 90.0}
-    for setting in (("resnet18", 448, "test"), ("resnet101", 224, "test"), (None, None, None)):
+    for setting in (("dsdl", "resnet18", 448, "test"), ("dsdl", "resnet101", 224, "test"),
+                    (None, None, None, None)):
         assert "DSDL paper" not in results_table(metrics, list(VOC_CLASSES), "voc2007", setting)
-    assert "| difference |" in results_table(metrics, list(VOC_CLASSES), "voc2007", ("resnet101", 448, "test"))
+    assert "| difference |" in results_table(metrics, list(VOC_CLASSES), "voc2007", ("dsdl", "resnet101", 448, "test"))

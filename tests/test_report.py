@@ -10,7 +10,8 @@ import torch
 import torchvision
 from PIL import Image
 
-import engine
+import checkpoints
+import runs
 import main_voc2007
 import report
 from conftest import ROOT, SMALL, call_main
@@ -107,8 +108,8 @@ def test_every_record_and_checkpoint_says_what_produced_it(voc_root, random_embe
     assert call_main(main_voc2007.main, argv[1:]) == 0
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
-    records = read_metrics(tmp_path / "run" / engine.METRICS_LOG)
-    checkpoint = torch.load(tmp_path / "run" / engine.CHECKPOINT, weights_only=True)
+    records = read_metrics(tmp_path / "run" / runs.METRICS_LOG)
+    checkpoint = torch.load(tmp_path / "run" / checkpoints.CHECKPOINT, weights_only=True)
     for run in [record["run"] for record in records] + [checkpoint["provenance"]]:
         assert run["command"].endswith(" ".join(argv))
         assert run["commit"].removesuffix("+changes") == commit  # a git checkout here
@@ -126,7 +127,7 @@ def test_report_prints_the_record_the_best_and_last_epochs_and_the_papers_row(tm
            "torchvision": "0.26.0", "cuda": "12.8", "cudnn": "91000", "gpu": "NVIDIA H100", "gpus": 1}
     settings = {"dataset": "VOC 2007", "benchmark": "voc2007", "arch": "resnet101", "image_size": 448}
     for epoch, score in ((1, 90.0), (2, 94.0), (3, 93.0)):
-        append_record(folder / engine.METRICS_LOG, {
+        append_record(folder / runs.METRICS_LOG, {
             "epoch": epoch, "split": "test", "mAP": score, "AP": [score] * 20, "classes": classes,
             "epoch_seconds": 600.0, "run": run, "settings": settings,
             **{name + suffix: 50.0 for name in report.THRESHOLDED for suffix in ("", "_top3")}})

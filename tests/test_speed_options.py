@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import models
 import engine
 from models import DSDL, ridge_coefficients
 from conftest import class_image
@@ -165,7 +166,7 @@ def test_a_gradient_scaler_step_clips_and_updates_as_the_unscaled_float32_step(m
         torch.manual_seed(0)
         model = DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=False)
         optimizer = torch.optim.SGD(model.parameter_groups(0.01, 0.1), lr=0.01, momentum=0.9)
-        engine.train_one_epoch(model, engine.DSDLLoss(10.0, 1e-4), optimizer, batch,
+        engine.train_one_epoch(model, models.DSDLLoss(10.0, 1e-4), optimizer, batch,
                                torch.device("cpu"), 0, 1.0, scaler=scaler)
         weights.append(model.W2.detach().clone())
     assert norms[0] > 1.0  # the clip is active

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import custom
+import checkpoints
+import runs
 import engine
 import main_coco
 import main_voc2007
@@ -24,6 +26,7 @@ import main_voc2012
 from conftest import ROOT, SMALL, call_main, offline_environment, rewrite_split_files, write_voc_tree
 from models import DSDL
 from report import read_metrics
+from util import DSDLError
 from test_coco import CATEGORIES, write_coco_tree
 from test_voc2012 import write_voc2012_tree
 
@@ -67,7 +70,7 @@ def test_the_same_training_command_twice_is_refused_before_anything_is_written(t
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and err.startswith("error: ")
     assert "already holds a run (checkpoint.pth.tar, model_best.pth.tar, metrics.jsonl)" in err
-    assert f"--resume {run_folder / engine.CHECKPOINT}" in err and "another --checkpoint-dir" in err
+    assert f"--resume {run_folder / checkpoints.CHECKPOINT}" in err and "another --checkpoint-dir" in err
     assert fingerprint(run_folder) == before
 
 
@@ -78,11 +81,11 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_ta
         [sys.executable, "-c", "import fcntl, os, sys, time\n"
          "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
          "f.write(f'{os.getpid()} here\\n'); f.flush(); print('locked', flush=True); time.sleep(60)",
-         str(run_folder / engine.LOCK)], stdout=subprocess.PIPE, text=True)
+         str(run_folder / runs.LOCK)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = fingerprint(run_folder)
-        code = main(*trained.common, "--epochs", "3", "--resume", run_folder / engine.CHECKPOINT)
+        code = main(*trained.common, "--epochs", "3", "--resume", run_folder / checkpoints.CHECKPOINT)
         err = capsys.readouterr().err
         assert code == 1 and f"another run (process {holder.pid} on here) is writing into" in err
         assert fingerprint(run_folder) == before
@@ -91,17 +94,17 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_ta
         holder.wait()
     # Its lock once the process is gone (killed: it wrote its pid and never released it):
     # taken over with a note, and the run goes on.
-    code = main(*trained.common, "--epochs", "3", "--resume", run_folder / engine.CHECKPOINT)
+    code = main(*trained.common, "--epochs", "3", "--resume", run_folder / checkpoints.CHECKPOINT)
     out = capsys.readouterr().out
-    assert code == 0 and f"taking over {run_folder / engine.LOCK}, left by process {holder.pid}" in out
-    assert torch.load(run_folder / engine.CHECKPOINT, weights_only=True)["epoch"] == 3
-    assert not (run_folder / engine.LOCK).exists()  # released at the end
+    assert code == 0 and f"taking over {run_folder / runs.LOCK}, left by process {holder.pid}" in out
+    assert torch.load(run_folder / checkpoints.CHECKPOINT, weights_only=True)["epoch"] == 3
+    assert not (run_folder / runs.LOCK).exists()  # released at the end
 
 
 def test_resuming_an_older_checkpoint_into_its_folder_is_refused_but_may_branch_elsewhere(
         trained, run_folder, tmp_path, capsys):
     older = tmp_path / "epoch1.pth.tar"
-    state = torch.load(run_folder / engine.CHECKPOINT, weights_only=True)
+    state = torch.load(run_folder / checkpoints.CHECKPOINT, weights_only=True)
     torch.save({**state, "epoch": 1}, older)  # the run as it stood after epoch 1
     os.replace(older, run_folder / "epoch1.pth.tar")
     before = fingerprint(run_folder)
@@ -114,8 +117,8 @@ def test_resuming_an_older_checkpoint_into_its_folder_is_refused_but_may_branch_
     code = main(*trained.common, "--epochs", "2", "--resume", run_folder / "epoch1.pth.tar",
                 "--checkpoint-dir", tmp_path / "branch")
     assert code == 0 and fingerprint(run_folder) == before
-    (record,) = read_metrics(tmp_path / "branch" / engine.METRICS_LOG)
-    branch_best = torch.load(tmp_path / "branch" / engine.BEST, weights_only=True)
+    (record,) = read_metrics(tmp_path / "branch" / runs.METRICS_LOG)
+    branch_best = torch.load(tmp_path / "branch" / checkpoints.BEST, weights_only=True)
     assert record["epoch"] == 2 and branch_best["epoch"] == 2
     assert branch_best["best_score"] == pytest.approx(record["mAP"])
     assert "a new branch" in capsys.readouterr().out
@@ -123,9 +126,9 @@ def test_resuming_an_older_checkpoint_into_its_folder_is_refused_but_may_branch_
 
 def test_a_plain_resume_continues_with_the_runs_own_recipe(trained, run_folder, recwarn):
     # Trained with --lr 0.1, -b 8, ResNet-18 at 64 px from random weights; resumed with none of it.
-    assert main(trained.root, "--resume", run_folder / engine.CHECKPOINT, "--epochs", "3",
+    assert main(trained.root, "--resume", run_folder / checkpoints.CHECKPOINT, "--epochs", "3",
                 "--embeddings", trained.embeddings, "-j", "0", "--device", "cpu") == 0
-    resumed = torch.load(run_folder / engine.CHECKPOINT, weights_only=True)
+    resumed = torch.load(run_folder / checkpoints.CHECKPOINT, weights_only=True)
     assert resumed["epoch"] == 3
     assert {key: resumed["args"][key] for key in ("lr", "batch_size", "arch", "image_size", "no_pretrained")} \
         == {"lr": 0.1, "batch_size": 8, "arch": "resnet18", "image_size": 64, "no_pretrained": True}
@@ -136,15 +139,15 @@ def test_a_plain_resume_continues_with_the_runs_own_recipe(trained, run_folder, 
 def test_evaluating_into_the_training_folder_leaves_every_training_file_as_it_was(
         trained, run_folder, capsys):
     before = fingerprint(run_folder)
-    assert main(trained.root, "-e", "--resume", run_folder / engine.BEST, "--embeddings",
+    assert main(trained.root, "-e", "--resume", run_folder / checkpoints.BEST, "--embeddings",
                 trained.embeddings, "-j", "0", "--device", "cpu") == 0
     after = fingerprint(run_folder)
     assert {name: after[name] for name in before} == before
     assert sorted(set(after) - set(before)) == ["eval_test.jsonl", "eval_test.md"]
     (record,) = read_metrics(run_folder / "eval_test.jsonl")
-    logged = {r["epoch"]: r["mAP"] for r in read_metrics(run_folder / engine.METRICS_LOG)}
+    logged = {r["epoch"]: r["mAP"] for r in read_metrics(run_folder / runs.METRICS_LOG)}
     assert record["mAP"] == pytest.approx(logged[record["epoch"]], abs=1e-9)
-    assert record["checkpoint"] == str(run_folder / engine.BEST)
+    assert record["checkpoint"] == str(run_folder / checkpoints.BEST)
 
 
 # ---- numbers that must be the ones asked for ----------------------------------------------------
@@ -153,7 +156,7 @@ def test_an_input_size_other_than_the_checkpoints_is_used_with_a_warning(trained
     with pytest.warns(UserWarning, match=r"evaluating with other hyper-parameters than the "
                                          r"checkpoint's .*the command line's are used:\n  "
                                          r"image_size: 64 -> 96$"):
-        assert main(trained.root, "-e", "--resume", run_folder / engine.BEST, "--image-size", "96",
+        assert main(trained.root, "-e", "--resume", run_folder / checkpoints.BEST, "--image-size", "96",
                     "--embeddings", trained.embeddings, "-j", "0", "--device", "cpu") == 0
     assert "resnet18 at 96 px" in capsys.readouterr().out
 
@@ -162,10 +165,10 @@ def test_resuming_a_voc2007_run_as_voc2012_is_refused(trained, run_folder, tmp_p
     root = str(tmp_path / "voc2012")
     write_voc2012_tree(root)
     code = main(root, *SMALL, "--embeddings", trained.embeddings, "--epochs", "3", "--resume",
-                run_folder / engine.CHECKPOINT, "--checkpoint-dir", tmp_path / "ck", script=main_voc2012)
+                run_folder / checkpoints.CHECKPOINT, "--checkpoint-dir", tmp_path / "ck", script=main_voc2012)
     err = capsys.readouterr().err
     assert code == 1 and "is a run on VOC 2007, not VOC 2012" in err
-    assert f"--init-from {run_folder / engine.CHECKPOINT}" in err
+    assert f"--init-from {run_folder / checkpoints.CHECKPOINT}" in err
     assert not os.listdir(tmp_path / "ck")
 
 
@@ -192,9 +195,9 @@ def test_init_from_starts_a_voc_run_from_the_trunk_and_dictionary_of_a_coco_clas
         if key != "semantics":  # trunk, BatchNorm statistics, W1, W2
             assert torch.equal(started[key], value), key
     np.testing.assert_array_equal(started["semantics"].numpy(), np.load(trained.embeddings))
-    saved = torch.load(folder / engine.CHECKPOINT, weights_only=True)
+    saved = torch.load(folder / checkpoints.CHECKPOINT, weights_only=True)
     assert saved["epoch"] == 1 and len(saved["classes"]) == 20  # epoch 0 + this one, VOC's classes
-    assert saved["best_score"] == pytest.approx(read_metrics(folder / engine.METRICS_LOG)[0]["mAP"])
+    assert saved["best_score"] == pytest.approx(read_metrics(folder / runs.METRICS_LOG)[0]["mAP"])
     assert all(not state for state in saved["optimizer"]["state"].values())  # fresh: no momentum
     assert "starting from the trunk and auto-encoder weights of" in capsys.readouterr().out
 
@@ -232,11 +235,11 @@ def test_coco_duplicate_names_unknown_category_ids_and_repeated_images(tmp_path)
                 os.remove(os.path.join(os.path.dirname(path), cache))
         return main_coco_val(root)
 
-    with pytest.raises(engine.DSDLError, match="names two categories 'dog'"):
+    with pytest.raises(DSDLError, match="names two categories 'dog'"):
         load(lambda data: data["categories"].append({"id": 99, "name": "dog"}))
-    with pytest.raises(engine.DSDLError, match="has category id 999, which is not among its categories"):
+    with pytest.raises(DSDLError, match="has category id 999, which is not among its categories"):
         load(lambda data: data["annotations"][0].update(category_id=999))
-    with pytest.raises(engine.DSDLError, match="holds no annotations"):
+    with pytest.raises(DSDLError, match="holds no annotations"):
         load(lambda data: data.update(annotations=[]))
     with pytest.warns(UserWarning, match=r"lists 1 image id\(s\) more than once \(e\.g\. 5000\)"):
         dataset = load(lambda data: data["images"].append(dict(data["images"][0])))
@@ -290,7 +293,7 @@ def test_a_batch_of_one_image_is_refused_for_training(trained, tmp_path, capsys)
 
 def test_epochs_the_checkpoint_already_reached_say_so_and_exit_0(trained, run_folder, capsys):
     before = fingerprint(run_folder)
-    assert main(*trained.common, "--epochs", "2", "--resume", run_folder / engine.CHECKPOINT) == 0
+    assert main(*trained.common, "--epochs", "2", "--resume", run_folder / checkpoints.CHECKPOINT) == 0
     assert "has already trained 2 epochs, and --epochs is 2: nothing to do" in capsys.readouterr().out
     assert fingerprint(run_folder) == before
 
@@ -333,17 +336,17 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(trained, run_folder, monkeypatc
 
     monkeypatch.setattr(engine, "train_one_epoch", interrupted)
     before = fingerprint(run_folder)
-    assert main(*trained.common, "--epochs", "3", "--resume", run_folder / engine.CHECKPOINT) == 130
+    assert main(*trained.common, "--epochs", "3", "--resume", run_folder / checkpoints.CHECKPOINT) == 130
     assert capsys.readouterr().err.strip() == \
-        f"interrupted; continue with --resume {run_folder / engine.CHECKPOINT}"
-    assert fingerprint(run_folder) == before and not (run_folder / engine.LOCK).exists()
+        f"interrupted; continue with --resume {run_folder / checkpoints.CHECKPOINT}"
+    assert fingerprint(run_folder) == before and not (run_folder / runs.LOCK).exists()
 
 
 def test_ctrl_c_in_a_terminal_with_loader_workers_is_the_same_one_line(trained, run_folder):
     """Ctrl-C signals the whole foreground process group: the run and its loader workers."""
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "main_voc2007.py"), *trained.common, "-j", "2",
-         "--epochs", "50", "--resume", str(run_folder / engine.CHECKPOINT)],
+         "--epochs", "50", "--resume", str(run_folder / checkpoints.CHECKPOINT)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**offline_environment(), "PYTHONUNBUFFERED": "1"})
     for line in process.stdout:
@@ -354,7 +357,7 @@ def test_ctrl_c_in_a_terminal_with_loader_workers_is_the_same_one_line(trained, 
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == \
-        f"interrupted; continue with --resume {run_folder / engine.CHECKPOINT}"
+        f"interrupted; continue with --resume {run_folder / checkpoints.CHECKPOINT}"
     assert "Traceback" not in err and "DataLoader worker" not in err
 
 
@@ -419,7 +422,7 @@ def test_a_split_without_positives_says_no_model_can_be_selected(trained, tmp_pa
     out = capsys.readouterr().out
     assert "test mAP undefined, best none" in out
     assert "no class has a positive in test, so no model can be selected" in out
-    assert "best -inf" not in out and not (folder / engine.BEST).exists()
+    assert "best -inf" not in out and not (folder / checkpoints.BEST).exists()
 
 
 def test_voc2012_trains_and_selects_on_val_without_the_test_archive(offline, trained, tmp_path, capsys):
@@ -432,7 +435,7 @@ def test_voc2012_trains_and_selects_on_val_without_the_test_archive(offline, tra
                     "--checkpoint-dir", folder, script=main_voc2012) == 0
     out = capsys.readouterr().out
     assert "epoch 1/1: train loss" in out and "val mAP" in out
-    assert (folder / engine.BEST).exists() and not (folder / "results.tar.gz").exists()
+    assert (folder / checkpoints.BEST).exists() and not (folder / "results.tar.gz").exists()
 
 
 @pytest.mark.parametrize("script", ["main_voc2007.py", "main_voc2012.py", "main_coco.py",

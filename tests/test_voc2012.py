@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import checkpoints
+import runs
 import engine
 import main_voc2012
 import options
@@ -128,9 +130,9 @@ def test_main_voc2012_trains_on_train_selects_on_val_and_submits_test(voc2012_ro
     out = tmp_path / "ck"
     run_cli(monkeypatch, root, *SMALL, "--epochs", "1", "--embeddings", random_embeddings,
             "--checkpoint-dir", str(out))
-    best = torch.load(out / engine.BEST, weights_only=True)
+    best = torch.load(out / checkpoints.BEST, weights_only=True)
     assert best["args"]["lambd"] == 10.0 and best["args"]["beta"] == 1.9e-4  # spec section 3
-    with open(out / engine.METRICS_LOG) as f:
+    with open(out / runs.METRICS_LOG) as f:
         records = [json.loads(line) for line in f]
     assert [(r["epoch"], r["split"]) for r in records] == [(1, "val")]
 
@@ -151,7 +153,7 @@ def test_main_voc2012_trains_on_train_selects_on_val_and_submits_test(voc2012_ro
 
     # -e of the last checkpoint in the same folder writes its own submission beside training's.
     submitted = (out / "results.tar.gz").read_bytes()
-    run_cli(monkeypatch, root, "-e", "--resume", str(out / engine.CHECKPOINT), "--embeddings",
+    run_cli(monkeypatch, root, "-e", "--resume", str(out / checkpoints.CHECKPOINT), "--embeddings",
             random_embeddings, "-j", "0", "--device", "cpu")
     assert (out / "results.tar.gz").read_bytes() == submitted
     assert tarfile.open(out / "eval_submission" / "results.tar.gz").getnames() == \

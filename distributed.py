@@ -1,0 +1,101 @@
+"""The device and torchrun's process group (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)."""
+import contextlib
+import datetime
+import os
+
+import numpy as np
+import torch
+
+from util import DSDLError
+
+
+def resolve_device(device):
+    """The device to run on: `device` (--device), else cuda when a GPU is available, else cpu;
+    asking for cuda without a GPU is an error."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DSDLError(f"--device {device}, but no CUDA GPU is available; pass --device cpu")
+    return device
+
+
+def init_distributed(device):
+    """Join the process group torchrun describes; returns (rank, world size, device).
+
+    NCCL on GPUs, gloo on CPUs; each process drives the GPU of its LOCAL_RANK. Under torchrun
+    the group is joined with one process too (so that `torchrun --nproc_per_node 1` runs the
+    distributed code); without torchrun there is none.
+    """
+    if "RANK" not in os.environ:  # not started by torchrun
+        return 0, 1, torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        # A long timeout: the other ranks wait while rank 0 downloads and extracts a dataset
+        # (COCO: 19 GB), which takes longer than the default 10 minutes.
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=12))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def is_main_process():
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Under torchrun, rank 0 runs the block (checks, downloads, extraction) before the other
+    ranks. A DSDLError raised there is raised by every rank (and printed by rank 0 only), so
+    that the other ranks stop with it instead of waiting or failing on a closed connection."""
+    if not torch.distributed.is_initialized():
+        yield
+        return
+    if is_main_process():
+        failure = [None]
+        try:
+            yield
+        except DSDLError as error:
+            failure = [str(error)]
+            raise
+        finally:
+            torch.distributed.broadcast_object_list(failure, src=0)
+    else:
+        failure = [None]
+        torch.distributed.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise DSDLError(failure[0])
+        yield
+
+
+def mean_over_processes(loss):
+    """The loss as a number, averaged over torchrun's processes (every process sees the same)."""
+    if not torch.distributed.is_initialized():
+        return loss.item()
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total.item() / torch.distributed.get_world_size()
+
+
+def share_rank_zero_buffers(model):
+    """Give every process rank 0's BatchNorm statistics (the ones it saves) before evaluating.
+
+    DDP copies rank 0's buffers before each training forward only: after the last step every
+    rank has its own statistics.
+    """
+    if torch.distributed.is_initialized():
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
+
+
+def gather_shares(positions, scores, labels, ids, total, count):
+    """The evaluation shares of every process (the images at `positions` of the split, their
+    scores, labels and ids, the summed loss and the count), put back into the split's order."""
+    shares = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(shares, (positions, scores, labels, ids, total, count))
+    order = np.argsort(np.concatenate([share[0] for share in shares]), kind="stable")
+    scores = np.concatenate([share[1] for share in shares])[order]
+    labels = np.concatenate([share[2] for share in shares])[order]
+    ids = [i for share in shares for i in share[3]]
+    return (scores, labels, [ids[i] for i in order], sum(share[4] for share in shares),
+            sum(share[5] for share in shares))

@@ -1,0 +1,275 @@
+"""A run's folder and its lock, its checks before anything is read or written, and how the
+entry scripts end: a user's mistake in one `error:` line (exit status 1), Ctrl-C in a line that
+says how to go on (exit status 130).
+"""
+import fcntl
+import os
+import signal
+import socket
+import sys
+import warnings
+
+import torch
+
+import models
+import options
+from checkpoints import BEST, CHECKPOINT, load_checkpoint, resume_advice
+from distributed import resolve_device
+from report import METRICS_LOG
+from util import DSDLError, user_message, write_error
+
+LOCK = "run.lock"                   # the pid of the run writing into the folder
+RUN_FILES = (CHECKPOINT, BEST, METRICS_LOG)
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder: it belongs to one run
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_run_folder(folder):
+    """The run folder exists and can be written to: found before anything trains."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DSDLError(f"--checkpoint-dir {folder} is a file, not a folder; pass a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise DSDLError(f"cannot create --checkpoint-dir {folder} ({error.strerror}); pass a "
+                        f"folder you can write to") from error
+    error = write_error(folder)
+    if error is not None:
+        raise DSDLError(f"--checkpoint-dir {folder} is not writable ({error.strerror}); pass a "
+                        f"folder you can write to") from error
+
+
+def check_run_folder(args, checkpoint):
+    """Refuse, before anything is written, a training run that would overwrite or splice
+    another: a fresh run needs a folder without a run in it; --resume continues the run whose
+    latest checkpoint it is (never an older one: that would overwrite the newer epochs)."""
+    folder = args.checkpoint_dir
+    last = os.path.join(folder, CHECKPOINT)
+    resumed = os.path.abspath(args.resume) if args.resume else None
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))
+               and os.path.abspath(os.path.join(folder, name)) != resumed]
+    if not args.resume:
+        if present:
+            way_on = (f"To continue it, pass --resume {last}; to" if os.path.isfile(last) else "To")
+            raise DSDLError(f"{folder} already holds a run ({', '.join(present)}); a new run would "
+                            f"overwrite it. {way_on} start a new run, pass another "
+                            f"--checkpoint-dir (or delete that folder)")
+        return
+    if not present or resumed == os.path.abspath(last):
+        return
+    if not os.path.isfile(last):
+        raise DSDLError(f"{folder} holds another run's {', '.join(present)}; continuing "
+                        f"{args.resume} there would mix the two. Pass another --checkpoint-dir")
+    try:
+        current = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # a damaged file: say so rather than guess which run it was
+        raise DSDLError(f"{last} cannot be read ({type(error).__name__}); to continue from "
+                        f"{args.resume} in {folder}, move that file away first") from error
+    same_run = checkpoint.get("run_id") is not None and current.get("run_id") == checkpoint.get("run_id")
+    if not same_run or current.get("epoch", 0) > checkpoint.get("epoch", 0):
+        which = "an older epoch of this run" if same_run else "another run"
+        raise DSDLError(f"{args.resume} (epoch {checkpoint.get('epoch', 0)}) is {which} than "
+                        f"{last} (epoch {current.get('epoch', 0)}); continuing it in {folder} would "
+                        f"overwrite that. Continue the latest with --resume {last}, or write the "
+                        f"continuation elsewhere with --checkpoint-dir NEW_FOLDER")
+
+
+class RunLock:
+    """`<folder>/run.lock`, locked (flock) by the run that writes into the folder.
+
+    The kernel lets go of the lock when its process ends, however it ends, so a second run is
+    refused exactly while the first lives. The file holds the holder's pid and host, for the
+    message of a refused run and the note of a run that takes over after a crash; a run that
+    ends removes it.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK)
+        self.file = None
+
+    def acquire(self):
+        while True:
+            lock_file = open(self.path, "a+")  # a+: never truncates what another run wrote
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock_file.seek(0)
+                holder = lock_file.read().split() or ["?", "?"]
+                lock_file.close()
+                raise DSDLError(f"another run (process {holder[0]} on {holder[-1]}) is writing "
+                                f"into {self.folder}; wait for it to end, or pass another "
+                                f"--checkpoint-dir") from None
+            try:  # the file locked is still the one at the path (not removed by its last holder)
+                if os.fstat(lock_file.fileno()).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            lock_file.close()
+        lock_file.seek(0)
+        left = lock_file.read().split()
+        if left:
+            print(f"note: taking over {self.path}, left by process {left[0]} which no longer runs")
+        lock_file.truncate(0)
+        lock_file.write(f"{os.getpid()} {socket.gethostname()}\n")
+        lock_file.flush()
+        self.file = lock_file
+
+    def release(self):
+        if self.file is not None:
+            os.remove(self.path)  # while still locked: the next run finds no file, or its own
+            self.file.close()
+            self.file = None
+
+
+def claim_run_folder(args, checkpoint, lock):
+    """Rank 0, before any data is read: the folder is usable and, for training, locked and
+    free of another run."""
+    prepare_run_folder(args.checkpoint_dir)
+    if not args.evaluate:
+        lock.acquire()
+        check_run_folder(args, checkpoint)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks of the command line and the data, before training
+# --------------------------------------------------------------------------------------------
+
+def check_args(args):
+    """Mistakes in the command line, found before any file is read or written."""
+    args.device = resolve_device(args.device)
+    if args.evaluate and not args.resume:
+        raise DSDLError("-e/--evaluate needs the checkpoint to evaluate: --resume PATH")
+    if args.resume and args.init_from:
+        raise DSDLError("--resume continues a run and --init-from starts a new one from another "
+                        "run's weights: pass one of them")
+    if not args.evaluate and args.batch_size < 2:
+        raise DSDLError(f"--batch-size {args.batch_size}: training needs at least 2 images per "
+                        f"batch (BatchNorm statistics)")
+
+
+def start_from(args):
+    """Check the command line, read the checkpoint the run starts from (--resume, --init-from)
+    and fill in what the command line left open from it (options.take_from_checkpoint); returns
+    the checkpoint, or None."""
+    check_args(args)
+    source = args.resume or args.init_from
+    checkpoint = load_checkpoint(source, "--resume" if args.resume else "--init-from") if source else None
+    options.take_from_checkpoint(args, (checkpoint or {}).get("args") or {}, source)
+    # The class list a checkpoint was trained on: a CSV dataset evaluated or resumed uses it.
+    args.checkpoint_classes = None if checkpoint is None or args.init_from else checkpoint.get("classes")
+    models.check_arch(args.arch)
+    processes = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
+    if args.batch_size % processes:
+        raise DSDLError(f"--batch-size {args.batch_size} (the global batch) does not divide over "
+                        f"{processes} processes; pass a multiple of {processes}")
+    return checkpoint
+
+
+def check_datasets(datasets, checkpoint, args):
+    """The class lists of the splits agree, and --resume continues a run on its own dataset."""
+    train, test = datasets.train, datasets.test
+    if train is not None and list(train.classes) != list(test.classes):
+        only_train = [name for name in train.classes if name not in test.classes]
+        only_test = [name for name in test.classes if name not in train.classes]
+        raise DSDLError(f"the classes of {train.label_source} and {test.label_source} differ"
+                        + (f": only in {train.split}: {', '.join(only_train[:5])}" if only_train else "")
+                        + (f"; only in {test.split}: {', '.join(only_test[:5])}" if only_test else "")
+                        + ("" if only_train or only_test else ": same names, another order")
+                        + ". Both splits must name the same classes")
+    if not test.labelled:
+        raise DSDLError(f"the {test.split} split has no labels, so it cannot select the best "
+                        f"model; evaluate every epoch on a labelled split")
+    if checkpoint is None or args.init_from:
+        return
+    classes = [str(name) for name in test.classes]
+    theirs = checkpoint.get("classes")
+    if theirs is not None and list(theirs) != classes:
+        way = ("it can only be evaluated on data with its classes" if args.evaluate else
+               f"to start a run on this dataset from its weights, use --init-from {args.resume}")
+        raise DSDLError(f"{args.resume} was trained on {len(theirs)} classes "
+                        f"({', '.join(theirs[:4])}, ...), but this dataset has {len(classes)} "
+                        f"({', '.join(classes[:4])}, ...); {way}")
+    # A run on one of the paper's benchmarks is known by its name; one on own data by its
+    # class list (checked above), whatever its folder is called.
+    trained_on = checkpoint.get("dataset") or {}
+    if not args.evaluate and trained_on.get("benchmark") and trained_on["name"] != test.name:
+        raise DSDLError(f"{args.resume} is a run on {trained_on['name']}, not {test.name}: --resume "
+                        f"continues a run on its own dataset. To start a {test.name} run from its "
+                        f"weights, use --init-from {args.resume}")
+
+
+# --------------------------------------------------------------------------------------------
+# Interruptions, errors and how the scripts end
+# --------------------------------------------------------------------------------------------
+
+INTERRUPTS = []  # the Ctrl-Cs that main() has seen
+
+
+def stop_if_interrupted():
+    """Stop at the next batch after a Ctrl-C: its KeyboardInterrupt is raised wherever the main
+    process is, and Python swallows one that lands in a finaliser (with a message)."""
+    if INTERRUPTS:
+        raise KeyboardInterrupt
+
+
+class NonFiniteLoss(DSDLError):
+    """The loss became NaN or infinite; the step was not taken."""
+
+
+def non_finite_loss_advice(error, folder):
+    last = os.path.join(folder, CHECKPOINT)
+    if os.path.isfile(last):
+        return DSDLError(f"{error} {last} is intact: lower --lr and continue with --resume {last}")
+    return DSDLError(f"{error} No epoch was saved yet: start again with a lower --lr")
+
+
+def ignore_interrupts(worker_id):
+    """Ctrl-C is for the main process, which stops the run and says how to resume; a loader
+    worker that died of it first would turn that into a DataLoader error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_command(run, args):
+    """`run()` for the main_*.py scripts: a user's mistake ends in one `error:` line
+    (exit status 1), Ctrl-C in a line saying how to go on (exit status 130)."""
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    # Ctrl-C reaches the whole process group, loader workers included: they ignore it (this
+    # handler does nothing in a forked worker, `ignore_interrupts` once it runs), and in the
+    # main process whatever error follows an interrupt is taken for the interrupt.
+    INTERRUPTS.clear()
+    main_process = os.getpid()
+
+    def interrupt(signum, frame):
+        if os.getpid() != main_process:  # a loader worker, forked with this handler: ignore it
+            return
+        INTERRUPTS.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        return run()
+    except (KeyboardInterrupt, Exception) as error:
+        if not (INTERRUPTS or isinstance(error, KeyboardInterrupt)):
+            if not isinstance(error, DSDLError):
+                raise
+            if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank stops with it
+                print(f"error: {user_message(error)}", file=sys.stderr)
+            sys.exit(1)
+        if args.evaluate:
+            print("\ninterrupted; the evaluation did not finish: run the same command again",
+                  file=sys.stderr)
+        else:
+            print(f"\ninterrupted; {resume_advice(args.checkpoint_dir or args.run_folder)}",
+                  file=sys.stderr)
+        sys.exit(130)
+    finally:
+        INTERRUPTS.clear()
+        signal.signal(signal.SIGINT, previous)
+        warnings.formatwarning = formatwarning
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
