@@ -30,7 +30,7 @@ def baseline_run(tmp_path_factory):
     write_voc_tree(data, splits={"trainval": 24, "test": 16}, seed=5)
     folder = root / "run"
     argv = [data, *SMALL, "--model", "baseline", "--checkpoint-dir", str(folder), "--epochs", "2"]
-    assert call_main(main_voc2007, argv) == 0
+    assert call_main(main_voc2007.main, argv) == 0
     return data, folder
 
 
@@ -50,7 +50,7 @@ def test_evaluate_a_baseline_checkpoint_gives_its_logged_map_and_loss(baseline_r
     epoch = torch.load(best, weights_only=True)["epoch"]
     # neither --model nor --arch given: both come from the checkpoint
     argv = [data, "-e", "--resume", str(best), "--device", "cpu", "-j", "0", "-b", "8"]
-    assert call_main(main_voc2007, argv) == 0
+    assert call_main(main_voc2007.main, argv) == 0
     (record,) = read_metrics(folder / "eval_test.jsonl")
     assert record["mAP"] == pytest.approx(logged[epoch]["mAP"], abs=1e-6)
     assert record["loss"] == pytest.approx(logged[epoch]["loss"], rel=1e-5)
@@ -61,7 +61,7 @@ def test_resuming_a_baseline_continues_it(baseline_run, tmp_path):
     data, folder = baseline_run
     argv = [data, *SMALL, "--resume", str(folder / checkpoints.CHECKPOINT), "--epochs", "3",
             "--checkpoint-dir", str(tmp_path / "branch")]
-    assert call_main(main_voc2007, argv) == 0
+    assert call_main(main_voc2007.main, argv) == 0
     state = torch.load(tmp_path / "branch" / checkpoints.CHECKPOINT, weights_only=True)
     assert state["epoch"] == 3 and state["args"]["model"] == "baseline"
 
@@ -119,16 +119,23 @@ def test_the_papers_baseline_row_is_shown_next_to_a_baseline_in_the_papers_setti
         metrics, list(VOC_CLASSES), "voc2007", ("baseline", "resnet18", 448, "test"))
 
 
+# DSDL as the release trains it, with a high learning rate for a trunk from random weights;
+# the baseline's plain linear head needs a tenth of it, and learns fastest with the classic
+# global average pooling.
+LEARNING = {"dsdl": ["--epochs", "8", "--lr", "0.3"],
+            "baseline": ["--epochs", "6", "--lr", "0.03", "--pool", "avg"]}
+
+
 @pytest.mark.parametrize("model", ["dsdl", "baseline"])
 def test_both_models_learn_visually_distinct_classes_far_above_chance(model, tmp_path, random_embeddings):
     root = str(tmp_path / "voc")
     write_voc_tree(root, splits={"trainval": 80, "test": 40}, seed=3)
     argv = [root, *SMALL, "--model", model, "--embeddings", random_embeddings, "--checkpoint-dir",
-            str(tmp_path / "ck"), "--epochs", "8", "--lr", "0.3", "--lrp", "1", "-b", "16"]
-    assert call_main(main_voc2007, argv) == 0
+            str(tmp_path / "ck"), *LEARNING[model], "--lrp", "1", "-b", "16"]
+    assert call_main(main_voc2007.main, argv) == 0
     learned = read_metrics(tmp_path / "ck" / runs.METRICS_LOG)[-1]["mAP"]
     labels = VOC2007(root, "test", download=False).labels
     rng = np.random.default_rng(0)
     chance = np.mean([compute_metrics(rng.standard_normal(labels.shape), labels)["mAP"] for _ in range(50)])
-    print(f"{model}: mAP after 8 epochs {learned:.1f} vs random scores {chance:.1f}")
+    print(f"{model}: mAP after training {learned:.1f} vs random scores {chance:.1f}")
     assert learned > chance + 20 and learned > 2 * chance, f"mAP {learned:.1f}, random scores {chance:.1f}"
