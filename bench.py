@@ -39,6 +39,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 import engine
 import models
+import trunks
 from distributed import resolve_device
 from util import (DSDLError, load_image, load_image_tensor, normalize_on_device, read_image,
                   train_transform)
@@ -269,7 +270,7 @@ def main():
     gpu = device.type == "cuda"
     arch = args.arch or ("resnet101" if gpu else "resnet18")
     try:
-        models.check_arch(arch)
+        trunks.check_arch(arch)
     except DSDLError as error:
         sys.exit(f"error: {error}")
     settings = argparse.Namespace(model=args.model, arch=arch, pool="max", lambd=10.0, beta=1e-4)

@@ -96,8 +96,8 @@ def checkpoint_weights(checkpoint):
 def load_weights(model, checkpoint, path, class_independent_only=False):
     """Load the weights of `checkpoint` (read from `path`) into `model`, which checks them
     (`PooledModel.load_weights`). `class_independent_only` (--init-from): only the weights that
-    do not depend on the class list."""
-    model.load_weights(checkpoint_weights(checkpoint), path, class_independent_only)
+    do not depend on the class list. Returns what was loaded, in words."""
+    return model.load_weights(checkpoint_weights(checkpoint), path, class_independent_only)
 
 
 def save_epoch(state, folder, is_best):
@@ -118,13 +118,11 @@ def dataset_record(datasets):
             "classes": [str(name) for name in test.classes]}  # plain str: loads weights_only
 
 
-def restore_training(args, model, checkpoint, optimizer, scaler):
+def restore_training(args, checkpoint, optimizer, scaler):
     """(first epoch, best mAP so far, run id) of a run: a new one, or the one --resume continues
     (optimizer and scaler state restored). Continued in another folder, a run is a new branch
     whose model_best is the best of its own epochs."""
     if not args.resume:
-        if args.init_from and is_main_process():
-            print(f"starting from the {model.shared} weights of {args.init_from}")
         return 0, -math.inf, uuid.uuid4().hex
     if "optimizer" in checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])  # the momentum buffers

@@ -83,8 +83,10 @@ def build_model(args, classes, checkpoint, default_embeddings, device, world_siz
         model = models.build_model(args, len(classes), semantics,
                                    pretrained=not args.no_pretrained and checkpoint is None)
     if checkpoint is not None:
-        load_weights(model, checkpoint, args.resume or args.init_from,
-                     class_independent_only=bool(args.init_from))
+        loaded = load_weights(model, checkpoint, args.resume or args.init_from,
+                              class_independent_only=bool(args.init_from))
+        if args.init_from and is_main_process():
+            print(f"starting from the {loaded} weights of {args.init_from}")
     model.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -111,7 +113,7 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameter_groups(args.lr, args.lrp), lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
-    start_epoch, best_score, run_id = restore_training(args, model, checkpoint, optimizer, scaler)
+    start_epoch, best_score, run_id = restore_training(args, checkpoint, optimizer, scaler)
     scheduler = step_schedule(optimizer, model, args, start_epoch)
     train_loader = make_loader(datasets.train, args.batch_size, args.workers, args.seed, device,
                                shuffle=True)
@@ -119,7 +121,7 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
     described = report.describe_run(args, test_set, world_size, device) if main_process else {}
     classes = [str(name) for name in test_set.classes]
     say(f"training on {len(datasets.train)} {datasets.train.split} images, evaluating on "
-        f"{len(test_set)} {test_set.split} images; {learning_rates(optimizer)}")
+        f"{len(test_set)} {test_set.split} images; {learning_rates(optimizer, model)}")
     metrics = None
     for epoch in range(start_epoch, args.epochs):
         started = time.perf_counter()
@@ -156,7 +158,7 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
         say(report.epoch_line(epoch + 1, args.epochs, train_loss, test_set.split, metrics["mAP"],
                               best_score, seconds, is_best))
         if epoch + 1 in args.epoch_step and epoch + 1 < args.epochs:
-            say(f"from epoch {epoch + 2}: {learning_rates(optimizer)}")
+            say(f"from epoch {epoch + 2}: {learning_rates(optimizer, model)}")
     if datasets.submission is not None:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every process reads the best model once rank 0 wrote it
@@ -212,9 +214,9 @@ def step_schedule(optimizer, model, args, start_epoch):
                                                 last_epoch=start_epoch - 1)
 
 
-def learning_rates(optimizer):
-    trunk, dictionary = (group["lr"] for group in optimizer.param_groups)
-    return f"learning rates: trunk {trunk:g}, dictionary {dictionary:g}"
+def learning_rates(optimizer, model):
+    trunk, head = (group["lr"] for group in optimizer.param_groups)
+    return f"learning rates: trunk {trunk:g}, {model.head_name} {head:g}"
 
 
 def score_submission(model, loss_fn, dataset, args, device, write_submission, amp_dtype, folder):

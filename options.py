@@ -100,8 +100,8 @@ class ArchAction(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):
         if value == "list":
-            import models  # torch loads only for the list
-            print(models.describe_archs())
+            import trunks  # torch loads only for the list
+            print(trunks.describe_archs())
             parser.exit(0)
         setattr(namespace, self.dest, value)
 

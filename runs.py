@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-import models
+import trunks
 import options
 from checkpoints import BEST, CHECKPOINT, load_checkpoint, resume_advice
 from distributed import resolve_device
@@ -161,7 +161,7 @@ def start_from(args):
     options.take_from_checkpoint(args, (checkpoint or {}).get("args") or {}, source)
     # The class list a checkpoint was trained on: a CSV dataset evaluated or resumed uses it.
     args.checkpoint_classes = None if checkpoint is None or args.init_from else checkpoint.get("classes")
-    models.check_arch(args.arch)
+    trunks.check_arch(args.arch)
     processes = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
     if args.batch_size % processes:
         raise DSDLError(f"--batch-size {args.batch_size} (the global batch) does not divide over "

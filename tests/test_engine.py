@@ -117,6 +117,21 @@ def test_cli_trains_one_epoch_and_logs_every_metric(voc_root, random_embeddings,
     assert "learning rates: trunk 0.001, dictionary 0.01" in result.stdout
 
 
+def test_a_metric_added_to_compute_metrics_is_printed_and_logged_with_no_other_change(
+        voc_root, random_embeddings, tmp_path, monkeypatch, capsys):
+    def with_a_new_metric(scores, labels):
+        metrics = compute_metrics(scores, labels)
+        metrics["hamming_accuracy"] = 100 * float(np.mean((scores >= 0) == (labels > 0)))
+        return metrics
+
+    monkeypatch.setattr(engine, "compute_metrics", with_a_new_metric)
+    root, _ = voc_root
+    run(parse(root, random_embeddings, tmp_path, "--epochs", "1"))
+    (record,) = read_metrics(tmp_path / runs.METRICS_LOG)
+    assert 0 <= record["hamming_accuracy"] <= 100
+    assert f"hamming_accuracy {record['hamming_accuracy']:.2f}" in capsys.readouterr().out
+
+
 def test_cli_missing_dataset_offline_is_a_clear_error(offline, tmp_path, capsys):
     result = command(capsys, str(tmp_path / "nowhere"), *SMALL, "--checkpoint-dir", str(tmp_path / "ck"))
     assert result.returncode == 1

@@ -14,7 +14,7 @@ import checkpoints
 import options
 import predict
 import torchvision
-from models import RELEASE_RESNETS
+from trunks import RELEASE_RESNETS
 from conftest import class_image
 from models import DSDL
 from util import DSDLError

@@ -9,6 +9,7 @@ import torchvision
 
 import export
 import models
+import trunks
 from conftest import call_main
 from util import DSDLError
 
@@ -64,7 +65,7 @@ def test_a_torchvision_network_trains_maps_and_exports_as_a_trunk(arch, size, tm
 def test_vit_patch_tokens_at_its_own_size_are_torchvisions_encoder_output():
     torch.manual_seed(0)
     network = torchvision.models.vit_b_16(weights=None, image_size=64).eval()
-    trunk = models.ViTTrunk(network).eval()
+    trunk = trunks.ViTTrunk(network).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         tokens = network.encoder(torch.cat([network.class_token.expand(2, -1, -1),
@@ -75,7 +76,7 @@ def test_vit_patch_tokens_at_its_own_size_are_torchvisions_encoder_output():
 
 def test_vit_at_another_size_interpolates_its_position_embeddings_and_refuses_a_partial_patch():
     torch.manual_seed(0)
-    trunk = models.ViTTrunk(torchvision.models.vit_b_16(weights=None, image_size=64)).eval()
+    trunk = trunks.ViTTrunk(torchvision.models.vit_b_16(weights=None, image_size=64)).eval()
     with torch.no_grad():
         assert trunk(torch.randn(1, 3, 96, 32)).shape == (1, 768, 6, 2)
         # Resized to its own grid, the embedding is the stored one.
@@ -93,14 +94,14 @@ def test_resnets_keep_the_release_key_names_and_others_torchvisions():
 
 
 def test_every_listed_arch_is_a_torchvision_classification_network_and_unknown_names_are_errors():
-    listed = models.list_archs()
+    listed = trunks.list_archs()
     assert set(listed) <= set(torchvision.models.list_models(module=torchvision.models))
     assert {"resnet101", "convnext_tiny", "swin_v2_t", "vit_b_16", "regnet_y_400mf"} <= set(listed)
     assert "googlenet" not in listed  # its classifier reads aux outputs: not a pooled map
     with pytest.raises(DSDLError, match="did you mean resnet101 or"):
-        models.check_arch("resnet110")
+        trunks.check_arch("resnet110")
     with pytest.raises(DSDLError, match="cannot be a trunk"):
-        models.check_arch("googlenet")
+        trunks.check_arch("googlenet")
 
 
 def test_arch_list_prints_the_trunks_and_a_typo_is_one_error_line(tmp_path, capsys):
@@ -128,4 +129,4 @@ def test_a_timm_model_is_a_trunk_by_its_name():
         scores, maps = model.eval().class_maps(images)
         torch.testing.assert_close(maps.sum(dim=(2, 3)), scores, rtol=1e-4, atol=1e-4)
     with pytest.raises(DSDLError, match="timm has no model"):
-        models.check_arch("timm/resnet_not_a_model")
+        trunks.check_arch("timm/resnet_not_a_model")

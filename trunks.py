@@ -1,0 +1,256 @@
+"""Trunks: any torchvision image-classification network by its name (`list_archs`), or any timm
+model as `timm/<name>`, up to its last feature map (B x d_f x h x w), which the models pool.
+
+The classifier is dropped; the feature width d_f is read from the network. ResNets keep the
+release's weight names (its checkpoints load); the other networks keep torchvision's (timm's).
+"""
+import difflib
+import importlib.util
+import inspect
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models import ResNet
+
+from options import PAPER_ARCH
+from util import DSDLError
+
+TIMM_PREFIX = "timm/"
+# The ResNets of the release: their ImageNet weights are the ones it used (torchvision's V1).
+RELEASE_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+
+class Trunk(nn.Module):
+    """The parts of a torchvision network that make its last feature map, kept under the
+    network's own names (so its state-dict keys are torchvision's): `forward` returns
+    B x d_f x h x w. Subclasses say which parts and how they connect."""
+
+    parts = ("features",)
+
+    def __init__(self, network):
+        super().__init__()
+        for name in self.parts:
+            self.add_module(name, getattr(network, name))
+
+    def forward(self, images):
+        return self.features(images)
+
+
+class DenseNetTrunk(Trunk):
+    def forward(self, images):
+        return F.relu(self.features(images))  # DenseNet's classifier path starts with a ReLU
+
+
+class SwinTrunk(Trunk):
+    parts = ("features", "norm")
+
+    def forward(self, images):
+        return self.norm(self.features(images)).permute(0, 3, 1, 2)  # Swin is channels-last
+
+
+class RegNetTrunk(Trunk):
+    parts = ("stem", "trunk_output")
+
+    def forward(self, images):
+        return self.trunk_output(self.stem(images))
+
+
+class ShuffleNetTrunk(Trunk):
+    parts = ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5")
+
+    def forward(self, images):
+        stages = self.stage4(self.stage3(self.stage2(self.maxpool(self.conv1(images)))))
+        return self.conv5(stages)
+
+
+class MNASNetTrunk(Trunk):
+    parts = ("layers",)
+
+    def forward(self, images):
+        return self.layers(images)
+
+
+class ViTTrunk(Trunk):
+    """A vision transformer's patch tokens as the spatial map (its class token is dropped).
+
+    Any input size that the patch size divides: the position embeddings of the patch grid are
+    resized (bicubic) to the grid of the input, as torchvision does to fine-tune at another size.
+    """
+
+    parts = ("conv_proj", "encoder")
+
+    def __init__(self, network):
+        super().__init__(network)
+        self.class_token = network.class_token
+        self.patch_size = network.patch_size
+
+    def forward(self, images):
+        if images.shape[-1] % self.patch_size or images.shape[-2] % self.patch_size:
+            raise DSDLError(f"a ViT with {self.patch_size}-pixel patches needs an input size "
+                            f"that {self.patch_size} divides, got {images.shape[-2]} x "
+                            f"{images.shape[-1]}; pass such an --image-size")
+        grid = self.conv_proj(images)                                 # B x D x h x w
+        height, width = grid.shape[2], grid.shape[3]
+        tokens = grid.flatten(2).transpose(1, 2)                      # B x hw x D
+        tokens = torch.cat([self.class_token.expand(len(tokens), -1, -1), tokens], dim=1)
+        encoder = self.encoder
+        tokens = encoder.dropout(tokens + self.position_embedding(height, width))
+        tokens = encoder.ln(encoder.layers(tokens))
+        return tokens[:, 1:].transpose(1, 2).reshape(len(tokens), -1, height, width)  # B x D x h x w
+
+    def position_embedding(self, height: int, width: int):
+        embedding = self.encoder.pos_embedding                        # 1 x (1 + n) x D
+        side = int((embedding.shape[1] - 1) ** 0.5)
+        if height == side and width == side:
+            return embedding
+        grid = embedding[:, 1:].transpose(1, 2).reshape(1, -1, side, side)
+        grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
+        return torch.cat([embedding[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+class TimmTrunk(nn.Module):
+    """A timm model's `forward_features` as the trunk (timm's own weight names, under `body`)."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.body = network
+        self.prefix_tokens = getattr(network, "num_prefix_tokens", 0)
+        self.channels_last = getattr(network, "output_fmt", "NCHW") == "NHWC"
+
+    def forward(self, images):
+        output = self.body.forward_features(images)
+        if output.ndim == 3:  # a transformer's tokens: B x (prefix + hw) x D, on a square grid
+            tokens = output[:, self.prefix_tokens:]
+            side = int(tokens.shape[1] ** 0.5)
+            return tokens.transpose(1, 2).unflatten(2, (side, side))
+        return output.permute(0, 3, 1, 2) if self.channels_last else output
+
+
+# torchvision's network class -> the trunk made of it; ResNets are the release's Sequential.
+TRUNKS = {
+    "ConvNeXt": Trunk, "EfficientNet": Trunk, "MobileNetV2": Trunk, "MobileNetV3": Trunk,
+    "MNASNet": MNASNetTrunk, "VGG": Trunk, "AlexNet": Trunk, "SqueezeNet": Trunk,
+    "DenseNet": DenseNetTrunk, "SwinTransformer": SwinTrunk, "RegNet": RegNetTrunk,
+    "ShuffleNetV2": ShuffleNetTrunk, "VisionTransformer": ViTTrunk, "ResNet": None,
+}
+
+
+def network_class(arch):
+    """The torchvision class that `arch`'s builder returns (from its annotation: nothing built)."""
+    annotation = inspect.signature(torchvision.models.get_model_builder(arch)).return_annotation
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def list_archs():
+    """The torchvision classification networks that can be a trunk, by name."""
+    return [name for name in torchvision.models.list_models(module=torchvision.models)
+            if network_class(name) in TRUNKS]
+
+
+def timm_available():
+    return importlib.util.find_spec("timm") is not None
+
+
+def describe_archs():
+    """What `--arch list` prints."""
+    names = list_archs()
+    lines = [f"{len(names)} torchvision networks can be the trunk (--arch NAME):"]
+    lines += ["  " + " ".join(names[i:i + 6]) for i in range(0, len(names), 6)]
+    if timm_available():
+        lines.append("and any timm model as --arch timm/<name> (e.g. timm/tresnet_m; timm.list_models() "
+                     "lists them)")
+    else:
+        lines.append("with timm installed (pip install -r requirements-timm.txt), any timm model "
+                     "as --arch timm/<name>")
+    lines.append(f"default: {PAPER_ARCH}, the paper's")
+    return "\n".join(lines)
+
+
+def check_arch(arch):
+    """A clear error for an --arch that no trunk is built from, before any data is read."""
+    if arch.startswith(TIMM_PREFIX):
+        if not timm_available():
+            raise DSDLError(f"--arch {arch} needs timm: pip install -r requirements-timm.txt")
+        import timm
+        name = arch[len(TIMM_PREFIX):]
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            raise DSDLError(f"timm has no model {name!r}" + did_you_mean([TIMM_PREFIX + c for c in close]))
+        return
+    if arch in torchvision.models.list_models(module=torchvision.models) and arch not in list_archs():
+        raise DSDLError(f"--arch {arch} ({network_class(arch)}) cannot be a trunk here: it has no "
+                        f"one last feature map that its classifier pools (auxiliary heads); "
+                        f"`--arch list` prints the choices")
+    if arch not in list_archs():
+        close = difflib.get_close_matches(arch, list_archs(), n=3)
+        raise DSDLError(f"unknown --arch {arch!r}" + did_you_mean(close)
+                        + " `--arch list` prints the choices")
+
+
+def did_you_mean(names):
+    return f"; did you mean {' or '.join(names)}?" if names else "."
+
+
+def imagenet_weights(arch):
+    """torchvision's ImageNet weights of `arch`: each network's default, except the release's
+    ResNets, which keep the weights the release used (IMAGENET1K_V1)."""
+    weights = torchvision.models.get_model_weights(arch)
+    return weights.IMAGENET1K_V1 if arch in RELEASE_RESNETS else weights.DEFAULT
+
+
+def download_advice(arch, weights, error):
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    return DSDLError(
+        f"could not download the ImageNet weights of {arch} ({error}).\n"
+        f"Either download {weights.url} on a machine with internet and place it as "
+        f"{os.path.join(folder, os.path.basename(weights.url))}, or pass --no-pretrained to start "
+        f"from random weights.")
+
+
+def load_trunk(arch, pretrained):
+    """The trunk of `arch` (with ImageNet weights when `pretrained`) and its feature size d_f.
+
+    A ResNet's trunk is conv1 .. layer4 in a Sequential whose indices (features.0 = conv1,
+    features.1 = bn1, features.4-7 = layer1-4) are the release's key names. d_f is read from the
+    network: the channels of the map it makes from a small image.
+    """
+    check_arch(arch)
+    if arch.startswith(TIMM_PREFIX):
+        import timm
+        try:
+            network = timm.create_model(arch[len(TIMM_PREFIX):], pretrained=pretrained,
+                                        num_classes=0, global_pool="")
+        except OSError as error:
+            raise DSDLError(f"could not download the ImageNet weights of {arch} ({error}); place "
+                            f"them in the Hugging Face cache on a machine with internet, or pass "
+                            f"--no-pretrained") from error
+        trunk = TimmTrunk(network)
+        probe = network.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    else:
+        weights = imagenet_weights(arch) if pretrained else None
+        try:
+            network = torchvision.models.get_model(arch, weights=weights)
+        except OSError as error:  # URLError and friends: no internet, proxy, interrupted download
+            raise download_advice(arch, weights, error) from error
+        if isinstance(network, ResNet):
+            trunk = nn.Sequential(network.conv1, network.bn1, network.relu, network.maxpool,
+                                  network.layer1, network.layer2, network.layer3, network.layer4)
+        else:
+            trunk = TRUNKS[type(network).__name__](network)
+        probe = 4 * getattr(network, "patch_size", 16)
+    return trunk, feature_size(trunk, probe)
+
+
+@torch.no_grad()
+def feature_size(trunk, side):
+    """The channels of the trunk's map of one side x side image (in eval mode: no statistics change)."""
+    mode = trunk.training
+    feature_map = trunk.eval()(torch.zeros(1, 3, side, side))
+    trunk.train(mode)
+    if feature_map.ndim != 4:
+        raise DSDLError(f"the trunk makes a {feature_map.ndim}-d output, not a B x C x h x w map")
+    return feature_map.shape[1]
