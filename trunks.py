@@ -224,10 +224,14 @@ def load_trunk(arch, pretrained):
         try:
             network = timm.create_model(arch[len(TIMM_PREFIX):], pretrained=pretrained,
                                         num_classes=0, global_pool="")
-        except OSError as error:
-            raise DSDLError(f"could not download the ImageNet weights of {arch} ({error}); place "
-                            f"them in the Hugging Face cache on a machine with internet, or pass "
-                            f"--no-pretrained") from error
+        except OSError as error:  # huggingface_hub's errors when offline are OSErrors
+            config = timm.models.get_pretrained_cfg(arch[len(TIMM_PREFIX):])
+            where = getattr(config, "hf_hub_id", None) or "its weights"
+            raise DSDLError(f"could not download the ImageNet weights of {arch} ({error}).\n"
+                            f"Either fetch {where} from the Hugging Face hub on a machine with "
+                            f"internet (huggingface-cli download {where}) into the cache that "
+                            f"HF_HOME names (default ~/.cache/huggingface), or pass --no-pretrained "
+                            f"to start from random weights.") from error
         trunk = TimmTrunk(network)
         probe = network.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     else:
