@@ -139,6 +139,12 @@ TRUNKS = {
 }
 
 
+# The torchvision families left out, and why.
+UNSUPPORTED = {"GoogLeNet": "its auxiliary classifiers read inner stages",
+               "Inception3": "its auxiliary classifiers read inner stages",
+               "MaxVit": "it is built for one fixed input size"}
+
+
 def network_class(arch):
     """The torchvision class that `arch`'s builder returns (from its annotation: nothing built)."""
     annotation = inspect.signature(torchvision.models.get_model_builder(arch)).return_annotation
@@ -182,8 +188,8 @@ def check_arch(arch):
             raise DSDLError(f"timm has no model {name!r}" + did_you_mean([TIMM_PREFIX + c for c in close]))
         return
     if arch in torchvision.models.list_models(module=torchvision.models) and arch not in list_archs():
-        raise DSDLError(f"--arch {arch} ({network_class(arch)}) cannot be a trunk here: it has no "
-                        f"one last feature map that its classifier pools (auxiliary heads); "
+        why = UNSUPPORTED.get(network_class(arch), "no trunk is defined for its family")
+        raise DSDLError(f"--arch {arch} ({network_class(arch)}) cannot be a trunk here: {why}; "
                         f"`--arch list` prints the choices")
     if arch not in list_archs():
         close = difflib.get_close_matches(arch, list_archs(), n=3)
