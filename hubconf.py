@@ -20,8 +20,8 @@ from util import DSDLError, eval_transform
 dependencies = ["torch", "torchvision", "numpy", "PIL", "tqdm", "matplotlib"]
 
 
-def load(checkpoint, model_name, dataset=None, embeddings=None, lambd=None, image_size=None,
-         arch=None, classes=None, classes_from_glove=None):
+def _load(checkpoint, model_name, dataset=None, embeddings=None, lambd=None, image_size=None,
+          arch=None, classes=None, classes_from_glove=None):
     """The model of `checkpoint` (predict.load_model), refused unless it is a `model_name`."""
     args = argparse.Namespace(resume=checkpoint, dataset=dataset, embeddings=embeddings,
                               lambd=lambd, image_size=image_size, arch=arch, classes=classes,
@@ -45,7 +45,7 @@ def dsdl(checkpoint, dataset=None, embeddings=None, lambd=None, image_size=None,
     file): score these labels instead; those the model was not trained on are scored zero-shot
     (accuracy not measured). The other arguments are predict.py's options of the same names.
     """
-    return load(checkpoint, "dsdl", dataset, embeddings, lambd, image_size, arch, classes,
+    return _load(checkpoint, "dsdl", dataset, embeddings, lambd, image_size, arch, classes,
                 classes_from_glove)
 
 
@@ -61,4 +61,4 @@ def dsdl_resnet101(checkpoint, **kwargs):
 def baseline(checkpoint, image_size=None, arch=None):
     """The paper's baseline (trunk, global pooling, one linear layer) from a checkpoint trained
     with --model baseline; `model(images).scores` are its logits."""
-    return load(checkpoint, "baseline", image_size=image_size, arch=arch)
+    return _load(checkpoint, "baseline", image_size=image_size, arch=arch)
