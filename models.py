@@ -49,6 +49,7 @@ class PooledModel(nn.Module):
     """
 
     name = None  # its key in MODELS
+    title = None  # its name in tables and printouts
     shared = "trunk"  # what --init-from takes: the weights that do not depend on the class list
     head_name = "head"  # what learns at --lr, in the printout
 
@@ -224,6 +225,7 @@ class DSDL(PooledModel):
     """Trunk + global max pooling + semantic dictionary + closed-form ridge coefficients."""
 
     name = "dsdl"
+    title = "DSDL"
     needs_class_vectors = True
     shared = "trunk and auto-encoder"
     head_name = "dictionary"
@@ -333,6 +335,7 @@ class Baseline(PooledModel):
     """The paper's ResNet-101 baseline: trunk, global pooling, one linear layer with bias."""
 
     name = "baseline"
+    title = "ResNet baseline"
     needs_class_vectors = False
     head_name = "linear layer"
 
@@ -389,6 +392,11 @@ def model_entry(name):
     if name not in MODELS:
         raise DSDLError(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}")
     return MODELS[name]
+
+
+def model_title(name):
+    """The name of model `name` in tables and printouts (DSDL for a checkpoint that records none)."""
+    return model_entry(name or "dsdl").network.title
 
 
 def needs_class_vectors(name):

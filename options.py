@@ -5,6 +5,7 @@ typo or a value out of range is answered at once, before torch, the data or the 
 """
 import argparse
 import os
+import warnings
 
 # The paper's setting: the defaults where no checkpoint says otherwise, and where its numbers hold.
 PAPER_ARCH, PAPER_IMAGE_SIZE = "resnet101", 448
@@ -233,7 +234,6 @@ def take_from_checkpoint(args, stored, source):
     TAKEN["init_from"], wherever the command line does not give them (a given value that differs
     is used, with one warning listing each); else the paper's model, trunk and input size. The
     run folder is, with --resume, the checkpoint's."""
-    import warnings
     kind = "init_from" if args.init_from else "evaluate" if args.evaluate else "resume"
     changed = []
     for key in with_role(*TAKEN[kind]) if source else ():

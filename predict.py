@@ -35,7 +35,6 @@ import custom
 import checkpoints
 import make_embeddings
 import models
-import trunks
 from distributed import resolve_device
 from embeddings import load_embeddings, standard_embeddings
 from util import DSDLError, eval_transform, load_image, user_message, write_error
@@ -149,7 +148,6 @@ def load_model(args):
                   or options.PAPER_IMAGE_SIZE)
     settings = argparse.Namespace(model=model_name, arch=arch, pool=stored.get("pool") or "max",
                                   lambd=lambd)
-    trunks.check_arch(arch)
     model = models.build_model(settings, len(classes), semantics, pretrained=False)
     # With --classes, only the trunk and W1, W2 load: the semantics are the new labels' vectors.
     checkpoints.load_weights(model, checkpoint, args.resume, class_independent_only=bool(args.classes))

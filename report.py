@@ -23,6 +23,7 @@ import torchvision
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from models import model_title
 from options import PAPER_ARCH, PAPER_IMAGE_SIZE, recorded_settings
 from util import DSDLError, atomic_write
 
@@ -105,7 +106,6 @@ PAPER_RESULTS = {
 }
 # benchmark -> the paper's ResNet-101 baseline row (448 px): mAP only.
 PAPER_BASELINE = {"voc2007": {"mAP": 89.9}, "coco2014": {"mAP": 77.3}}
-MODEL_TITLES = {"dsdl": "DSDL", "baseline": "ResNet baseline"}
 # The paper's VOC tables abbreviate these class names.
 SHORT_CLASS_NAMES = {"aeroplane": "aero", "bicycle": "bike", "diningtable": "table",
                      "motorbike": "mbike", "pottedplant": "plant", "tvmonitor": "tv"}
@@ -144,7 +144,7 @@ def results_table(metrics, classes, benchmark=None, setting=(None, None, None, N
     papers = {"dsdl": known, "baseline": PAPER_BASELINE.get(benchmark)}
     paper = (papers.get(model or "dsdl") if (arch, image_size) == (PAPER_ARCH, PAPER_IMAGE_SIZE)
              else None)
-    name = MODEL_TITLES.get(model or "dsdl", model)
+    name = model_title(model)
     if paper is not None:
         rows.append([f"{name} paper", *cells(row(paper))])
         if split == known["split"]:
@@ -189,7 +189,7 @@ def describe_run(args, test_set, world_size, device):
 
 
 def table_title(args, dataset, epoch, source):
-    return (f"{MODEL_TITLES.get(args.model, args.model)} {args.arch} at {args.image_size} px, "
+    return (f"{model_title(args.model)} {args.arch} at {args.image_size} px, "
             f"epoch {epoch} of {source}, on {dataset.name} {dataset.split}")
 
 
@@ -371,7 +371,7 @@ def reproduction_block(folder):
     settings = last.get("settings") or {}
     classes = last.get("classes") or [str(c) for c in range(len(last["AP"]))]
     model = settings.get("model") or "dsdl"
-    lines = [f"### {MODEL_TITLES.get(model, model)} run: {settings.get('dataset', 'unknown dataset')}, "
+    lines = [f"### {model_title(model)} run: {settings.get('dataset', 'unknown dataset')}, "
              f"{settings.get('arch', '?')} "
              f"at {settings.get('image_size', '?')} px", ""]
     first = records[0].get("run") or {}

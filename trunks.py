@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.models import ResNet
 
 from options import PAPER_ARCH
 from util import DSDLError
@@ -130,12 +129,19 @@ class TimmTrunk(nn.Module):
         return output.permute(0, 3, 1, 2) if self.channels_last else output
 
 
-# torchvision's network class -> the trunk made of it; ResNets are the release's Sequential.
+def release_trunk(network):
+    """conv1 .. layer4 of a ResNet in a Sequential whose indices are the release's key names
+    (features.0 = conv1, features.1 = bn1, features.4-7 = layer1-4)."""
+    return nn.Sequential(network.conv1, network.bn1, network.relu, network.maxpool,
+                         network.layer1, network.layer2, network.layer3, network.layer4)
+
+
+# torchvision's network class -> the trunk made of it.
 TRUNKS = {
     "ConvNeXt": Trunk, "EfficientNet": Trunk, "MobileNetV2": Trunk, "MobileNetV3": Trunk,
     "MNASNet": MNASNetTrunk, "VGG": Trunk, "AlexNet": Trunk, "SqueezeNet": Trunk,
     "DenseNet": DenseNetTrunk, "SwinTransformer": SwinTrunk, "RegNet": RegNetTrunk,
-    "ShuffleNetV2": ShuffleNetTrunk, "VisionTransformer": ViTTrunk, "ResNet": None,
+    "ShuffleNetV2": ShuffleNetTrunk, "VisionTransformer": ViTTrunk, "ResNet": release_trunk,
 }
 
 
@@ -187,14 +193,16 @@ def check_arch(arch):
             close = difflib.get_close_matches(name, timm.list_models(), n=3)
             raise DSDLError(f"timm has no model {name!r}" + did_you_mean([TIMM_PREFIX + c for c in close]))
         return
-    if arch in torchvision.models.list_models(module=torchvision.models) and arch not in list_archs():
+    listed = list_archs()
+    if arch in listed:
+        return
+    if arch in torchvision.models.list_models(module=torchvision.models):
         why = UNSUPPORTED.get(network_class(arch), "no trunk is defined for its family")
         raise DSDLError(f"--arch {arch} ({network_class(arch)}) cannot be a trunk here: {why}; "
                         f"`--arch list` prints the choices")
-    if arch not in list_archs():
-        close = difflib.get_close_matches(arch, list_archs(), n=3)
-        raise DSDLError(f"unknown --arch {arch!r}" + did_you_mean(close)
-                        + " `--arch list` prints the choices")
+    close = difflib.get_close_matches(arch, listed, n=3)
+    raise DSDLError(f"unknown --arch {arch!r}" + did_you_mean(close)
+                    + " `--arch list` prints the choices")
 
 
 def did_you_mean(names):
@@ -246,11 +254,7 @@ def load_trunk(arch, pretrained):
             network = torchvision.models.get_model(arch, weights=weights)
         except OSError as error:  # URLError and friends: no internet, proxy, interrupted download
             raise download_advice(arch, weights, error) from error
-        if isinstance(network, ResNet):
-            trunk = nn.Sequential(network.conv1, network.bn1, network.relu, network.maxpool,
-                                  network.layer1, network.layer2, network.layer3, network.layer4)
-        else:
-            trunk = TRUNKS[type(network).__name__](network)
+        trunk = TRUNKS[type(network).__name__](network)
         probe = 4 * getattr(network, "patch_size", 16)
     return trunk, feature_size(trunk, probe)
 

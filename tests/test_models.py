@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import options
 from models import (MODELS, DSDL, Baseline, BaselineLoss, DSDLLoss, DSDLOutput, build_loss, build_model,
                     ridge_coefficients)
 
@@ -238,6 +239,7 @@ def test_the_folded_model_gives_the_models_scores(name):
 
 
 def test_the_model_table_builds_each_model_and_its_loss_by_name():
+    assert options.MODEL_NAMES == tuple(MODELS)  # --model's choices, named without torch
     settings = types.SimpleNamespace(model=None, arch="resnet18", pool="max", lambd=0.5, beta=0.25)
     for name, entry in MODELS.items():
         settings.model = name
