@@ -1,7 +1,8 @@
 """Checkpoints: written whole or not at all, read in this project's format and the release's,
 with one clear error for each way a file can fail to be the checkpoint asked for.
 
-A checkpoint is one dict: `model` (the weights), `optimizer`, `lr_scheduler`, `scaler`, `epoch`,
+A checkpoint is one dict: `model` (the weights; with --ema their average, and the trained ones
+in `training_model`, the average's count in `ema`), `optimizer`, `lr_scheduler`, `scaler`, `epoch`,
 `best_score`, `args` (every option), what the model keeps beyond its weights (DSDL: `semantics`),
 `classes`, `dataset`, `run_id` and `provenance`. The release's is `epoch`, `arch`, `best_score`
 and `state_dict` (spec section 9).
@@ -87,17 +88,23 @@ def load_checkpoint(path, option="--resume"):
     return checkpoint
 
 
-def checkpoint_weights(checkpoint):
-    """The model's state dict from this project's format or the release's (spec section 9)."""
-    weights = checkpoint.get("model", checkpoint.get("state_dict"))
+def checkpoint_weights(checkpoint, training=False):
+    """The model's state dict from this project's format or the release's (spec section 9).
+    `training`: the weights that training continues from; with --ema they are kept apart, as
+    `training_model`, and `model` holds their average (what is evaluated, exported, predicted)."""
+    weights = checkpoint.get("training_model") if training else None
+    if weights is None:
+        weights = checkpoint.get("model", checkpoint.get("state_dict"))
     return {key.removeprefix("module."): value for key, value in weights.items()}
 
 
-def load_weights(model, checkpoint, path, class_independent_only=False):
+def load_weights(model, checkpoint, path, class_independent_only=False, training=False):
     """Load the weights of `checkpoint` (read from `path`) into `model`, which checks them
     (`PooledModel.load_weights`). `class_independent_only` (--init-from): only the weights that
-    do not depend on the class list. Returns what was loaded, in words."""
-    return model.load_weights(checkpoint_weights(checkpoint), path, class_independent_only)
+    do not depend on the class list; `training` (--resume): the weights training continues
+    from. Returns what was loaded, in words."""
+    return model.load_weights(checkpoint_weights(checkpoint, training), path,
+                              class_independent_only)
 
 
 def save_epoch(state, folder, is_best):

@@ -7,6 +7,7 @@ step the schedule, evaluate, report and save. `-e` evaluates once and writes onl
 eval_<split>.* files. Checkpoints are written and read in checkpoints.py, the run folder and
 the scripts' errors are runs.py's.
 """
+import contextlib
 import math
 import os
 import time
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from tqdm import tqdm
 
 import models
+import recipes
 import report
 from checkpoints import (BEST, dataset_record, load_checkpoint, load_weights, restore_training,
                          save_epoch)
@@ -49,6 +51,7 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
     """Train (or with -e only evaluate). `datasets_fn(args)` returns the `Datasets`; when it
     has a submission split, the best model scores it at the end with `write_submission`."""
     checkpoint = start_from(args)
+    recipes.check_recipe(args)
     if args.resume and not args.evaluate and checkpoint.get("epoch", 0) >= args.epochs:
         done = checkpoint.get("epoch", 0)
         if int(os.environ.get("RANK", 0)) == 0:
@@ -84,7 +87,8 @@ def build_model(args, classes, checkpoint, default_embeddings, device, world_siz
                                    pretrained=not args.no_pretrained and checkpoint is None)
     if checkpoint is not None:
         loaded = load_weights(model, checkpoint, args.resume or args.init_from,
-                              class_independent_only=bool(args.init_from))
+                              class_independent_only=bool(args.init_from),
+                              training=bool(args.resume) and not args.evaluate)
         if args.init_from and is_main_process():
             print(f"starting from the {loaded} weights of {args.init_from}")
     model.to(device)
@@ -102,7 +106,8 @@ def build_model(args, classes, checkpoint, default_embeddings, device, world_siz
 def train(args, model, datasets, checkpoint, device, world_size, write_submission):
     """The release's training: each epoch trains, steps the schedule, evaluates the test split,
     reports and saves (model_best when the test mAP improves); then the best model scores the
-    submission split, if there is one."""
+    submission split, if there is one. With --ema the weights' average is evaluated too, and it
+    is what model_best selects and holds."""
     main_process = is_main_process()
     say = print if main_process else (lambda *_, **__: None)  # only rank 0 prints and writes
     folder, test_set = args.checkpoint_dir, datasets.test
@@ -111,54 +116,73 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
     train_model = model  # what the training step calls: DDP-wrapped under torchrun
     if torch.distributed.is_initialized():
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(model.parameter_groups(args.lr, args.lrp), lr=args.lr,
-                                momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = recipes.build_optimizer(model, args)
     start_epoch, best_score, run_id = restore_training(args, checkpoint, optimizer, scaler)
-    scheduler = step_schedule(optimizer, model, args, start_epoch)
     train_loader = make_loader(datasets.train, args.batch_size, args.workers, args.seed, device,
                                shuffle=True)
+    schedule = recipes.Schedule(optimizer, model, args, start_epoch, len(train_loader))
+    average = recipes.weight_average(model, args, checkpoint)  # --ema; None without
+    if average is not None and args.compile:
+        compile_trunk(average.model.trunk)
+    board = report.TensorBoardLog(folder, start_epoch) if args.tensorboard and main_process else None
     test_loader = make_loader(test_set, args.batch_size, args.workers, args.seed, device, shuffle=False)
     described = report.describe_run(args, test_set, world_size, device) if main_process else {}
     classes = [str(name) for name in test_set.classes]
     say(f"training on {len(datasets.train)} {datasets.train.split} images, evaluating on "
-        f"{len(test_set)} {test_set.split} images; {learning_rates(optimizer, model)}")
+        f"{len(test_set)} {test_set.split} images; {recipes.learning_rates(optimizer, model)}")
     metrics = None
     for epoch in range(start_epoch, args.epochs):
         started = time.perf_counter()
         set_epoch(train_loader, epoch, args.seed)  # a resumed run draws the same batches and crops
+        rates = {"trunk": optimizer.param_groups[0]["lr"], "head": optimizer.param_groups[-1]["lr"]}
         try:
             train_loss = train_one_epoch(train_model, loss_fn, optimizer, train_loader, device,
                                          epoch, args.max_grad_norm, amp_dtype, scaler,
-                                         args.channels_last)
+                                         args.channels_last, schedule=schedule, average=average,
+                                         accumulate=args.accumulate)
         except NonFiniteLoss as error:
             raise non_finite_loss_advice(error, folder) from error
-        scheduler.step()
+        schedule.after_epoch()
         share_rank_zero_buffers(model)  # the unwrapped model: the processes' shares differ
         result = evaluate(model, loss_fn, test_loader, device, amp_dtype, args.channels_last)
         metrics = compute_metrics(result.scores, result.labels)
+        raw = {}
+        if average is not None:  # the average is what is selected and saved as the model
+            raw = {"raw_mAP": metrics["mAP"], "raw_loss": result.loss}
+            share_rank_zero_buffers(average.model)
+            result = evaluate(average.model, loss_fn, test_loader, device, amp_dtype,
+                              args.channels_last)
+            metrics = compute_metrics(result.scores, result.labels)
         is_best = metrics["mAP"] > best_score  # False for an undefined (NaN) mAP
         best_score = metrics["mAP"] if is_best else best_score
         seconds = time.perf_counter() - started
         if main_process:
             record = {"epoch": epoch + 1, "split": test_set.split, "loss": result.loss,
-                      "train_loss": train_loss, "epoch_seconds": seconds, **metrics,
+                      "train_loss": train_loss, "epoch_seconds": seconds, **metrics, **raw,
                       "classes": classes, **described}
             log = report.report_split(args, test_set, metrics, record, "this run", METRICS_LOG,
                                f"results_{test_set.split}.md")
             report.plot_curves(log, folder, classes)
+            if board is not None:
+                board.write(record, rates)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "lr_scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                     "lr_scheduler": schedule.state_dict(), "epoch": epoch + 1,
                      "best_score": best_score, "args": vars(args),
                      "classes": classes, **model.checkpoint_extras(),
                      "dataset": dataset_record(datasets), "run_id": run_id,
                      "provenance": described["run"], "epoch_seconds": seconds}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
+            if average is not None:
+                state.update(model=average.model.state_dict(), training_model=model.state_dict(),
+                             ema=average.state())
             save_epoch(state, folder, is_best)
         say(report.epoch_line(epoch + 1, args.epochs, train_loss, test_set.split, metrics["mAP"],
-                              best_score, seconds, is_best))
-        if epoch + 1 in args.epoch_step and epoch + 1 < args.epochs:
-            say(f"from epoch {epoch + 2}: {learning_rates(optimizer, model)}")
+                              best_score, seconds, is_best, raw.get("raw_mAP")))
+        if not schedule.per_step and epoch + 1 in args.epoch_step and epoch + 1 < args.epochs:
+            say(f"from epoch {epoch + 2}: {recipes.learning_rates(optimizer, model)}")
+    if board is not None:
+        board.close()
     if datasets.submission is not None:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every process reads the best model once rank 0 wrote it
@@ -193,32 +217,6 @@ def evaluate_checkpoint(args, model, datasets, checkpoint, device, world_size, w
     return metrics
 
 
-def step_schedule(optimizer, model, args, start_epoch):
-    """The release's step decay (x0.1 at each of --epoch_step), positioned at `start_epoch`:
-    sets each group's learning rate, momentum and weight decay from `args`, and returns the
-    scheduler that decays them.
-
-    Built from `args` and the epoch rather than loaded from a checkpoint's `lr_scheduler` (which
-    is saved for other tools): a resumed run with a new --lr or --epoch_step (given on the
-    command line, with a warning) uses it, and a run that starts from the release's checkpoints
-    (which have no optimizer state) decays at the same epochs as an uninterrupted one.
-    """
-    for group, fresh in zip(optimizer.param_groups, model.parameter_groups(args.lr, args.lrp)):
-        lr = fresh["lr"]
-        for _ in range(sum(step < start_epoch for step in args.epoch_step)):
-            lr *= 0.1  # multiplied step by step, as the scheduler does: bit-exact on resume
-        group.update(initial_lr=fresh["lr"], lr=lr, momentum=args.momentum,
-                     weight_decay=args.weight_decay)
-    # Creating it at start_epoch - 1 takes its first step to start_epoch (and decays there).
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, args.epoch_step, gamma=0.1,
-                                                last_epoch=start_epoch - 1)
-
-
-def learning_rates(optimizer, model):
-    trunk, head = (group["lr"] for group in optimizer.param_groups)
-    return f"learning rates: trunk {trunk:g}, {model.head_name} {head:g}"
-
-
 def score_submission(model, loss_fn, dataset, args, device, write_submission, amp_dtype, folder):
     """Score a split without labels and write the evaluation server's files (VOC 2012 test)
     into `folder`."""
@@ -249,36 +247,54 @@ def prepare_images(images, device, channels_last=False):
 
 
 def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_norm,
-                    amp_dtype=None, scaler=None, channels_last=False):
-    """One pass over `loader`; returns the mean training loss."""
+                    amp_dtype=None, scaler=None, channels_last=False, *, schedule=None,
+                    average=None, accumulate=1):
+    """One pass over `loader`; returns the mean training loss.
+
+    Each batch is one optimizer step. With `accumulate` N (--accumulate) the batch is split into
+    N micro-batches whose gradients, each weighted by its share of the batch, are summed before
+    the step; the loss of each is computed on the micro-batch (BatchNorm's statistics and DSDL's
+    norms too). After the step: the per-step `schedule` and the weight `average` (--ema).
+    """
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"train {epoch + 1}", leave=False, dynamic_ncols=True,
                disable=not is_main_process())
     start = time.perf_counter()
     for batch, (images, labels, _) in enumerate(bar):
-        images = prepare_images(images, device, channels_last)
-        targets = training_targets(labels.to(device, non_blocking=True))
-        with autocast(device, amp_dtype):
-            output = model(images)
-        loss = loss_fn(output, targets)  # float32: the head leaves autocast
-        value = mean_over_processes(loss)
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"the loss became {value} at epoch {epoch + 1}, batch {batch + 1}; "
-                                f"stopped without taking this step.")
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scale the loss, unscale before clipping
-            scaler.scale(loss).backward()
+        parts = list(zip(images.tensor_split(accumulate), labels.tensor_split(accumulate)))
+        parts = [(part_images, part_labels) for part_images, part_labels in parts if len(part_images)]
+        for part, (part_images, part_labels) in enumerate(parts):
+            part_images = prepare_images(part_images, device, channels_last)
+            targets = training_targets(part_labels.to(device, non_blocking=True))
+            # Under torchrun, the gradients are averaged across processes once, at the last part.
+            synced = part == len(parts) - 1 or not isinstance(model, DistributedDataParallel)
+            with contextlib.nullcontext() if synced else model.no_sync():
+                with autocast(device, amp_dtype):
+                    output = model(part_images)
+                loss = loss_fn(output, targets)  # float32: the head leaves autocast
+                value = mean_over_processes(loss)
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(f"the loss became {value} at epoch {epoch + 1}, batch "
+                                        f"{batch + 1}; stopped without taking this step.")
+                if len(parts) > 1:
+                    loss = loss * (len(part_images) / len(images))  # the batch's mean
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            total += value * part_images.shape[0]
+            count += part_images.shape[0]
+        if scaler is not None:  # fp16: unscale before clipping
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
-        total += value * images.shape[0]
-        count += images.shape[0]
+        if schedule is not None:
+            schedule.after_step()
+        if average is not None:
+            average.update()
         bar.set_postfix(loss=f"{value:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
         stop_if_interrupted()
     return total / max(count, 1)

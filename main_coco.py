@@ -11,9 +11,9 @@ def get_args_parser():
 def datasets(args):
     """train2014 (None with -e) and val2014, downloaded into args.data when absent."""
     from coco import COCO2014
-    from util import eval_transform, train_transform
+    from util import eval_transform, train_transform_of
     train = None if args.evaluate else COCO2014(
-        args.data, "train", train_transform(args.image_size, args.fast_pipeline))
+        args.data, "train", train_transform_of(args))
     return train, COCO2014(args.data, "val", eval_transform(args.image_size, args.fast_pipeline))
 
 

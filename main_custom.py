@@ -33,7 +33,7 @@ def get_args_parser():
 def datasets(args):
     """The train (None with -e) and test CSVs of the command line, each read once."""
     import custom
-    from util import eval_transform, train_transform
+    from util import eval_transform, train_transform_of
     return custom.load_splits(
         args.train_csv or os.path.join(args.data, "train.csv"),
         args.test_csv or os.path.join(args.data, "test.csv"),
@@ -41,7 +41,7 @@ def datasets(args):
         # --classes, else the checkpoint's (-e / --resume), else every label of the CSVs
         classes=custom.parse_classes(args.classes) if args.classes else args.checkpoint_classes,
         name=os.path.basename(os.path.abspath(args.data)),
-        train_transform=train_transform(args.image_size, args.fast_pipeline),
+        train_transform=train_transform_of(args),
         test_transform=eval_transform(args.image_size, args.fast_pipeline),
         evaluate=args.evaluate)
 

@@ -10,10 +10,10 @@ def get_args_parser():
 
 def datasets(args):
     """trainval (None with -e) and test, downloaded into args.data when absent."""
-    from util import eval_transform, train_transform
+    from util import eval_transform, train_transform_of
     from voc import VOC2007
     train = None if args.evaluate else VOC2007(
-        args.data, "trainval", train_transform(args.image_size, args.fast_pipeline))
+        args.data, "trainval", train_transform_of(args))
     return train, VOC2007(args.data, "test", eval_transform(args.image_size, args.fast_pipeline))
 
 

@@ -20,10 +20,10 @@ def get_args_parser():
 def datasets(args):
     """train (None with -e), val, and test when its images are there or can be downloaded."""
     from distributed import is_main_process
-    from util import DSDLError, eval_transform, train_transform
+    from util import DSDLError, eval_transform, train_transform_of
     from voc import VOC2012
     train = None if args.evaluate else VOC2012(
-        args.data, "train", train_transform(args.image_size, args.fast_pipeline))
+        args.data, "train", train_transform_of(args))
     val = VOC2012(args.data, "val", eval_transform(args.image_size, args.fast_pipeline))
     try:
         test = VOC2012(args.data, "test", eval_transform(args.image_size, args.fast_pipeline))

@@ -303,19 +303,21 @@ class DSDLLoss(nn.Module):
     The norms are over the whole batch, neither squared nor averaged, as in the release.
     """
 
-    def __init__(self, lambd, beta):
+    def __init__(self, lambd, beta, classification=None):
         super().__init__()
         self.lambd = lambd
         self.beta = beta
+        # L_cls: the release's binary cross-entropy, or another (--cls-loss)
+        self.classification = classification or F.multilabel_soft_margin_loss
 
     @classmethod
     def from_settings(cls, settings):
-        return cls(settings.lambd, settings.beta)
+        return cls(settings.lambd, settings.beta, classification_loss(settings))
 
     def forward(self, output, targets):
         scores, dictionary, features, semantics, reconstructed = map(at_least_float32, (
             output.scores, output.dictionary, output.features, output.semantics, output.reconstruction))
-        classification = F.multilabel_soft_margin_loss(scores, targets.to(scores.dtype))
+        classification = self.classification(scores, targets.to(scores.dtype))
         reconstruction = torch.linalg.norm(scores @ dictionary - features)
         sparsity = torch.linalg.norm(scores)
         cosine = F.cosine_similarity(semantics, reconstructed, dim=1).mean()
@@ -362,15 +364,68 @@ class Baseline(PooledModel):
 
 class BaselineLoss(nn.Module):
     """Binary cross-entropy on the logits, the mean over classes and images (what the release's
-    MultiLabelSoftMarginLoss computes)."""
+    MultiLabelSoftMarginLoss computes), or another classification loss (--cls-loss)."""
+
+    def __init__(self, classification=None):
+        super().__init__()
+        self.classification = classification or F.binary_cross_entropy_with_logits
 
     @classmethod
     def from_settings(cls, settings):
-        return cls()
+        return cls(classification_loss(settings))
 
     def forward(self, output, targets):
         scores = at_least_float32(output.scores)
-        return F.binary_cross_entropy_with_logits(scores, targets.to(scores.dtype))
+        return self.classification(scores, targets.to(scores.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Classification losses beyond the release's (--cls-loss)
+# --------------------------------------------------------------------------------------------
+
+class AsymmetricLoss(nn.Module):
+    """The asymmetric loss of Ridnik et al., "Asymmetric Loss For Multi-Label Classification"
+    (ICCV 2021), on logits x with targets y in {0, 1}: with p = sigmoid(x) and the shifted
+    probability of the negatives p_m = max(p - clip, 0),
+
+        L = -mean over images and classes of
+            y (1 - p)^gamma_pos log(p) + (1 - y) p_m^gamma_neg log(1 - p_m).
+
+    Averaged, not summed as in the paper's code, so that it takes the place of the binary
+    cross-entropy at its scale (the learning rates need no change); with both exponents and the
+    clip 0 it is the binary cross-entropy. The focusing weights are differentiated, as the
+    paper's loss is written.
+    """
+
+    def __init__(self, gamma_neg=4.0, gamma_pos=0.0, clip=0.05):
+        super().__init__()
+        self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
+
+    def forward(self, scores, targets):
+        log_p = F.logsigmoid(scores)
+        if self.clip > 0:
+            shifted = (torch.sigmoid(scores) - self.clip).clamp(min=0)   # p_m
+            log_not = torch.log1p(-shifted)                               # 1 - p_m >= clip
+        else:
+            shifted, log_not = torch.sigmoid(scores), F.logsigmoid(-scores)
+        positive = targets * log_p
+        if self.gamma_pos:
+            positive = positive * (1 - torch.sigmoid(scores)) ** self.gamma_pos
+        negative = (1 - targets) * log_not
+        if self.gamma_neg:
+            negative = negative * shifted ** self.gamma_neg
+        return -(positive + negative).mean()
+
+    def extra_repr(self):
+        return f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}"
+
+
+def classification_loss(settings):
+    """The classification term of --cls-loss; None for bce, which each model's loss computes as
+    the release does."""
+    if getattr(settings, "cls_loss", "bce") == "asl":
+        return AsymmetricLoss(settings.asl_gamma_neg, settings.asl_gamma_pos, settings.asl_clip)
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,6 +90,13 @@ def non_negative_float(text):
     return value
 
 
+def decay(text):
+    value = number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or a decay in (0, 1), got {text}")
+    return value
+
+
 def device(text):
     if text.split(":")[0] not in DEVICES:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cuda, cuda:N or cpu")
@@ -176,15 +183,64 @@ def get_args_parser(description, run_folder, **defaults):
     add_option(recipe, "--lrp", type=positive_float, default=0.1, role="recipe",
                help="the CNN trunk learns at lr * lrp (default: %(default)s)")
     add_option(recipe, "--momentum", type=non_negative_float, default=0.9, role="recipe",
-               help="SGD momentum (default: %(default)s)")
+               help="SGD momentum (not used by --optimizer adamw or --schedule onecycle) "
+                    "(default: %(default)s)")
     add_option(recipe, "--weight-decay", type=non_negative_float, default=1e-4, role="recipe",
-               help="SGD weight decay (default: %(default)s)")
+               help="weight decay (with --optimizer adamw, decoupled and only on weights) "
+                    "(default: %(default)s)")
     add_option(recipe, "--max-grad-norm", type=positive_float, default=10.0, role="recipe",
                help="the total gradient norm is clipped to this before each step "
                     "(default: %(default)s)")
     add_option(recipe, "--seed", type=non_negative_int, default=0, role="recipe",
                help="seeds the initialisation, and per epoch the order of the images and "
                     "each image's crop and flip (default: %(default)s)")
+    more = parser.add_argument_group(
+        "recipes", "beyond the release (docs/training.md#recipes): the defaults keep the "
+        "release's recipe; each is restored by --resume")
+    add_option(more, "--cls-loss", choices=("bce", "asl"), default="bce", role="recipe",
+               help="the classification term of the loss: bce, the release's binary "
+                    "cross-entropy; asl, the asymmetric loss of Ridnik et al. (ICCV 2021), "
+                    "averaged like bce (default: %(default)s)")
+    add_option(more, "--asl-gamma-neg", type=non_negative_float, default=4.0, role="recipe",
+               help="asl: focusing exponent of the negatives (default: %(default)s)")
+    add_option(more, "--asl-gamma-pos", type=non_negative_float, default=0.0, role="recipe",
+               help="asl: focusing exponent of the positives (default: %(default)s)")
+    add_option(more, "--asl-clip", type=probability, default=0.05, role="recipe",
+               help="asl: probability margin shifted off the negatives (default: %(default)s)")
+    add_option(more, "--ema", type=decay, default=0.0, metavar="DECAY", role="recipe",
+               help="keep an exponential moving average of the weights with this decay, "
+                    "updated after every optimizer step (e.g. 0.9997); each epoch evaluates "
+                    "both, model_best is chosen by and holds the average (default: 0, off)")
+    add_option(more, "--optimizer", choices=("sgd", "adamw"), default="sgd", role="recipe",
+               help="sgd, the release's (with --momentum); adamw (betas 0.9, 0.999; "
+                    "--weight-decay only on weights, not on norms and biases) "
+                    "(default: %(default)s)")
+    add_option(more, "--schedule", choices=("step", "cosine", "onecycle"), default="step",
+               role="recipe",
+               help="step: x0.1 at each --epoch_step, the release's; cosine: cosine decay to 0 "
+                    "over the run, per optimizer step; onecycle: torch's OneCycleLR (up to "
+                    "--lr in --warmup-epochs or the first 30%% of the steps, then down; it "
+                    "cycles the momentum 0.95-0.85, so --momentum is not used) "
+                    "(default: %(default)s)")
+    add_option(more, "--warmup-epochs", type=non_negative_int, default=0, metavar="N",
+               role="recipe",
+               help="raise the learning rates linearly, per optimizer step, over the first N "
+                    "epochs (default: %(default)s)")
+    add_option(more, "--accumulate", type=positive_int, default=1, metavar="N", role="recipe",
+               help="split each batch of -b into N micro-batches whose gradients are summed "
+                    "before one optimizer step: about 1/N of the memory; BatchNorm statistics "
+                    "and DSDL's norms are then per micro-batch (default: %(default)s)")
+    add_option(more, "--augment", choices=("release", "randaugment", "trivialaugment"),
+               default="release", role="recipe",
+               help="after the release's crop and flip, also torchvision's RandAugment "
+                    "(2 operations, magnitude 9) or TrivialAugmentWide (default: %(default)s)")
+    add_option(more, "--cutout", type=probability, default=0.0, metavar="P", role="recipe",
+               help="erase one random box of each training image with probability P, filled "
+                    "with the ImageNet mean (torchvision's RandomErasing) (default: 0, off)")
+    add_option(more, "--tensorboard", action="store_true", role="recipe",
+               help="also write each epoch's losses, metrics and learning rates as TensorBoard "
+                    "events into the run folder (needs `pip install -r "
+                    "requirements-tensorboard.txt`; metrics.jsonl stays the record)")
     run = parser.add_argument_group("run", "where a run starts from and where it writes")
     add_option(run, "-e", "--evaluate", action="store_true", role="runtime",
                help="only evaluate the checkpoint given by --resume; the results go to "

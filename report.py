@@ -66,10 +66,13 @@ def duration(seconds):
     return f"{seconds / 86400:.1f} days"
 
 
-def epoch_line(epoch, epochs, train_loss, split, score, best, seconds, is_best):
-    """The one line a training epoch ends with."""
+def epoch_line(epoch, epochs, train_loss, split, score, best, seconds, is_best, raw_score=None):
+    """The one line a training epoch ends with (`raw_score`: with --ema, the mAP of the trained
+    weights, `score` being the average's)."""
     left = duration(seconds * (epochs - epoch))
     mean = "undefined" if np.isnan(score) else f"{score:.2f}"
+    if raw_score is not None:
+        mean += f" (EMA; the trained weights' {raw_score:.2f})"
     line = (f"epoch {epoch}/{epochs}: train loss {train_loss:.4f}, {split} mAP {mean}, "
             f"best {'none' if math.isinf(best) else f'{best:.2f}'}, {duration(seconds)}, "
             f"about {left} left")
@@ -320,6 +323,30 @@ def plot_curves(log_path, out_dir, classes=None):
     for figure, path in zip((curves_figure(records), per_class_ap_figure(last, classes)), paths):
         figure.savefig(path)
     return paths
+
+
+class TensorBoardLog:
+    """--tensorboard: each epoch's numbers as TensorBoard events in the run folder (one scalar per
+    number of its metrics.jsonl record: losses, mAP, thresholded metrics; and the learning
+    rates). metrics.jsonl stays the record; this is for watching runs side by side."""
+
+    def __init__(self, folder, start_epoch):
+        from torch.utils.tensorboard import SummaryWriter  # tensorboard is optional
+        # A resumed run drops the events of the epochs it trains again.
+        self.writer = SummaryWriter(folder, purge_step=start_epoch + 1)
+
+    def write(self, record, learning_rates):
+        """`learning_rates`: {"trunk": lr, "head": lr} as the epoch started."""
+        epoch = record["epoch"]
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, epoch)
+        for name, value in learning_rates.items():
+            self.writer.add_scalar(f"learning_rate/{name}", value, epoch)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
 
 
 # --------------------------------------------------------------------------------------------

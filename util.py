@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision import transforms
+from torchvision.transforms import v2
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
@@ -196,18 +197,32 @@ def _packed(image):
     return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
+AUGMENTATIONS = {"release": None, "randaugment": v2.RandAugment,
+                 "trivialaugment": v2.TrivialAugmentWide}  # --augment, after crop and flip
+
+
+def augmentation(augment):
+    """--augment's extra policy (None for the release's crop and flip alone)."""
+    policy = AUGMENTATIONS[augment]
+    return policy() if policy else None
+
+
 class FastTrainTransform(TensorTransform):
     """The release's train transform on uint8 tensors: the same steps and the same random draws.
 
     Resize to 8/7 of the input size, the crop box drawn by `MultiScaleCrop` on that image, the
     crop resized to the input size, a horizontal flip with probability 1/2 (the draw of
     transforms.RandomHorizontalFlip). Seeded alike, this and `train_transform()` take the same
-    box and the same flip.
+    box and the same flip. Then, as `train_transform` does, --augment's policy and --cutout's
+    erasing, on the uint8 image (the erased box gets the ImageNet mean, 0 once normalised).
     """
 
-    def __init__(self, image_size):
+    def __init__(self, image_size, augment="release", cutout=0.0):
         self.resize = train_resize(image_size)
         self.crop = MultiScaleCrop(image_size)
+        self.augment = augmentation(augment)
+        mean = [round(255 * channel) for channel in IMAGENET_MEAN]
+        self.cutout = v2.RandomErasing(cutout, value=mean) if cutout else None
 
     def transform(self, image):
         image = F.resize(image, [self.resize, self.resize], antialias=True)
@@ -218,10 +233,15 @@ class FastTrainTransform(TensorTransform):
         image = F.resize(image, [self.crop.size, self.crop.size], antialias=True)
         if torch.rand(1) < 0.5:
             image = F.horizontal_flip(image)
+        if self.augment is not None:
+            image = self.augment(image)
+        if self.cutout is not None:
+            image = self.cutout(image)
         return image
 
     def __repr__(self):
-        return f"{type(self).__name__}(resize={self.resize}, crop={self.crop})"
+        return (f"{type(self).__name__}(resize={self.resize}, crop={self.crop}, "
+                f"augment={self.augment}, cutout={self.cutout})")
 
 
 class FastEvalTransform(TensorTransform):
@@ -237,21 +257,31 @@ class FastEvalTransform(TensorTransform):
         return f"{type(self).__name__}(size={self.size})"
 
 
-def train_transform(image_size=448, fast=False):
+def train_transform(image_size=448, fast=False, augment="release", cutout=0.0):
     """Resize to 512 (for 448; 8/7 of the input size in general), multi-scale crop, flip.
 
+    `augment` (--augment) adds RandAugment or TrivialAugmentWide after the flip; `cutout`
+    (--cutout) erases one random box with that probability (torchvision's RandomErasing, filled
+    with the ImageNet mean). They draw from torch's generator, as the crop does, so that
+    engine.EpochSeeded makes them the same with any number of workers and on resume.
     `fast`: the same steps and crops on uint8 tensors (`FastTrainTransform`), normalised on the device.
     """
     if fast:
-        return FastTrainTransform(image_size)
+        return FastTrainTransform(image_size, augment, cutout)
     resize = train_resize(image_size)
-    return transforms.Compose([
-        transforms.Resize((resize, resize)),
-        MultiScaleCrop(image_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    steps = [transforms.Resize((resize, resize)), MultiScaleCrop(image_size),
+             transforms.RandomHorizontalFlip()]
+    if augment != "release":
+        steps.append(augmentation(augment))
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if cutout:
+        steps.append(v2.RandomErasing(cutout, value=0))
+    return transforms.Compose(steps)
+
+
+def train_transform_of(args):
+    """The training transform the options of an entry script ask for."""
+    return train_transform(args.image_size, args.fast_pipeline, args.augment, args.cutout)
 
 
 def eval_transform(image_size=448, fast=False):
