@@ -265,6 +265,7 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_n
         optimizer.zero_grad(set_to_none=True)
         parts = list(zip(images.tensor_split(accumulate), labels.tensor_split(accumulate)))
         parts = [(part_images, part_labels) for part_images, part_labels in parts if len(part_images)]
+        batch_loss = 0.0
         for part, (part_images, part_labels) in enumerate(parts):
             part_images = prepare_images(part_images, device, channels_last)
             targets = training_targets(part_labels.to(device, non_blocking=True))
@@ -281,6 +282,7 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_n
                 if len(parts) > 1:
                     loss = loss * (len(part_images) / len(images))  # the batch's mean
                 (scaler.scale(loss) if scaler is not None else loss).backward()
+            batch_loss += value * part_images.shape[0] / images.shape[0]
             total += value * part_images.shape[0]
             count += part_images.shape[0]
         if scaler is not None:  # fp16: unscale before clipping
@@ -295,7 +297,7 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_n
             schedule.after_step()
         if average is not None:
             average.update()
-        bar.set_postfix(loss=f"{value:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
+        bar.set_postfix(loss=f"{batch_loss:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
         stop_if_interrupted()
     return total / max(count, 1)
 
