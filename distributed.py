@@ -18,6 +18,22 @@ def resolve_device(device):
     return device
 
 
+def gpu_problem():
+    """Why no GPU can be used here, in a sentence, or None when CUDA runs a kernel and a cuDNN
+    convolution. torch.cuda.is_available() alone does not see a driver too old for this build
+    of torch, a GPU in a bad state or a missing cuDNN: those fail at the first kernel."""
+    if not torch.cuda.is_available():
+        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+        return f"no CUDA GPU is available (torch {torch.__version__}, {built})"
+    try:
+        ones = torch.ones(1, 1, 4, 4, device="cuda")
+        torch.nn.functional.conv2d(ones, ones[:, :, :3, :3]).sum().item()
+    except Exception as error:  # CUDA, cuDNN and the driver raise RuntimeError and its kin
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return f"CUDA is present but does not work ({type(error).__name__}: {message})"
+    return None
+
+
 def init_distributed(device):
     """Join the process group torchrun describes; returns (rank, world size, device).
 
