@@ -4,6 +4,7 @@
     python bench.py --device cpu         # CPU: smaller sizes by default (printed)
     python bench.py --pipeline-only      # only the input pipeline (one data-loading worker)
     python bench.py --json bench.json    # also write the figures as JSON
+    python bench.py --require-gpu        # a missing or unusable GPU is an error, not CPU figures
 
 Release-style: float32, contiguous memory, the PIL pipeline (ToTensor + Normalize per image).
 Fast: --amp (bf16, or fp16 with a scaler), --channels-last, uint8 batches normalised on the
@@ -369,45 +370,28 @@ def print_table(figures, names, rows):
         print(f"| {title:<42} | " + " | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + " |")
 
 
-def main():
-    args = options.bench_parser(__doc__).parse_args()
-    try:
-        if args.require_gpu:
-            if args.device == "cpu":
-                raise DSDLError("--require-gpu with --device cpu: leave out one of them")
-            problem = gpu_problem()
-            if problem:
-                raise DSDLError(f"--require-gpu: {problem}")
-        args.device = resolve_device(args.device)
-        device = torch.device(args.device)
-        gpu = device.type == "cuda"
-        arch = args.arch or ("resnet101" if gpu else "resnet18")
-        trunks.check_arch(arch)
-        where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-        figures = Figures(args.json, device=where, torch=torch.__version__,
-                          pipeline_image_size=PIPELINE_SIZE)
-    except DSDLError as error:
-        sys.exit(f"error: {error}")
-    except OSError as error:
-        sys.exit(f"error: cannot write --json {args.json}: {error.strerror or error}")
-    settings = argparse.Namespace(model=args.model, arch=arch, pool="max", lambd=10.0, beta=1e-4)
-    image_size = args.image_size or (448 if gpu else 224)
-    batch_size = args.batch_size or (32 if gpu else 8)
-    steps, warmup = args.steps or (20 if gpu else 3), args.warmup or (5 if gpu else 1)
-    if gpu:
-        torch.backends.cudnn.benchmark = True
-    print(f"device: {where}; torch {torch.__version__}"
-          + ("" if args.pipeline_only else f"; {arch}, {image_size} px, batch {batch_size}, best of "
-                                            f"{args.rounds} x {steps} timed steps after {warmup}"))
-    names = ["release", "release_tf32", "fast"] if gpu else ["release", "fast"]
-    peaks = None
-    if gpu:
-        sheet, peaks = gpu_peaks(device)
-        figures.add(gpu_data_sheet=sheet, peak_tflops=peaks)
-        print(peaks_line(where, sheet, peaks))
+def setting_up(args):
+    """(device, trunk name, Figures) of the command line, or a DSDLError / OSError for a mistake."""
+    if args.require_gpu:
+        if args.device == "cpu":
+            raise DSDLError("--require-gpu with --device cpu: leave out one of them")
+        problem = gpu_problem()
+        if problem:
+            raise DSDLError(f"--require-gpu: {problem}")
+    device = torch.device(resolve_device(args.device))
+    arch = args.arch or ("resnet101" if device.type == "cuda" else "resnet18")
+    trunks.check_arch(arch)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU ({torch.get_num_threads()} threads)")
+    return device, arch, Figures(args.json, device=where, torch=torch.__version__,
+                                 pipeline_image_size=PIPELINE_SIZE)
 
+
+def measure(figures, args, device, names, settings, image_size, batch_size, steps, warmup):
+    """Every step of the benchmark, each figure into `figures` as it is measured."""
+    gpu = device.type == "cuda"
     if not args.pipeline_only:
-        figures.add(arch=arch, image_size=image_size, batch_size=batch_size)
+        figures.add(arch=settings.arch, image_size=image_size, batch_size=batch_size)
         model = dict(device=device, settings=settings, image_size=image_size, batch_size=batch_size,
                      num_classes=args.num_classes, steps=steps, warmup=warmup, rounds=args.rounds)
         for name in names:
@@ -430,20 +414,25 @@ def main():
         if gpu:
             figures.step("gpu_decode", lambda: {"gpu_decode_img_s": measure_gpu_decode(folder, PIPELINE_SIZE, device)})
 
+
+def derive(figures, names, peaks):
+    """The figures computed from the measured ones: each configuration's MFU against its own peak
+    (`peaks`: None for a GPU not in the table), the hours of the paper's recipes, the workers."""
     gflop = figures.get("forward_gflop_per_image")
-    for name in names if gpu and not args.pipeline_only else []:
+    for name in names:
         train, evaluate = figures.get(f"train_img_s_{name}"), figures.get(f"eval_img_s_{name}")
         if peaks and gflop and train:  # a training step is about 3x the forward FLOPs (spec section 10)
             figures.add(**{f"mfu_{name}": 3 * gflop * 1e9 * train / (peaks[CONFIGURATIONS[name][3]] * 1e12)})
         if train and evaluate:
             figures.add(**{f"hours_to_reproduce_{name}": hours_to_reproduce(train, evaluate)})
-    if gpu and figures.get("train_img_s_fast") and figures.get("pipeline_img_s_fast"):
+    if figures.get("train_img_s_fast") and figures.get("pipeline_img_s_fast"):
         # One worker's images/s against the training images/s: the -j that keeps the GPU fed.
         figures.add(workers_to_feed_training_fast=math.ceil(
             figures.get("train_img_s_fast") / figures.get("pipeline_img_s_fast")))
-    if not gpu:
-        figures.add(peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
 
+
+def report(figures, args, names, gpu, image_size):
+    """The table and the lines under it."""
     pipeline = ("pipeline images/s per worker (448 px)", "pipeline_img_s", "{:.1f}")
     rows = [pipeline] if args.pipeline_only else [
         ("training images/s", "train_img_s", "{:.1f}"), ("evaluation images/s", "eval_img_s", "{:.1f}"),
@@ -454,29 +443,61 @@ def main():
                      lambda name: figures.get("gpu_decode_img_s") if name == "fast" else None, "{:.1f}"))
     if gpu and not args.pipeline_only:
         rows.append(("peak GPU memory (GiB)", "peak_memory_gib", "{:.2f}"))
-        if peaks:
-            rows.append(("model FLOP utilisation (%), own peak",
-                         lambda name: figures.get(f"mfu_{name}") and 100 * figures.get(f"mfu_{name}"), "{:.1f}"))
+        rows.append(("model FLOP utilisation (%), own peak",
+                     lambda name: figures.get(f"mfu_{name}") and 100 * figures.get(f"mfu_{name}"), "{:.1f}"))
         for recipe in RECIPES:
             rows.append((f"hours to reproduce {recipe}", lambda name, recipe=recipe: (
                 figures.get(f"hours_to_reproduce_{name}") or {}).get(recipe), "{:.1f}"))
     print_table(figures, names, rows)
     if gpu and not args.pipeline_only:
-        print("(release-style: strict float32, TF32 off; release-style TF32: cuDNN's and the matrix "
-              "products' default on Ampere and newer; MFU: FP32, TF32 and BF16 peak respectively)")
+        print("(release-style fp32: strict float32, TF32 off; release-style TF32: TF32 on for "
+              "convolutions, cuDNN's default, and matrix products; MFU against the FP32, TF32 and "
+              "BF16 peak respectively)")
         if figures.get("workers_to_feed_training_fast"):
             print(f"(the hours assume data loading keeps up: the fast path's training needs "
                   f"-j {figures.get('workers_to_feed_training_fast')} or more workers like the one measured)")
     if not gpu:
         print(f"peak resident memory of the process: {figures.get('peak_rss_gib'):.2f} GiB")
-    if gflop:
-        print(f"forward pass: {gflop:.1f} GFLOP per image at {image_size} px")
+    if figures.get("forward_gflop_per_image"):
+        print(f"forward pass: {figures.get('forward_gflop_per_image'):.1f} GFLOP per image at {image_size} px")
     for name in ("release", "fast"):
         breakdown = figures.get(f"pipeline_{name}_breakdown_ms")
         if breakdown:
             total = sum(breakdown.values())
             print(f"{name} pipeline, one worker, 500 x 375 JPEG to 448 px ({total:.2f} ms): " + ", ".join(
                 f"{stage} {ms:.2f} ms ({100 * ms / total:.0f}%)" for stage, ms in breakdown.items()))
+
+
+def main():
+    args = options.bench_parser(__doc__).parse_args()
+    try:
+        device, arch, figures = setting_up(args)
+    except DSDLError as error:
+        sys.exit(f"error: {error}")
+    except OSError as error:
+        sys.exit(f"error: cannot write --json {args.json}: {error.strerror or error}")
+    gpu = device.type == "cuda"
+    settings = argparse.Namespace(model=args.model, arch=arch, pool="max", lambd=10.0, beta=1e-4)
+    image_size = args.image_size or (448 if gpu else 224)
+    batch_size = args.batch_size or (32 if gpu else 8)
+    steps, warmup = args.steps or (20 if gpu else 3), args.warmup or (5 if gpu else 1)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    print(f"device: {figures.get('device')}; torch {torch.__version__}"
+          + ("" if args.pipeline_only else f"; {arch}, {image_size} px, batch {batch_size}, best of "
+                                            f"{args.rounds} x {steps} timed steps after {warmup}"))
+    names = ["release", "release_tf32", "fast"] if gpu else ["release", "fast"]
+    peaks = None
+    if gpu:
+        sheet, peaks = gpu_peaks(device)
+        figures.add(gpu_data_sheet=sheet, peak_tflops=peaks)
+        print(peaks_line(figures.get("device"), sheet, peaks))
+    measure(figures, args, device, names, settings, image_size, batch_size, steps, warmup)
+    if gpu:
+        derive(figures, names, peaks)
+    else:
+        figures.add(peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    report(figures, args, names, gpu, image_size)
     if args.json:
         print(f"figures written to {args.json}")
     if figures.errors:

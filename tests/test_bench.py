@@ -1,5 +1,6 @@
 """bench.py and the GPU command: exact GPU peaks, figures that survive a failed step, and a run
 that cannot pass without a GPU."""
+import argparse
 import json
 import os
 import sys
@@ -10,6 +11,7 @@ import torch
 import bench
 import distributed
 import engine
+import options
 from conftest import ROOT
 
 TINY = ["--device", "cpu", "--arch", "resnet18", "--image-size", "32", "-b", "2", "--steps", "1",
@@ -142,3 +144,54 @@ def test_every_gpu_test_has_an_estimate_and_the_gpu_command_fits_in_5_minutes():
     tests = {name for name in vars(test_gpu) if name.startswith("test_")}
     assert tests == set(test_gpu.ESTIMATES)
     assert sum(test_gpu.ESTIMATES.values()) + test_gpu.BENCH_ESTIMATE <= 300
+
+
+def test_on_a_gpu_each_configuration_is_measured_against_its_own_peak(capsys):
+    figures = bench.Figures(None, forward_gflop_per_image=100.0, pipeline_img_s_release=100.0,
+                            pipeline_img_s_fast=400.0, gpu_decode_img_s=2000.0)
+    for name, train in (("release", 100.0), ("release_tf32", 300.0), ("fast", 900.0)):
+        figures.add(**{f"{key}_{name}": train * factor for key, factor in
+                       (("train_img_s", 1), ("eval_img_s", 3), ("infer_img_s", 3), ("infer_folded_img_s", 3))},
+                    **{f"peak_memory_gib_{name}": 10.0})
+    names = ["release", "release_tf32", "fast"]
+    peaks = {"fp32": 60.0, "tf32": 400.0, "bf16": 800.0}
+    bench.derive(figures, names, peaks)
+    assert figures.get("mfu_release") == pytest.approx(3 * 100e9 * 100 / 60e12)  # FP32 peak
+    assert figures.get("mfu_release_tf32") == pytest.approx(3 * 100e9 * 300 / 400e12)  # TF32 peak
+    assert figures.get("mfu_fast") == pytest.approx(3 * 100e9 * 900 / 800e12)  # BF16 peak
+    assert figures.get("workers_to_feed_training_fast") == 3  # 900 / 400 images/s, rounded up
+    hours = figures.get("hours_to_reproduce_fast")["VOC 2007"]
+    assert hours == pytest.approx(200 * (5011 / 900 + 4952 / 2700) / 3600)
+    args = options.bench_parser("").parse_args([])
+    bench.report(figures, args, names, gpu=True, image_size=448)
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.startswith("| figure"))
+    assert [cell.strip() for cell in header.split("|")[2:-1]] == [
+        "release-style fp32", "release-style TF32", "fast", "fast / release-style fp32",
+        "fast / release-style TF32"]
+    training = next(line for line in table.splitlines() if line.startswith("| training images/s"))
+    assert [cell.strip() for cell in training.split("|")[2:-1]] == ["100.0", "300.0", "900.0", "9.00x", "3.00x"]
+    utilisation = next(line for line in table.splitlines() if "FLOP utilisation" in line)
+    assert [cell.strip() for cell in utilisation.split("|")[2:5]] == ["50.0", "22.5", "33.8"]
+
+
+def test_the_release_style_path_runs_with_tf32_as_asked_and_the_flags_are_restored(monkeypatch):
+    flags = []
+
+    def recording_step(*args, **kwargs):
+        flags.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+
+    monkeypatch.setattr(engine, "train_one_epoch", recording_step)
+    monkeypatch.setattr(engine, "evaluate", recording_step)
+    settings = argparse.Namespace(model="dsdl", arch="resnet18", pool="max", lambd=10.0, beta=1e-4)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for allow_tf32 in (False, True):
+        flags.clear()
+        figures = dict(bench.measure_model(torch.device("cpu"), settings, 32, 2, 20, steps=1, warmup=1,
+                                           fast=False, rounds=1, allow_tf32=allow_tf32))
+        assert set(figures) == {"train_img_s", "eval_img_s", "infer_img_s", "infer_folded_img_s"}
+        assert flags == [(allow_tf32, allow_tf32)] * 4  # warm-up and timed pass, training and evaluation
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    assert bench.CONFIGURATIONS["release"][2:] == (False, "fp32")
+    assert bench.CONFIGURATIONS["release_tf32"][2:] == (True, "tf32")
+    assert bench.CONFIGURATIONS["fast"][2:] == (False, "bf16")
