@@ -125,7 +125,7 @@ def test_a_mistake_found_by_rank_0_stops_every_process_with_one_error_line(two_p
 
 def waiting_and_hanging_rank(rank, port, folder, gave_up):
     """One of 2 gloo processes of init_distributed with a 2-second collective timeout: rank 0
-    "downloads" for 4 s while rank 1 waits in rank_zero_first, then rank 0 hangs in training
+    "downloads" for 3 s while rank 1 waits in rank_zero_first, then rank 0 hangs in training
     until rank 1's collective has given up. Each rank writes what happened to `folder`."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -136,7 +136,7 @@ def waiting_and_hanging_rank(rank, port, folder, gave_up):
         distributed.init_distributed("cpu")
         with distributed.rank_zero_first():
             if rank == 0:
-                time.sleep(4)  # longer than a collective may wait
+                time.sleep(3)  # longer than a collective may wait
         events.append("waited for rank 0")
         if rank == 0:
             gave_up.wait(120)  # a hung rank
@@ -169,7 +169,7 @@ def test_rank_zero_downloads_may_take_longer_than_a_training_collective_waits(tm
         if process.exitcode is None:
             process.kill()
     rank1 = (tmp_path / "rank1.txt").read_text().splitlines()
-    assert rank1[0] == "waited for rank 0"  # 4 s in rank_zero_first: on the download group
+    assert rank1[0] == "waited for rank 0"  # 3 s in rank_zero_first: on the download group
     assert rank1[1].startswith("gave up:") and "timed out" in rank1[1].lower(), rank1
     assert (tmp_path / "rank0.txt").read_text().startswith("waited for rank 0")
 
