@@ -4,6 +4,7 @@
     python bench.py --device cpu         # CPU: smaller sizes by default (printed)
     python bench.py --pipeline-only      # only the input pipeline (one data-loading worker)
     python bench.py --json bench.json    # also write the figures as JSON
+    python bench.py --require-gpu        # a missing or unusable GPU is an error, not CPU figures
 
 Release-style: float32, contiguous memory, the PIL pipeline (ToTensor + Normalize per image).
 Fast: --amp (bf16, or fp16 with a scaler), --channels-last, uint8 batches normalised on the
@@ -14,6 +15,12 @@ they measure the model, not the disk; the pipeline figures measure one data-load
 (read + decode + train transform) on generated VOC-sized JPEGs. On a GPU, bench.py also times
 decoding on the GPU (nvJPEG) and turns the training and evaluation images/s into the wall-clock
 time of the paper's recipes.
+
+On a GPU the release-style path is measured twice: in strict float32 (TF32 off) and in TF32
+(the float32 that cuDNN runs by default on Ampere and newer), each against its own peak; the
+fast path against the bf16 peak. Each figure is written to the JSON file as soon as it is
+measured, and a step that fails (out of memory, nvJPEG ...) is recorded with its error while the
+others run on. `--require-gpu` makes a missing or unusable GPU an error instead of CPU figures.
 """
 import options
 
@@ -21,6 +28,7 @@ if __name__ == "__main__":  # parse before importing torch: --help and mistakes 
     options.bench_parser(__doc__).parse_args()
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,6 +36,7 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 
 import numpy as np
@@ -40,13 +49,34 @@ from torchvision.io import ImageReadMode, decode_jpeg
 import engine
 import models
 import trunks
-from distributed import resolve_device
-from util import (DSDLError, load_image, load_image_tensor, normalize_on_device, read_image,
-                  train_transform)
+from distributed import gpu_problem, resolve_device
+from util import (DSDLError, atomic_write, load_image, load_image_tensor, normalize_on_device,
+                  read_image, train_transform)
 
-# Dense bf16 / fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the MFU figure.
-PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0,
-               "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+# Dense peaks in TFLOP/s (without sparsity) from the vendors' data sheets, for the MFU figures:
+# float32 on the CUDA cores, TF32 and bf16 on the tensor cores (fp16's peak is bf16's on these
+# cards). The sheets print the tensor-core figures with sparsity; dense is half of them.
+DATA_SHEET_PEAKS = {  # data sheet: (FP32, TF32, BF16)
+    "H100 SXM": (67.0, 494.5, 989.5), "H100 PCIe": (51.0, 378.0, 756.5),
+    "H100 NVL": (60.0, 417.5, 835.5), "H200 SXM": (67.0, 494.5, 989.5),
+    "H200 NVL": (60.0, 417.5, 835.5), "A100 SXM": (19.5, 156.0, 312.0),
+    "A100 PCIe": (19.5, 156.0, 312.0), "L40S": (91.6, 183.0, 362.05),
+}
+# torch.cuda.get_device_name without its "NVIDIA " -> data sheet, matched whole: an H100 NVL or
+# an H200 NVL is not the SXM card whose name it contains. Any other name: MFU not computed.
+GPU_MODELS = {
+    "H100 80GB HBM3": "H100 SXM", "H100 PCIe": "H100 PCIe", "H100 NVL": "H100 NVL",
+    "H200": "H200 SXM", "H200 NVL": "H200 NVL",
+    "A100-SXM4-40GB": "A100 SXM", "A100-SXM4-80GB": "A100 SXM",
+    "A100-PCIE-40GB": "A100 PCIe", "A100 80GB PCIe": "A100 PCIe",
+    "L40S": "L40S",
+}
+UNKNOWN_GPU = "unknown: MFU not computed"
+# The configurations measured: name -> (title, fast path, TF32 on a GPU, the peak of its MFU).
+# The fast path's float32 remainder (the head's solve, the loss) runs in strict float32.
+CONFIGURATIONS = {"release": ("release-style fp32", False, False, "fp32"),
+                  "release_tf32": ("release-style TF32", False, True, "tf32"),
+                  "fast": ("fast", True, False, "bf16")}
 # The paper's recipes (spec sections 1 and 4): the release's 200 epochs, each one pass over the
 # training images and one evaluation of the evaluated split.
 RECIPES = {"VOC 2007": (200, 5011, 4952), "VOC 2012": (200, 5717, 5823),
@@ -90,12 +120,26 @@ def synthetic_model(settings, num_classes, device):
     return model.to(device), models.build_loss(settings)
 
 
+@contextlib.contextmanager
+def tf32(enabled):
+    """TF32 on or off for float32 matrix products and cuDNN convolutions, restored afterwards
+    (None: as they are; a CPU has no TF32)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled is not None:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def measure_model(device, settings, image_size, batch_size, num_classes, steps, warmup, fast,
-                  compile=False, rounds=3):
-    """Training, evaluation and inference images/s, and on a GPU the peak memory, of one
-    configuration. Inference is the forward pass alone, of the model and of its folded form
-    (`DSDL.folded`: the head as one linear layer, as export.py writes it). Each figure is the
-    best of `rounds` timed passes: other work on a shared machine only ever slows a pass down."""
+                  compile=False, rounds=3, allow_tf32=None):
+    """Yields, as each is measured, (figure, value): training, evaluation and inference images/s
+    of one configuration and, on a GPU, its peak memory. Inference is the forward pass alone, of
+    the model and of its folded form (`DSDL.folded`: the head as one linear layer, as export.py
+    writes it). Each figure is the best of `rounds` timed passes: other work on a shared machine
+    only ever slows a pass down."""
     torch.manual_seed(0)
     model, loss_fn = synthetic_model(settings, num_classes, device)
     amp_dtype, scaler = engine.mixed_precision(device, fast)
@@ -110,8 +154,6 @@ def measure_model(device, settings, image_size, batch_size, num_classes, steps, 
                           batch_size=batch_size)
 
     warmup_loader, timed_loader = loader(warmup), loader(steps)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     def train(batches):
         engine.train_one_epoch(model, loss_fn, optimizer, batches, device, 0, 10.0, amp_dtype,
@@ -128,24 +170,66 @@ def measure_model(device, settings, image_size, batch_size, num_classes, steps, 
                     network(engine.prepare_images(images, device, channels_last=fast))
         return run
 
-    figures = {}
-    for name, function in (("train", train), ("eval", evaluate), ("infer", inference(model)),
-                           ("infer_folded", inference(model.folded()))):
-        function(warmup_loader)
-        seconds = math.inf
-        for _ in range(rounds):
-            synchronize(device)
-            start = time.perf_counter()
-            function(timed_loader)
-            synchronize(device)
-            seconds = min(seconds, time.perf_counter() - start)
-        figures[name] = steps * batch_size / seconds
+    peak_memory = 0
+    with tf32(allow_tf32):
+        for name, function in (("train", train), ("eval", evaluate), ("infer", inference(model)),
+                               ("infer_folded", inference(model.folded()))):
+            function(warmup_loader)
+            if device.type == "cuda":  # after the warm-up: cuDNN's autotuning and compilation are not counted
+                synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = math.inf
+            for _ in range(rounds):
+                synchronize(device)
+                start = time.perf_counter()
+                function(timed_loader)
+                synchronize(device)
+                seconds = min(seconds, time.perf_counter() - start)
+            yield f"{name}_img_s", steps * batch_size / seconds
+            if device.type == "cuda":
+                peak_memory = max(peak_memory, torch.cuda.max_memory_allocated(device))
     if device.type == "cuda":
         # Without the synthetic images, which a real run keeps on the host (4 bytes a value
         # on the release's path, 1 on the fast path): the model's own memory.
         data = sum(batches.dataset.images.nbytes for batches in (warmup_loader, timed_loader))
-        figures["peak_memory_gib"] = (torch.cuda.max_memory_allocated(device) - data) / 2 ** 30
-    return figures
+        yield "peak_memory_gib", (peak_memory - data) / 2 ** 30
+
+
+class Figures:
+    """The figures of one run, written whole to the JSON file (atomically: util.atomic_write)
+    each time one is measured, so that a step that fails, or a run cut short, keeps every figure
+    measured before it. A step that raises is recorded under "errors" and the next one runs."""
+
+    def __init__(self, path, **figures):
+        self.path, self.values, self.errors = path, {}, {}
+        self.add(**figures)
+
+    def add(self, **figures):
+        self.values.update(figures)
+        if self.path:
+            with atomic_write(self.path, "w") as f:
+                json.dump(self.values, f, indent=2)
+
+    def get(self, key):
+        return self.values.get(key)
+
+    def step(self, name, function, *args, suffix="", **kwargs):
+        """Run `function`, which returns or yields (figure, value) pairs (or returns a dict),
+        adding each figure, its name + `suffix`, as it comes; True if the step ran through."""
+        try:
+            result = function(*args, **kwargs)
+            for key, value in (result.items() if isinstance(result, dict) else result):
+                self.add(**{key + suffix: value})
+            return True
+        except Exception as error:  # out of memory, nvJPEG, a compiler ...: this step's figures only
+            traceback.print_exc()
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            self.errors[name] = f"{type(error).__name__}: {message}"
+            self.add(errors=self.errors)
+            print(f"step {name} failed ({self.errors[name]}); the other steps run on", file=sys.stderr)
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+            return False
 
 
 def jpeg_paths(folder):
@@ -241,12 +325,22 @@ def forward_flops(device, settings, image_size, num_classes):
     return counter.get_total_flops()
 
 
-def peak_tflops(device):
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_TFLOPS[key]
-    return None
+def gpu_peaks(device):
+    """(data sheet, {"fp32", "tf32", "bf16": dense peak TFLOP/s}) of this GPU, looked up by its
+    whole name; (UNKNOWN_GPU, None) for a GPU not in the table."""
+    name = torch.cuda.get_device_name(device).strip()
+    sheet = GPU_MODELS.get(name.removeprefix("NVIDIA ").strip())
+    if sheet is None:
+        return UNKNOWN_GPU, None
+    return sheet, dict(zip(("fp32", "tf32", "bf16"), DATA_SHEET_PEAKS[sheet]))
+
+
+def peaks_line(name, sheet, peaks):
+    """What gpu_peaks found for the GPU called `name`, as bench.py prints it."""
+    if peaks is None:
+        return f"GPU peaks: {name!r} is not in bench.py's table: {UNKNOWN_GPU}"
+    return (f"GPU peaks: {name!r} is the {sheet} of the data sheets: FP32 {peaks['fp32']:g}, "
+            f"TF32 {peaks['tf32']:g}, BF16 {peaks['bf16']:g} dense TFLOP/s")
 
 
 def hours_to_reproduce(train_img_s, eval_img_s):
@@ -255,114 +349,160 @@ def hours_to_reproduce(train_img_s, eval_img_s):
             for name, (epochs, train, test) in RECIPES.items()}
 
 
-def print_row(title, release, fast, unit="{:>13.1f}"):
-    ratio = f"{fast / release:>5.2f}x" if release and fast else ""
-    print(f"| {title:<42} | {unit.format(release)} | {unit.format(fast).strip():>9} | {ratio:>6} |")
+def cell(value, unit):
+    return "" if value is None else unit.format(value)
+
+
+def print_table(figures, names, rows):
+    """One column per configuration in `names`, then the fast path's ratio to each other one."""
+    others = [name for name in names if name != "fast"]
+    columns = [CONFIGURATIONS[name][0] for name in names]
+    columns += [f"fast / {CONFIGURATIONS[name][0]}" if len(others) > 1 else "ratio" for name in others]
+    widths = [max(len(column), 9) for column in columns]
+    print("\n| " + f"{'figure':<42} | " + " | ".join(f"{c:>{w}}" for c, w in zip(columns, widths)) + " |")
+    print(f"|{'-' * 44}|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for title, key, unit in rows:
+        values = [key(name) if callable(key) else figures.get(f"{key}_{name}") for name in names]
+        fast = values[names.index("fast")]
+        ratios = [values[names.index(name)] for name in others]
+        ratios = [f"{fast / value:.2f}x" if fast and value else "" for value in ratios]
+        cells = [cell(value, unit) for value in values] + ratios
+        print(f"| {title:<42} | " + " | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + " |")
+
+
+def setting_up(args):
+    """(device, trunk name, Figures) of the command line, or a DSDLError / OSError for a mistake."""
+    if args.require_gpu:
+        if args.device == "cpu":
+            raise DSDLError("--require-gpu with --device cpu: leave out one of them")
+        problem = gpu_problem()
+        if problem:
+            raise DSDLError(f"--require-gpu: {problem}")
+    device = torch.device(resolve_device(args.device))
+    arch = args.arch or ("resnet101" if device.type == "cuda" else "resnet18")
+    trunks.check_arch(arch)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU ({torch.get_num_threads()} threads)")
+    return device, arch, Figures(args.json, device=where, torch=torch.__version__,
+                                 pipeline_image_size=PIPELINE_SIZE)
+
+
+def measure(figures, args, device, names, settings, image_size, batch_size, steps, warmup):
+    """Every step of the benchmark, each figure into `figures` as it is measured."""
+    gpu = device.type == "cuda"
+    if not args.pipeline_only:
+        figures.add(arch=settings.arch, image_size=image_size, batch_size=batch_size)
+        model = dict(device=device, settings=settings, image_size=image_size, batch_size=batch_size,
+                     num_classes=args.num_classes, steps=steps, warmup=warmup, rounds=args.rounds)
+        for name in names:
+            _, fast, allow_tf32, _ = CONFIGURATIONS[name]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                figures.step(name, measure_model, **model, fast=fast, compile=fast and args.compile,
+                             allow_tf32=allow_tf32 if gpu else None, suffix=f"_{name}")
+            for warning in caught:
+                print(f"note: {warning.message}")
+        figures.step("forward_flops", lambda: {"forward_gflop_per_image": forward_flops(
+            device, settings, image_size, args.num_classes) / 1e9})
+    with tempfile.TemporaryDirectory() as folder:
+        figures.step("jpegs", lambda: write_jpegs(folder, args.pipeline_images) or {})
+        figures.step("pipelines", lambda: {f"pipeline_img_s_{name}": value for name, value in
+                                           measure_pipelines(folder, PIPELINE_SIZE).items()})
+        for name in ("release", "fast"):
+            figures.step(f"pipeline_{name}_breakdown", lambda: {
+                f"pipeline_{name}_breakdown_ms": pipeline_breakdown(folder, PIPELINE_SIZE, fast=name == "fast")})
+        if gpu:
+            figures.step("gpu_decode", lambda: {"gpu_decode_img_s": measure_gpu_decode(folder, PIPELINE_SIZE, device)})
+
+
+def derive(figures, names, peaks):
+    """The figures computed from the measured ones: each configuration's MFU against its own peak
+    (`peaks`: None for a GPU not in the table), the hours of the paper's recipes, the workers."""
+    gflop = figures.get("forward_gflop_per_image")
+    for name in names:
+        train, evaluate = figures.get(f"train_img_s_{name}"), figures.get(f"eval_img_s_{name}")
+        if peaks and gflop and train:  # a training step is about 3x the forward FLOPs (spec section 10)
+            figures.add(**{f"mfu_{name}": 3 * gflop * 1e9 * train / (peaks[CONFIGURATIONS[name][3]] * 1e12)})
+        if train and evaluate:
+            figures.add(**{f"hours_to_reproduce_{name}": hours_to_reproduce(train, evaluate)})
+    if figures.get("train_img_s_fast") and figures.get("pipeline_img_s_fast"):
+        # One worker's images/s against the training images/s: the -j that keeps the GPU fed.
+        figures.add(workers_to_feed_training_fast=math.ceil(
+            figures.get("train_img_s_fast") / figures.get("pipeline_img_s_fast")))
+
+
+def report(figures, args, names, gpu, image_size):
+    """The table and the lines under it."""
+    pipeline = ("pipeline images/s per worker (448 px)", "pipeline_img_s", "{:.1f}")
+    rows = [pipeline] if args.pipeline_only else [
+        ("training images/s", "train_img_s", "{:.1f}"), ("evaluation images/s", "eval_img_s", "{:.1f}"),
+        ("inference images/s", "infer_img_s", "{:.1f}"),
+        ("inference images/s, head folded", "infer_folded_img_s", "{:.1f}"), pipeline]
+    if gpu:
+        rows.append(("pipeline images/s, decoded on the GPU",
+                     lambda name: figures.get("gpu_decode_img_s") if name == "fast" else None, "{:.1f}"))
+    if gpu and not args.pipeline_only:
+        rows.append(("peak GPU memory (GiB)", "peak_memory_gib", "{:.2f}"))
+        rows.append(("model FLOP utilisation (%), own peak",
+                     lambda name: figures.get(f"mfu_{name}") and 100 * figures.get(f"mfu_{name}"), "{:.1f}"))
+        for recipe in RECIPES:
+            rows.append((f"hours to reproduce {recipe}", lambda name, recipe=recipe: (
+                figures.get(f"hours_to_reproduce_{name}") or {}).get(recipe), "{:.1f}"))
+    print_table(figures, names, rows)
+    if gpu and not args.pipeline_only:
+        print("(release-style fp32: strict float32, TF32 off; release-style TF32: TF32 on for "
+              "convolutions, cuDNN's default, and matrix products; MFU against the FP32, TF32 and "
+              "BF16 peak respectively)")
+        if figures.get("workers_to_feed_training_fast"):
+            print(f"(the hours assume data loading keeps up: the fast path's training needs "
+                  f"-j {figures.get('workers_to_feed_training_fast')} or more workers like the one measured)")
+    if not gpu:
+        print(f"peak resident memory of the process: {figures.get('peak_rss_gib'):.2f} GiB")
+    if figures.get("forward_gflop_per_image"):
+        print(f"forward pass: {figures.get('forward_gflop_per_image'):.1f} GFLOP per image at {image_size} px")
+    for name in ("release", "fast"):
+        breakdown = figures.get(f"pipeline_{name}_breakdown_ms")
+        if breakdown:
+            total = sum(breakdown.values())
+            print(f"{name} pipeline, one worker, 500 x 375 JPEG to 448 px ({total:.2f} ms): " + ", ".join(
+                f"{stage} {ms:.2f} ms ({100 * ms / total:.0f}%)" for stage, ms in breakdown.items()))
 
 
 def main():
     args = options.bench_parser(__doc__).parse_args()
     try:
-        args.device = resolve_device(args.device)
+        device, arch, figures = setting_up(args)
     except DSDLError as error:
         sys.exit(f"error: {error}")
-    device = torch.device(args.device)
+    except OSError as error:
+        sys.exit(f"error: cannot write --json {args.json}: {error.strerror or error}")
     gpu = device.type == "cuda"
-    arch = args.arch or ("resnet101" if gpu else "resnet18")
-    try:
-        trunks.check_arch(arch)
-    except DSDLError as error:
-        sys.exit(f"error: {error}")
     settings = argparse.Namespace(model=args.model, arch=arch, pool="max", lambd=10.0, beta=1e-4)
     image_size = args.image_size or (448 if gpu else 224)
     batch_size = args.batch_size or (32 if gpu else 8)
     steps, warmup = args.steps or (20 if gpu else 3), args.warmup or (5 if gpu else 1)
     if gpu:
         torch.backends.cudnn.benchmark = True
-    where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {where}; torch {torch.__version__}"
+    print(f"device: {figures.get('device')}; torch {torch.__version__}"
           + ("" if args.pipeline_only else f"; {arch}, {image_size} px, batch {batch_size}, best of "
                                             f"{args.rounds} x {steps} timed steps after {warmup}"))
-    figures = {"device": where, "torch": torch.__version__, "pipeline_image_size": PIPELINE_SIZE}
-
-    if not args.pipeline_only:
-        model = dict(device=device, settings=settings, image_size=image_size, batch_size=batch_size,
-                     num_classes=args.num_classes, steps=steps, warmup=warmup, rounds=args.rounds)
-        release = measure_model(**model, fast=False)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fast = measure_model(**model, fast=True, compile=args.compile)
-        for warning in caught:
-            print(f"note: {warning.message}")
-        flops = forward_flops(device, settings, image_size, args.num_classes)
-        figures.update({
-            "arch": arch, "image_size": image_size, "batch_size": batch_size,
-            "train_img_s_release": release["train"], "train_img_s_fast": fast["train"],
-            "eval_img_s_release": release["eval"], "eval_img_s_fast": fast["eval"],
-            "infer_img_s_release": release["infer"], "infer_img_s_fast": fast["infer"],
-            "infer_folded_img_s_release": release["infer_folded"], "infer_folded_img_s_fast": fast["infer_folded"],
-            "forward_gflop_per_image": flops / 1e9,
-        })
-    with tempfile.TemporaryDirectory() as folder:
-        write_jpegs(folder, args.pipeline_images)
-        pipelines = measure_pipelines(folder, PIPELINE_SIZE)
-        figures["pipeline_img_s_release"], figures["pipeline_img_s_fast"] = pipelines["release"], pipelines["fast"]
-        figures["pipeline_release_breakdown_ms"] = pipeline_breakdown(folder, PIPELINE_SIZE, fast=False)
-        figures["pipeline_fast_breakdown_ms"] = pipeline_breakdown(folder, PIPELINE_SIZE, fast=True)
-        if gpu:
-            figures["gpu_decode_img_s"] = measure_gpu_decode(folder, PIPELINE_SIZE, device)
-
-    if gpu and not args.pipeline_only:
-        figures["peak_memory_gib_release"] = release["peak_memory_gib"]
-        figures["peak_memory_gib_fast"] = fast["peak_memory_gib"]
-        peak = peak_tflops(device)
-        if peak:  # a training step is about 3x the forward FLOPs (spec section 10)
-            figures["mfu_release"] = 3 * flops * release["train"] / (peak * 1e12)
-            figures["mfu_fast"] = 3 * flops * fast["train"] / (peak * 1e12)
-            figures["peak_tflops_bf16"] = peak
-        figures["hours_to_reproduce_release"] = hours_to_reproduce(release["train"], release["eval"])
-        figures["hours_to_reproduce_fast"] = hours_to_reproduce(fast["train"], fast["eval"])
-        # One worker's images/s against the training images/s: the -j that keeps the GPU fed.
-        figures["workers_to_feed_training_fast"] = math.ceil(fast["train"] / figures["pipeline_img_s_fast"])
-    if not gpu:
-        figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-    print(f"\n| {'figure':<42} | {'release-style':>13} | {'fast':>9} | {'ratio':>6} |")
-    print(f"|{'-' * 44}|{'-' * 15}|{'-' * 11}|{'-' * 8}|")
-    rows = [("pipeline images/s per worker (448 px)", "pipeline_img_s")]
-    if not args.pipeline_only:
-        rows = [("training images/s", "train_img_s"), ("evaluation images/s", "eval_img_s"),
-                ("inference images/s", "infer_img_s"),
-                ("inference images/s, head folded", "infer_folded_img_s")] + rows
-    for title, key in rows:
-        print_row(title, figures[key + "_release"], figures[key + "_fast"])
+    names = ["release", "release_tf32", "fast"] if gpu else ["release", "fast"]
+    peaks = None
     if gpu:
-        print(f"| {'pipeline images/s, decoded on the GPU':<42} | {'':>13} | "
-              f"{figures['gpu_decode_img_s']:>9.1f} | {'':>6} |")
-    if gpu and not args.pipeline_only:
-        print_row("peak GPU memory (GiB)", figures["peak_memory_gib_release"],
-                  figures["peak_memory_gib_fast"], unit="{:>13.2f}")
-        if "mfu_fast" in figures:
-            print_row("model FLOP utilisation (%)", 100 * figures["mfu_release"],
-                      100 * figures["mfu_fast"])
-        for name in RECIPES:
-            print_row(f"hours to reproduce {name}", figures["hours_to_reproduce_release"][name],
-                      figures["hours_to_reproduce_fast"][name])
-        print(f"(the hours assume data loading keeps up: the fast path's training needs "
-              f"-j {figures['workers_to_feed_training_fast']} or more workers like the one measured)")
-    if not gpu:
-        print(f"peak resident memory of the process: {figures['peak_rss_gib']:.2f} GiB")
-    if not args.pipeline_only:
-        print(f"forward pass: {figures['forward_gflop_per_image']:.1f} GFLOP per image at {image_size} px")
-    for name in ("release", "fast"):
-        breakdown = figures[f"pipeline_{name}_breakdown_ms"]
-        total = sum(breakdown.values())
-        print(f"{name} pipeline, one worker, 500 x 375 JPEG to 448 px ({total:.2f} ms): " + ", ".join(
-            f"{stage} {ms:.2f} ms ({100 * ms / total:.0f}%)" for stage, ms in breakdown.items()))
+        sheet, peaks = gpu_peaks(device)
+        figures.add(gpu_data_sheet=sheet, peak_tflops=peaks)
+        print(peaks_line(figures.get("device"), sheet, peaks))
+    measure(figures, args, device, names, settings, image_size, batch_size, steps, warmup)
+    if gpu:
+        derive(figures, names, peaks)
+    else:
+        figures.add(peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    report(figures, args, names, gpu, image_size)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
         print(f"figures written to {args.json}")
+    if figures.errors:
+        sys.exit(f"error: {len(figures.errors)} step(s) failed, the others were measured: "
+                 + "; ".join(f"{name}: {error}" for name, error in figures.errors.items()))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,17 @@ import torch
 
 from util import DSDLError
 
+# How long a collective of training (gradients, evaluation shares, barriers) waits for the other
+# processes before it fails: a hung or dead rank is found within half an hour. The longest wait
+# between two collectives in a healthy run is rank 0 alone writing a checkpoint, the metrics and
+# the plots after an evaluation (seconds; minutes on a slow network disk), so three times
+# torch's 10-minute NCCL default leaves room for a slow disk or a first compilation.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# How long the other processes wait while rank 0 downloads and extracts (COCO: 19 GB, over a
+# slow connection for hours): only rank_zero_first waits this long, on a group of its own.
+DOWNLOAD_TIMEOUT = datetime.timedelta(hours=12)
+_rank_zero_group = None  # gloo, DOWNLOAD_TIMEOUT: what rank_zero_first waits on
+
 
 def resolve_device(device):
     """The device to run on: `device` (--device), else cuda when a GPU is available, else cpu;
@@ -16,6 +27,22 @@ def resolve_device(device):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DSDLError(f"--device {device}, but no CUDA GPU is available; pass --device cpu")
     return device
+
+
+def gpu_problem():
+    """Why no GPU can be used here, in a sentence, or None when CUDA runs a kernel and a cuDNN
+    convolution. torch.cuda.is_available() alone does not see a driver too old for this build
+    of torch, a GPU in a bad state or a missing cuDNN: those fail at the first kernel."""
+    if not torch.cuda.is_available():
+        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+        return f"no CUDA GPU is available (torch {torch.__version__}, {built})"
+    try:
+        ones = torch.ones(1, 1, 4, 4, device="cuda")
+        torch.nn.functional.conv2d(ones, ones[:, :, :3, :3]).sum().item()
+    except Exception as error:  # CUDA, cuDNN and the driver raise RuntimeError and its kin
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return f"CUDA is present but does not work ({type(error).__name__}: {message})"
+    return None
 
 
 def init_distributed(device):
@@ -32,10 +59,12 @@ def init_distributed(device):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        # A long timeout: the other ranks wait while rank 0 downloads and extracts a dataset
-        # (COCO: 19 GB), which takes longer than the default 10 minutes.
+        global _rank_zero_group
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=datetime.timedelta(hours=12))
+                                             timeout=COLLECTIVE_TIMEOUT)
+        # The long wait for rank 0's downloads has a group of its own, so that it is not every
+        # collective's; gloo, as it only carries rank 0's outcome (a few bytes, on the CPU).
+        _rank_zero_group = torch.distributed.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
@@ -46,8 +75,9 @@ def is_main_process():
 @contextlib.contextmanager
 def rank_zero_first():
     """Under torchrun, rank 0 runs the block (checks, downloads, extraction) before the other
-    ranks. A DSDLError raised there is raised by every rank (and printed by rank 0 only), so
-    that the other ranks stop with it instead of waiting or failing on a closed connection."""
+    ranks, which wait up to DOWNLOAD_TIMEOUT. A DSDLError raised there is raised by every rank
+    (and printed by rank 0 only), so that the other ranks stop with it instead of waiting or
+    failing on a closed connection."""
     if not torch.distributed.is_initialized():
         yield
         return
@@ -59,10 +89,10 @@ def rank_zero_first():
             failure = [str(error)]
             raise
         finally:
-            torch.distributed.broadcast_object_list(failure, src=0)
+            torch.distributed.broadcast_object_list(failure, src=0, group=_rank_zero_group)
     else:
         failure = [None]
-        torch.distributed.broadcast_object_list(failure, src=0)
+        torch.distributed.broadcast_object_list(failure, src=0, group=_rank_zero_group)
         if failure[0] is not None:
             raise DSDLError(failure[0])
         yield

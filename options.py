@@ -437,5 +437,8 @@ def bench_parser(description):
     parser.add_argument("--num-classes", type=positive_int, default=20,
                         help="classes of the synthetic model (default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
-    parser.add_argument("--json", metavar="FILE", help="write the figures to this JSON file")
+    parser.add_argument("--json", metavar="FILE",
+                        help="write the figures to this JSON file, each as soon as it is measured")
+    parser.add_argument("--require-gpu", action="store_true",
+                        help="a missing or unusable CUDA GPU is an error (default: measure on the CPU)")
     return parser

@@ -1,16 +1,26 @@
-"""torchrun with 2 CPU processes (gloo): evaluation counts every image once, training checkpoints resume."""
+"""torchrun with 2 CPU processes (gloo): evaluation counts every image once, training checkpoints
+resume; the process group's timeouts; --sync-bn's conversion as far as the CPU can run it."""
+import argparse
+import copy
+import datetime
+import multiprocessing
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
 import pytest
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import checkpoints
+import distributed
+import models
 import runs
 import main_voc2007
 from conftest import ROOT, SMALL, call_main, offline_environment, write_voc_tree
@@ -111,3 +121,114 @@ def test_a_mistake_found_by_rank_0_stops_every_process_with_one_error_line(two_p
     assert not re.search(rf'File "{re.escape(ROOT)}/\w+\.py"', result.stderr)  # no frame of ours
     assert "[rank" not in result.stderr
     assert "Connection closed" not in result.stderr
+
+
+def waiting_and_hanging_rank(rank, port, folder, gave_up):
+    """One of 2 gloo processes of init_distributed with a 2-second collective timeout: rank 0
+    "downloads" for 3 s while rank 1 waits in rank_zero_first, then rank 0 hangs in training
+    until rank 1's collective has given up. Each rank writes what happened to `folder`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed.COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=2)
+    distributed.DOWNLOAD_TIMEOUT = datetime.timedelta(seconds=120)
+    events = []
+    try:
+        distributed.init_distributed("cpu")
+        with distributed.rank_zero_first():
+            if rank == 0:
+                time.sleep(3)  # longer than a collective may wait
+        events.append("waited for rank 0")
+        if rank == 0:
+            gave_up.wait(120)  # a hung rank
+        try:
+            torch.distributed.all_reduce(torch.ones(1))
+            events.append("reduced")
+        except RuntimeError as error:  # gloo: "Timed out waiting ... for recv operation"
+            events.append(f"gave up: {error}")
+            gave_up.set()
+    except Exception as error:
+        events.append(f"failed: {type(error).__name__}: {error}")
+    finally:
+        with open(os.path.join(folder, f"rank{rank}.txt"), "w") as f:
+            f.write("\n".join(events))
+        os._exit(0)  # no process-group teardown with a peer gone
+
+
+def test_rank_zero_downloads_may_take_longer_than_a_training_collective_waits(tmp_path):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    context = multiprocessing.get_context("fork")  # torch is imported already: no second import
+    gave_up = context.Event()
+    processes = [context.Process(target=waiting_and_hanging_rank, args=(rank, port, str(tmp_path), gave_up))
+                 for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        if process.exitcode is None:
+            process.kill()
+    rank1 = (tmp_path / "rank1.txt").read_text().splitlines()
+    assert rank1[0] == "waited for rank 0"  # 3 s in rank_zero_first: on the download group
+    assert rank1[1].startswith("gave up:") and "timed out" in rank1[1].lower(), rank1
+    assert (tmp_path / "rank0.txt").read_text().startswith("waited for rank 0")
+
+
+def dsdl_resnet18(seed=0):
+    torch.manual_seed(seed)
+    settings = argparse.Namespace(model="dsdl", arch="resnet18", pool="max", lambd=10.0, beta=1e-4)
+    return models.build_model(settings, 20, torch.randn(20, 300), pretrained=False)
+
+
+def test_sync_bn_converts_every_batch_norm_and_keeps_the_weights_and_their_names():
+    model = dsdl_resnet18()
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    batch_norms = [name for name, module in model.named_modules() if isinstance(module, _BatchNorm)]
+    assert len(batch_norms) == 20  # ResNet-18's
+    assert type(converted) is type(model)  # the same model: parameter groups, trunk, folding
+    assert [name for name, module in converted.named_modules() if isinstance(module, _BatchNorm)] == batch_norms
+    assert all(isinstance(converted.get_submodule(name), torch.nn.SyncBatchNorm) for name in batch_norms)
+    state, converted_state = model.state_dict(), converted.state_dict()
+    assert list(converted_state) == list(state)  # checkpoints load either way
+    assert all(torch.equal(converted_state[key], value) for key, value in state.items())
+
+
+def test_a_converted_model_trains_and_evaluates_as_the_plain_one_in_one_process():
+    """Without a process group SyncBatchNorm normalises with the batch's own statistics: the
+    same numbers as BatchNorm, forward and backward, and the same running statistics."""
+    images, targets = torch.randn(4, 3, 64, 64), (torch.rand(4, 20) > 0.7).float()
+    loss_fn = models.DSDLLoss(10.0, 1e-4)
+    results = []
+    for convert in (False, True):
+        model = dsdl_resnet18()
+        if convert:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        loss = loss_fn(model.train()(images), targets)
+        loss.backward()
+        with torch.no_grad():
+            scores = model.eval()(images).scores
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()},
+                        model.state_dict(), scores))
+    (loss, gradients, state, scores), (loss_c, gradients_c, state_c, scores_c) = results
+    assert torch.equal(loss_c, loss) and torch.equal(scores_c, scores)
+    assert all(torch.equal(gradients_c[name], gradient) for name, gradient in gradients.items())
+    assert all(torch.equal(state_c[key], value) for key, value in state.items())  # running statistics
+
+
+def test_under_a_process_group_torch_evaluates_a_converted_model_on_the_cpu_but_does_not_train_it(tmp_path):
+    """Why --sync-bn runs only in the GPU tier: torch's SyncBatchNorm refuses CPU tensors in
+    training mode once a process group exists (gloo included); evaluation uses the running
+    statistics and runs."""
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(dsdl_resnet18())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = dsdl_resnet18().eval()(images).scores
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}",
+                                         rank=0, world_size=1)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model.eval()(images).scores, expected)
+        with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+            model.train()(images)
+    finally:
+        torch.distributed.destroy_process_group()

@@ -1,6 +1,10 @@
-"""The GPU tier: what only a GPU can show. Every test is skipped where CUDA is absent (CI).
+"""The GPU tier: what only a GPU can show. Every test is skipped where no GPU can be used (CI),
+and fails there instead under DSDL_REQUIRE_GPU=1, as in the README's GPU command:
 
-    python -m pytest -q tests/test_gpu.py -rs
+    DSDL_REQUIRE_GPU=1 python -m pytest -q tests/test_gpu.py -rs --durations=0
+
+With bench.py after it, the tier is meant to fit in 5 minutes on one H100: ESTIMATES below
+(printed when the tier starts; --durations=0 prints what each test took).
 
 Each test compares the GPU with an independent float32 computation on the same weights, most
 often the CPU's. Float32 on the GPU runs its convolutions in TF32 (PyTorch's default for cuDNN:
@@ -22,14 +26,44 @@ from torchvision.transforms.v2 import functional as F
 import checkpoints
 import engine
 from conftest import ROOT, class_image, write_voc_tree
+from distributed import gpu_problem
 from models import DSDL, DSDLLoss
 from util import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 DEVICE = torch.device("cuda")
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="GPU tier: needs a CUDA GPU (run python -m pytest tests/test_gpu.py on a GPU machine)")
 CLASSES = 20
+# Seconds on one H100, estimated (not yet measured): cold start, cuDNN's autotuning and, for
+# the compile test, one cold torch.compile of a ResNet-18 included. bench.py's default run
+# (three configurations of ResNet-101 at 448 px, the pipelines) is estimated at BENCH_ESTIMATE.
+ESTIMATES = {
+    "test_a_training_step_matches_float32_with_the_solve_and_the_loss_in_float32": 10,
+    "test_channels_last_and_compile_give_the_plain_models_scores": 60,
+    "test_uint8_batches_normalised_on_the_gpu_equal_the_release_pipelines_tensors": 1,
+    "test_evaluate_and_class_maps_on_the_gpu_equal_the_cpu": 3,
+    "test_a_checkpoint_written_on_the_gpu_loads_on_the_cpu_and_back": 2,
+    "test_nccl_all_reduce_works_on_this_gpu": 3,
+    "test_torchrun_trains_one_epoch_and_evaluates_on_the_gpu": 30,
+    "test_torchrun_with_sync_bn_trains_on_two_gpus": 40,  # skipped with one GPU
+    "test_resnet101_at_448_px_learns_alike_in_float32_and_on_the_fast_path": 60,
+}
+BENCH_ESTIMATE = 80
+
+
+@pytest.fixture(scope="module", autouse=True)
+def usable_gpu(request):
+    """Skip the tier where no GPU can be used; under DSDL_REQUIRE_GPU=1 fail it instead, so that
+    a machine whose CUDA is missing or broken cannot pass. Then print the time estimates."""
+    problem = gpu_problem()
+    if problem and os.environ.get("DSDL_REQUIRE_GPU", "") not in ("", "0"):
+        pytest.fail(f"DSDL_REQUIRE_GPU=1, but {problem}", pytrace=False)
+    if problem:
+        pytest.skip(f"GPU tier: {problem} (run python -m pytest tests/test_gpu.py on a GPU machine)")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"\nGPU tier on {torch.cuda.get_device_name(DEVICE)}, estimated on one H100: "
+                            f"{sum(ESTIMATES.values())} s, then bench.py {BENCH_ESTIMATE} s")
+        for name, seconds in ESTIMATES.items():
+            reporter.write_line(f"  {seconds:>3} s  {name}")
 
 
 def small_model(seed=0, arch="resnet18"):
@@ -49,8 +83,8 @@ def generated_images(count, size, seed=0):
 
 
 def as_float(images):
-    """uint8 B x H x W x 3 -> normalised float B x 3 x H x W, computed on the CPU with torchvision
-    (independent of util.normalize_on_device)."""
+    """uint8 B x H x W x 3 -> normalised float B x 3 x H x W on the images' device, computed with
+    torchvision (independent of util.normalize_on_device)."""
     return F.normalize(images.permute(0, 3, 1, 2).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -81,13 +115,21 @@ class Generated(Dataset):
 
 
 # Mixed precision: (autocast dtype, gradient scaler, tolerance on the loss, least cosine of the
-# trunk's whole gradient with float32's). The head (the C x C solve) and the loss are float32 in
-# all three; the trunk rounds to TF32 in "float32" (10 bits of mantissa), to bf16 (8) or fp16
-# (11). Measured with the CPU's bf16 and fp16 on these 8 images: loss within 5e-4, trunk gradient
-# cosine 0.94-0.96 (bf16) and 0.99 (fp16), dictionary gradient cosine 0.9999.
-PRECISIONS = {"float32": (None, False, 5e-3, 0.98),
-              "bf16": (torch.bfloat16, False, 2e-2, 0.9),
-              "fp16": (torch.float16, True, 2e-2, 0.97)}
+# trunk's whole gradient with float32's, tolerance on the dictionary's (W1, W2) gradients). The
+# head (the C x C solve) and the loss are float32 in all three; the trunk rounds to TF32 in
+# "float32" (10 bits of mantissa), to bf16 (8) or fp16 (11).
+# Basis: this test's computation run with the CPU's bf16 and fp16 autocast (torch 2.14, one
+# thread), on the 8 images and weights of seeds 0-9 for bf16 and 0-2 for fp16 (seed 0 is the
+# test's): loss within 8e-4 (bf16) and 1.1e-4 (fp16); trunk gradient cosine 0.911-0.931 (bf16)
+# and 0.988 (fp16); W1 / W2 gradient cosine at least 0.99989 (bf16) and 0.999998 (fp16), their
+# largest relative error 1.0e-2 to 1.8e-2 (bf16) and at most 3.2e-3 (fp16). The tolerances leave
+# about 2x the measured error (cosines: 1 - cosine about 2x) for the GPU's own rounding, which
+# is not yet measured; float32 (TF32 on the GPU) is not measured either: TF32 keeps 3 more bits
+# than bf16, so its errors should be about 8x smaller than bf16's. A broken path (the solve or
+# the loss out of float32, an unscaled fp16 gradient) is far outside all of them.
+PRECISIONS = {"float32": (None, False, 5e-3, 0.98, 2e-2),
+              "bf16": (torch.bfloat16, False, 2e-2, 0.85, 4e-2),
+              "fp16": (torch.float16, True, 2e-2, 0.97, 2e-2)}
 
 
 def trunk_gradient(model):
@@ -96,7 +138,7 @@ def trunk_gradient(model):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_a_training_step_matches_float32_with_the_solve_and_the_loss_in_float32(precision, monkeypatch):
-    amp_dtype, scaled, tolerance, least_cosine = PRECISIONS[precision]
+    amp_dtype, scaled, tolerance, least_cosine, dictionary_tolerance = PRECISIONS[precision]
     if amp_dtype is torch.bfloat16 and DEVICE.type == "cuda" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     images, labels = generated_images(8, 64)
@@ -135,7 +177,7 @@ def test_a_training_step_matches_float32_with_the_solve_and_the_loss_in_float32(
         assert torch.isfinite(parameter.grad).all(), name
     for name in ("W1", "W2"):  # the dictionary: float32 in every precision, and unscaled
         ours, theirs = model.get_parameter(name).grad, reference.get_parameter(name).grad
-        assert cosine(ours, theirs) > 0.999 and relative_error(ours, theirs) < 2e-2, name
+        assert cosine(ours, theirs) > 0.999 and relative_error(ours, theirs) < dictionary_tolerance, name
     assert cosine(trunk_gradient(model), trunk_gradient(reference)) > least_cosine, precision
 
 
@@ -223,22 +265,36 @@ def test_nccl_all_reduce_works_on_this_gpu(tmp_path):
         torch.distributed.destroy_process_group()
 
 
-def test_torchrun_trains_one_epoch_and_evaluates_on_the_gpu(tmp_path, random_embeddings):
+def torchrun(tmp_path, embeddings, processes, *options):
+    """main_voc2007.py under torchrun, one epoch of ResNet-18 at 64 px on a generated VOC tree."""
     root = str(tmp_path / "voc")
     write_voc_tree(root)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               os.path.join(ROOT, "main_voc2007.py"), root, "--arch", "resnet18", "--no-pretrained",
-               "--image-size", "64", "-b", "8", "-j", "0", "--epochs", "1", "--device", DEVICE.type,
-               "--embeddings", random_embeddings, "--checkpoint-dir", str(tmp_path / "run")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(processes), os.path.join(ROOT, "main_voc2007.py"), root, "--arch", "resnet18",
+               "--no-pretrained", "--image-size", "64", "-b", "8", "-j", "0", "--epochs", "1",
+               "--device", DEVICE.type, "--embeddings", embeddings,
+               "--checkpoint-dir", str(tmp_path / "run"), *options]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert (tmp_path / "run" / checkpoints.CHECKPOINT).is_file()
     assert "mAP" in result.stdout
+    return result
+
+
+def test_torchrun_trains_one_epoch_and_evaluates_on_the_gpu(tmp_path, random_embeddings):
+    torchrun(tmp_path, random_embeddings, 1)
+
+
+# NCCL takes one GPU per process, and the model is converted only with 2 processes or more
+# (engine.build_model); gloo cannot run SyncBatchNorm's forward on the CPU, so this is its only run.
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="--sync-bn under torchrun needs 2 GPUs")
+def test_torchrun_with_sync_bn_trains_on_two_gpus(tmp_path, random_embeddings):
+    torchrun(tmp_path, random_embeddings, 2, "--sync-bn")
 
 
 # The paper's scale: ResNet-101 from random weights, 448 px, batch 32. Estimated at about a
-# minute on an H100 (2 x 300 steps; not yet run there).
+# minute on an H100 (2 x 300 steps; not yet run there): ESTIMATES.
 LEARNING = dict(arch="resnet101", size=448, batch=32, steps=300, pool=256)
 
 
@@ -246,6 +302,9 @@ def test_resnet101_at_448_px_learns_alike_in_float32_and_on_the_fast_path(monkey
     arch, size, batch, steps = LEARNING["arch"], LEARNING["size"], LEARNING["batch"], LEARNING["steps"]
     images, labels = generated_images(LEARNING["pool"], size)
     images, semantics = images.to(DEVICE), torch.randn(CLASSES, 300, generator=torch.Generator().manual_seed(0))
+    # The release path's float batches, made once on the GPU (built per batch on the CPU they took
+    # about 50 s of the 300 steps): 256 images x 3 x 448 x 448 float32, 0.6 GiB.
+    floats = as_float(images)
     order = torch.randint(len(labels), (steps, batch), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as engine.run sets it on GPUs
     curves = {}
@@ -267,14 +326,16 @@ def test_resnet101_at_448_px_learns_alike_in_float32_and_on_the_fast_path(monkey
             return loss
 
         # The release's path gets float batches; the fast path uint8 ones normalised on the device.
-        batches = ((images[i] if fast else as_float(images[i].cpu()).to(DEVICE), labels[i], [""] * batch)
-                   for i in order)
+        batches = ((images[i] if fast else floats[i], labels[i], [""] * batch) for i in order)
         engine.train_one_epoch(model, recording_loss, optimizer, batches, DEVICE, 0, 10.0, amp_dtype,
                                scaler, channels_last=fast)
         curves[path] = torch.stack(losses).float().cpu()
     # Means over 20 steps: the trajectories differ step by step (rounding changes which way SGD
-    # goes), the curves should not. With ResNet-18 at 64 px on the CPU (float32 against bf16):
-    # 0.70 -> 0.24 in 100 steps, and the two curves within 0.003 of each other.
+    # goes), the curves should not. Basis: with ResNet-18 at 64 px on the CPU (float32 against
+    # bf16), measured once when the test was written: 0.70 -> 0.24 in 100 steps, the two curves
+    # within 0.003 of each other; the asserted fall (to 0.7x) and gap (0.1 of the first loss) leave
+    # room for ResNet-101 at 448 px, not yet measured. Not measured again here: bf16 on this
+    # project's CPU (no bf16 units) takes about 6 s for one step of 8 images at 64 px.
     smooth = {path: curve.unfold(0, 20, 20).mean(1) for path, curve in curves.items()}
     print({path: [round(v, 3) for v in s.tolist()] for path, s in smooth.items()})
     for path, s in smooth.items():
