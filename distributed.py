@@ -98,13 +98,15 @@ def rank_zero_first():
         yield
 
 
-def mean_over_processes(loss):
-    """The loss as a number, averaged over torchrun's processes (every process sees the same)."""
+def mean_over_processes(values):
+    """A tensor's values as numbers (a float, or a list for a vector), averaged over torchrun's
+    processes (every process sees the same). Reading them makes the host wait for the device."""
     if not torch.distributed.is_initialized():
-        return loss.item()
-    total = loss.detach().clone()
+        return values.tolist()
+    total = values.detach().clone()
     torch.distributed.all_reduce(total)
-    return total.item() / torch.distributed.get_world_size()
+    world_size = torch.distributed.get_world_size()
+    return total.item() / world_size if total.dim() == 0 else [v / world_size for v in total.tolist()]
 
 
 def share_rank_zero_buffers(model):

@@ -31,7 +31,7 @@ from embeddings import class_vectors
 from runs import (METRICS_LOG, NonFiniteLoss, RunLock, check_datasets, claim_run_folder,
                   ignore_interrupts, non_finite_loss_advice, run_command, start_from,
                   stop_if_interrupted)
-from util import compute_metrics, normalize_on_device
+from util import DSDLError, compute_metrics, normalize_on_device
 
 
 class Datasets(NamedTuple):
@@ -59,6 +59,9 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
                   f"--epochs is {args.epochs}: nothing to do. Pass a larger --epochs to train on.")
         return None
     rank, world_size, device = init_distributed(args.device)
+    if args.sync_bn and world_size > 1 and device.type != "cuda":
+        raise DSDLError("--sync-bn needs GPUs (SyncBatchNorm has no CPU implementation); "
+                        "drop it on the CPU")
     lock = RunLock(args.checkpoint_dir)
     try:
         with rank_zero_first():  # an error found by rank 0 stops every process
@@ -68,11 +71,12 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
             datasets = Datasets(*datasets_fn(args))
         check_datasets(datasets, checkpoint, args)
         classes = [str(name) for name in datasets.test.classes]
-        model = build_model(args, classes, checkpoint, default_embeddings, device, world_size)
-        if args.evaluate:
-            return evaluate_checkpoint(args, model, datasets, checkpoint, device, world_size,
-                                       write_submission)
-        return train(args, model, datasets, checkpoint, device, world_size, write_submission)
+        with numerics(device, args.tf32, args.deterministic):
+            model = build_model(args, classes, checkpoint, default_embeddings, device, world_size)
+            if args.evaluate:
+                return evaluate_checkpoint(args, model, datasets, checkpoint, device, world_size,
+                                           write_submission)
+            return train(args, model, datasets, checkpoint, device, world_size, write_submission)
     finally:
         lock.release()
 
@@ -92,8 +96,6 @@ def build_model(args, classes, checkpoint, default_embeddings, device, world_siz
         if args.init_from and is_main_process():
             print(f"starting from the {loaded} weights of {args.init_from}")
     model.to(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     if world_size > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last:
@@ -119,7 +121,7 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
     optimizer = recipes.build_optimizer(model, args)
     start_epoch, best_score, run_id = restore_training(args, checkpoint, optimizer, scaler)
     train_loader = make_loader(datasets.train, args.batch_size, args.workers, args.seed, device,
-                               shuffle=True)
+                               shuffle=True, drop_last=args.compile)  # one shape to compile
     schedule = recipes.Schedule(optimizer, model, args, start_epoch, len(train_loader))
     average = recipes.weight_average(model, args, checkpoint)  # --ema; None without
     if average is not None and args.compile:
@@ -135,20 +137,21 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
         started = time.perf_counter()
         set_epoch(train_loader, epoch, args.seed)  # a resumed run draws the same batches and crops
         rates = {"trunk": optimizer.param_groups[0]["lr"], "head": optimizer.param_groups[-1]["lr"]}
+        counts = {}
         try:
             train_loss = train_one_epoch(train_model, loss_fn, optimizer, train_loader, device,
                                          epoch, args.max_grad_norm, amp_dtype, scaler,
                                          args.channels_last, schedule=schedule, average=average,
-                                         accumulate=args.accumulate)
+                                         accumulate=args.accumulate, counts=counts)
         except NonFiniteLoss as error:
             raise non_finite_loss_advice(error, folder) from error
         schedule.after_epoch()
         share_rank_zero_buffers(model)  # the unwrapped model: the processes' shares differ
         result = evaluate(model, loss_fn, test_loader, device, amp_dtype, args.channels_last)
         metrics = compute_metrics(result.scores, result.labels)
-        raw = {}
+        extra = {"skipped_fp16_steps": counts["skipped_steps"]} if scaler is not None else {}
         if average is not None:  # the average is what is selected and saved as the model
-            raw = {"raw_mAP": metrics["mAP"], "raw_loss": result.loss}
+            extra.update(raw_mAP=metrics["mAP"], raw_loss=result.loss)
             share_rank_zero_buffers(average.model)
             result = evaluate(average.model, loss_fn, test_loader, device, amp_dtype,
                               args.channels_last)
@@ -158,7 +161,7 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
         seconds = time.perf_counter() - started
         if main_process:
             record = {"epoch": epoch + 1, "split": test_set.split, "loss": result.loss,
-                      "train_loss": train_loss, "epoch_seconds": seconds, **metrics, **raw,
+                      "train_loss": train_loss, "epoch_seconds": seconds, **metrics, **extra,
                       "classes": classes, **described}
             log = report.report_split(args, test_set, metrics, record, "this run", METRICS_LOG,
                                f"results_{test_set.split}.md")
@@ -178,7 +181,10 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
                              ema=average.state())
             save_epoch(state, folder, is_best)
         say(report.epoch_line(epoch + 1, args.epochs, train_loss, test_set.split, metrics["mAP"],
-                              best_score, seconds, is_best, raw.get("raw_mAP")))
+                              best_score, seconds, is_best, extra.get("raw_mAP")))
+        if extra.get("skipped_fp16_steps"):
+            say(f"the fp16 gradient scaler skipped {extra['skipped_fp16_steps']} of "
+                f"{len(train_loader)} steps of this epoch (gradients out of fp16's range)")
         if not schedule.per_step and epoch + 1 in args.epoch_step and epoch + 1 < args.epochs:
             say(f"from epoch {epoch + 2}: {recipes.learning_rates(optimizer, model)}")
     if board is not None:
@@ -246,21 +252,30 @@ def prepare_images(images, device, channels_last=False):
                              else torch.contiguous_format)
 
 
+READ_EVERY = 10  # training steps between two readings of the loss (each makes the host wait)
+
+
 def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_norm,
                     amp_dtype=None, scaler=None, channels_last=False, *, schedule=None,
-                    average=None, accumulate=1):
+                    average=None, accumulate=1, counts=None):
     """One pass over `loader`; returns the mean training loss.
 
     Each batch is one optimizer step. With `accumulate` N (--accumulate) the batch is split into
     N micro-batches whose gradients, each weighted by its share of the batch, are summed before
     the step; the loss of each is computed on the micro-batch (BatchNorm's statistics and DSDL's
     norms too). After the step: the per-step `schedule` and the weight `average` (--ema).
+
+    The step never makes the host wait for the device: the losses stay on the device and are
+    read every READ_EVERY steps and at the end (`check_losses`: printed, and a non-finite loss
+    stops the run before the epoch is saved). `counts`, a dict, gets "skipped_steps": the fp16
+    steps the gradient scaler skipped.
     """
     model.train()
-    total, count = 0.0, 0
+    total, count, skipped = 0.0, 0, 0
     bar = tqdm(loader, desc=f"train {epoch + 1}", leave=False, dynamic_ncols=True,
                disable=not is_main_process())
     start = time.perf_counter()
+    unread = []  # the losses of the steps taken since the last reading, on the device
     for batch, (images, labels, _) in enumerate(bar):
         optimizer.zero_grad(set_to_none=True)
         parts = list(zip(images.tensor_split(accumulate), labels.tensor_split(accumulate)))
@@ -275,31 +290,49 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_n
                 with autocast(device, amp_dtype):
                     output = model(part_images)
                 loss = loss_fn(output, targets)  # float32: the head leaves autocast
-                value = mean_over_processes(loss)
-                if not math.isfinite(value):
-                    raise NonFiniteLoss(f"the loss became {value} at epoch {epoch + 1}, batch "
-                                        f"{batch + 1}; stopped without taking this step.")
+                share = len(part_images) / len(images)
+                batch_loss = batch_loss + (loss.detach() * share if len(parts) > 1 else loss.detach())
                 if len(parts) > 1:
-                    loss = loss * (len(part_images) / len(images))  # the batch's mean
+                    loss = loss * share  # the batch's mean
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-            batch_loss += value * part_images.shape[0] / images.shape[0]
-            total += value * part_images.shape[0]
-            count += part_images.shape[0]
         if scaler is not None:  # fp16: unscale before clipping
             scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         if scaler is not None:
+            scale = scaler.get_scale()  # the scaler's step waits for the device anyway
             scaler.step(optimizer)
             scaler.update()
+            skipped += scaler.get_scale() < scale  # the scale drops when a step is skipped
         else:
             optimizer.step()
         if schedule is not None:
             schedule.after_step()
         if average is not None:
             average.update()
-        bar.set_postfix(loss=f"{batch_loss:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
+        unread.append((batch, len(images), batch_loss))
+        if len(unread) == READ_EVERY or batch + 1 == len(loader):
+            losses = check_losses(unread, epoch)
+            for (_, size, _), value in zip(unread, losses):
+                total += value * size
+                count += size
+            unread = []
+            bar.set_postfix(loss=f"{losses[-1]:.4f}",
+                            img_s=f"{count / (time.perf_counter() - start):.1f}")
         stop_if_interrupted()
+    if counts is not None:
+        counts["skipped_steps"] = skipped
     return total / max(count, 1)
+
+
+def check_losses(unread, epoch):
+    """Read the losses of the steps in `unread` ((batch, size, loss on the device) each),
+    averaged over the processes; a non-finite one stops the run (NonFiniteLoss)."""
+    losses = mean_over_processes(torch.stack([loss for _, _, loss in unread]))
+    for (batch, _, _), value in zip(unread, losses):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the loss became {value} at epoch {epoch + 1}, batch {batch + 1}; "
+                                f"stopped before this epoch was saved.")
+    return losses
 
 
 class Evaluation(NamedTuple):
@@ -336,12 +369,19 @@ def evaluate(model, loss_fn, loader, device, amp_dtype=None, channels_last=False
         ids.extend(batch_ids.tolist() if torch.is_tensor(batch_ids) else batch_ids)  # COCO: ints
         bar.set_postfix(img_s=f"{count / (time.perf_counter() - start):.1f}")
         stop_if_interrupted()
+    return read_evaluation(loader, scores, labels, ids, total, count, dataset.labelled)
+
+
+def read_evaluation(loader, scores, labels, ids, total, count, labelled):
+    """The split's scores, labels, ids and mean loss, read from the device once the last batch
+    is scored (the evaluation's one wait for the device), and under torchrun gathered from every
+    process in the dataset's order."""
     scores, labels = torch.cat(scores).cpu().numpy(), torch.cat(labels).numpy()
     total = float(total)
-    if torch.distributed.is_initialized():  # every process's share, in the dataset's order
+    if torch.distributed.is_initialized():
         scores, labels, ids, total, count = gather_shares(
             list(loader.dataset.indices), scores, labels, ids, total, count)
-    return Evaluation(scores, labels, ids, total / max(count, 1) if dataset.labelled else math.nan)
+    return Evaluation(scores, labels, ids, total / max(count, 1) if labelled else math.nan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,11 +409,12 @@ class EpochSeeded(Dataset):
         return self.dataset[index]
 
 
-def make_loader(dataset, batch_size, workers, seed, device, shuffle):
+def make_loader(dataset, batch_size, workers, seed, device, shuffle, drop_last=False):
     """Training loader (shuffled) or evaluation loader; under torchrun each process loads its share.
 
     The training share comes from a DistributedSampler; the evaluation share is every
     world_size-th image, without the sampler's padding. Call `set_epoch` before each epoch.
+    `drop_last` (training under --compile): no smaller last batch, unless there is no full one.
     """
     distributed = torch.distributed.is_initialized()
     world_size = torch.distributed.get_world_size() if distributed else 1
@@ -384,8 +425,9 @@ def make_loader(dataset, batch_size, workers, seed, device, shuffle):
                    else RandomSampler(dataset, generator=torch.Generator()))
     elif distributed:
         dataset = Subset(dataset, range(torch.distributed.get_rank(), len(dataset), world_size))
+    drop_last = drop_last and len(dataset) // world_size >= batch_size // world_size
     return DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
-                      num_workers=workers, pin_memory=device.type == "cuda",
+                      drop_last=drop_last, num_workers=workers, pin_memory=device.type == "cuda",
                       persistent_workers=workers > 0, worker_init_fn=ignore_interrupts)
 
 
@@ -403,37 +445,57 @@ def set_epoch(loader, epoch, seed):
 # --------------------------------------------------------------------------------------------
 
 def compile_trunk(trunk):
-    """torch.compile the trunk's forward in place (state-dict keys unchanged). If the first call
-    fails (no compiler, unsupported platform) warn and run the trunk eagerly from then on; later
-    errors (out of memory ...) are raised as they are."""
+    """torch.compile the trunk's forward in place (state-dict keys unchanged).
+
+    If compiling fails (no compiler, unsupported platform) it warns and runs the trunk eagerly
+    from then on; the first training call also runs the compiled backward once (torch compiles
+    it at its first use), so that a failure there falls back too. Later errors (out of memory
+    ...) are raised as they are. In evaluation a smaller last batch is padded to the size of the
+    first (BatchNorm uses its running statistics there, so padding changes no image's scores),
+    and training drops its last partial batch (`make_loader`): every call has one shape, and
+    nothing is compiled again for another one.
+    """
     eager = trunk.forward
     compiled = torch.compile(eager)
+    batch = []  # the batch size of the first call
 
-    def first_call(images):
+    def padded(images):
+        size = images.shape[0]
+        batch[:] = batch or [size]
+        if trunk.training or size >= batch[0]:
+            return compiled(images)
+        filler = images[-1:].expand(batch[0] - size, *images.shape[1:])
+        return compiled(torch.cat([images, filler]))[:size]
+
+    def checked(images):
         try:
-            output = compiled(images)
+            output = padded(images)
+            if torch.is_grad_enabled() and output.requires_grad:
+                trained = [p for p in trunk.parameters() if p.requires_grad]
+                torch.autograd.grad(output.float().sum(), trained, retain_graph=True,
+                                    allow_unused=True)  # compiles the backward, touches no .grad
+                trunk.forward = padded  # forward and backward compiled: no more checks
         except Exception as error:  # torch._dynamo / inductor raise many types
             warnings.warn(f"--compile does not work here ({type(error).__name__}: "
                           f"{str(error).splitlines()[0] if str(error) else ''}); running without it")
             trunk.forward = eager
             return eager(images)
-        trunk.forward = compiled
         return output
 
-    trunk.forward = first_call
+    trunk.forward = checked
 
 
 def mixed_precision(device, enabled):
     """(autocast dtype or None, GradScaler or None) for --amp on this device.
 
-    GPUs: bf16 where supported, else fp16 with loss scaling. CPUs: float32 with a warning, as
+    GPUs: bf16 where the GPU computes in it (`native_bf16`), else fp16 with loss scaling. CPUs: float32 with a warning, as
     --help says: bf16 is only fast on CPUs with bf16 units, and PyTorch offers no public way to
     ask whether this one has them (on one without, bf16 was 23x slower than float32).
     """
     if not enabled:
         return None, None
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if native_bf16(device):
             return torch.bfloat16, None
         return torch.float16, torch.amp.GradScaler("cuda")
     warnings.warn("--amp has no effect on the CPU; running in float32")
@@ -442,3 +504,41 @@ def mixed_precision(device, enabled):
 
 def autocast(device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def native_bf16(device):
+    """Whether this GPU has bf16 units (compute capability 8.0, Ampere, and newer).
+    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (V100, T4), slowly."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+@contextlib.contextmanager
+def numerics(device, tf32, deterministic):
+    """The process-wide float32 and algorithm settings of a run (restored afterwards).
+
+    --tf32 off (the default): float32 convolutions and matrix products in full float32, the
+    arithmetic the release trained with (its GPUs had no TF32), where cuDNN would otherwise run
+    convolutions in TF32 on Ampere and newer GPUs. --tf32 on: TF32 for both (faster; 10 bits of
+    mantissa for their products). --deterministic: deterministic algorithms and no cuDNN
+    autotuning, so that a resumed run and -j do not change the weights on a GPU either (slower).
+    """
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32 == "on"
+        torch.backends.cudnn.benchmark = not deterministic  # autotuning picks kernels by timing
+    if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace, set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        # warn_only: torch flags adaptive max pooling's CUDA backward, which with one window
+        # per channel (global pooling) adds one gradient per position: deterministic in fact.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])

@@ -206,11 +206,16 @@ def ridge_projection(dictionary, lambd):
     Solving the C x C system (never forming the inverse) keeps the solution accurate. The
     coefficients are linear in the features, so P also reads the scores of single positions of
     a feature map (see `PooledModel.class_maps`).
+
+    `solve_ex` is `torch.linalg.solve` (the same LU solve, the same numbers) without its check
+    that the matrix is invertible, a check that makes the host wait for the GPU on every batch.
+    D D^T + lambd I is positive definite for lambd > 0 (options.py refuses lambd <= 0), so the
+    check could never fail.
     """
     dictionary = at_least_float32(dictionary)
     gram = dictionary @ dictionary.T + lambd * torch.eye(
         dictionary.shape[0], dtype=dictionary.dtype, device=dictionary.device)  # C x C, SPD
-    return torch.linalg.solve(gram, dictionary).T  # d_f x C
+    return torch.linalg.solve_ex(gram, dictionary)[0].T  # d_f x C
 
 
 def ridge_coefficients(features, dictionary, lambd):

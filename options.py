@@ -277,6 +277,14 @@ def get_args_parser(description, run_folder, **defaults):
                     "done on uint8 tensors, batches normalised on the device: the same "
                     "crops and flips, pixels on average within 0.1 grey level (at most 2) "
                     "of the release's")
+    add_option(speed, "--tf32", choices=("on", "off"), default="off", role="runtime",
+               help="GPUs: off runs float32 convolutions and matrix products in full float32, "
+                    "as the release trained (cuDNN would use TF32 on Ampere and newer); on "
+                    "allows TF32 for both: faster, 10-bit mantissa products (default: %(default)s)")
+    add_option(speed, "--deterministic", action="store_true", role="runtime",
+               help="GPUs: deterministic algorithms and no cuDNN autotuning, so that resuming "
+                    "and -j leave the weights bit for bit as on the CPU (slower); on the CPU "
+                    "training is deterministic already")
     add_option(speed, "--sync-bn", action="store_true", role="runtime",
                help="synchronise BatchNorm statistics across processes (torchrun)")
     parser.set_defaults(run_folder=run_folder, **defaults)

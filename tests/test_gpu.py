@@ -37,6 +37,7 @@ CLASSES = 20
 # (three configurations of ResNet-101 at 448 px, the pipelines) is estimated at BENCH_ESTIMATE.
 ESTIMATES = {
     "test_a_training_step_matches_float32_with_the_solve_and_the_loss_in_float32": 10,
+    "test_training_and_evaluation_steps_never_wait_for_the_gpu": 3,
     "test_channels_last_and_compile_give_the_plain_models_scores": 60,
     "test_uint8_batches_normalised_on_the_gpu_equal_the_release_pipelines_tensors": 1,
     "test_evaluate_and_class_maps_on_the_gpu_equal_the_cpu": 3,
@@ -139,8 +140,8 @@ def trunk_gradient(model):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_a_training_step_matches_float32_with_the_solve_and_the_loss_in_float32(precision, monkeypatch):
     amp_dtype, scaled, tolerance, least_cosine, dictionary_tolerance = PRECISIONS[precision]
-    if amp_dtype is torch.bfloat16 and DEVICE.type == "cuda" and not torch.cuda.is_bf16_supported():
-        pytest.skip("this GPU has no bf16")
+    if amp_dtype is torch.bfloat16 and DEVICE.type == "cuda" and not engine.native_bf16(DEVICE):
+        pytest.skip("this GPU has no bf16 units")
     images, labels = generated_images(8, 64)
     loss_fn = DSDLLoss(10.0, 1e-4)
     model = small_model()
@@ -150,13 +151,13 @@ def test_a_training_step_matches_float32_with_the_solve_and_the_loss_in_float32(
     expected_loss.backward()
 
     solves, losses = [], []
-    solve = torch.linalg.solve
+    solve = torch.linalg.solve_ex
 
-    def recording_solve(gram, right):
+    def recording_solve(gram, right, **kwargs):
         solves.append((gram.dtype, right.dtype))
-        return solve(gram, right)
+        return solve(gram, right, **kwargs)
 
-    monkeypatch.setattr(torch.linalg, "solve", recording_solve)
+    monkeypatch.setattr(torch.linalg, "solve_ex", recording_solve)
 
     def recording_loss(output, targets):
         loss = loss_fn(output, targets)
@@ -179,6 +180,27 @@ def test_a_training_step_matches_float32_with_the_solve_and_the_loss_in_float32(
         ours, theirs = model.get_parameter(name).grad, reference.get_parameter(name).grad
         assert cosine(ours, theirs) > 0.999 and relative_error(ours, theirs) < dictionary_tolerance, name
     assert cosine(trunk_gradient(model), trunk_gradient(reference)) > least_cosine, precision
+
+
+def test_training_and_evaluation_steps_never_wait_for_the_gpu(monkeypatch):
+    """CUDA's sync debug mode raises on any operation that makes the host wait; only the
+    readers of the figures (every 10 steps, end of evaluation) may, and they are set aside."""
+    images, labels = generated_images(8, 64)
+    batches = [(as_float(images), labels, [str(i) for i in range(8)])] * 3
+    model = small_model().to(DEVICE)
+    optimizer = torch.optim.SGD(model.parameter_groups(0.01, 0.1), lr=0.01, momentum=0.9)
+    loss_fn = DSDLLoss(10.0, 1e-4)
+    monkeypatch.setattr(engine, "check_losses", lambda unread, epoch: [0.0] * len(unread))
+    monkeypatch.setattr(engine, "read_evaluation", lambda *args: None)
+    engine.train_one_epoch(model, loss_fn, optimizer, batches[:1], DEVICE, 0, 10.0)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine.train_one_epoch(model, loss_fn, optimizer, batches, DEVICE, 0, 10.0)
+        engine.evaluate(model, loss_fn, DataLoader(Generated(as_float(images), labels), batch_size=4),
+                        DEVICE)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_channels_last_and_compile_give_the_plain_models_scores():

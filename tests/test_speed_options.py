@@ -172,3 +172,226 @@ def test_a_gradient_scaler_step_clips_and_updates_as_the_unscaled_float32_step(m
     assert norms[0] > 1.0  # the clip is active
     assert norms[1] == pytest.approx(norms[0], rel=1e-4)  # unscaled before clipping
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-6)
+
+
+# ---- the GPU path, checked on the CPU -----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_closed_form_solve_is_torch_linalg_solve_without_its_waiting_check(dtype, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    dictionary = torch.randn(7, 64, generator=generator, dtype=dtype, requires_grad=True)
+    expected = torch.linalg.solve(dictionary @ dictionary.T + 10 * torch.eye(7, dtype=dtype),
+                                  dictionary).T
+    (expected_grad,) = torch.autograd.grad((expected ** 2).sum(), dictionary)
+
+    def waiting_solve(*args, **kwargs):
+        raise AssertionError("torch.linalg.solve checks its result on the host: a sync per batch")
+
+    monkeypatch.setattr(torch.linalg, "solve", waiting_solve)
+    ours = models.ridge_projection(dictionary, 10.0)
+    (ours_grad,) = torch.autograd.grad((ours ** 2).sum(), dictionary)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, expected, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    torch.testing.assert_close(ours_grad, expected_grad, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                               atol=1e-7 if dtype == torch.float32 else 0)
+
+
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+READERS = ("check_losses", "read_evaluation")  # where the figures are read, by design
+
+
+@pytest.fixture
+def host_waits(monkeypatch):
+    """Every call that makes the host wait for a device (on a GPU) made by this project's code
+    outside its readers, as (method, function, line). On the CPU nothing waits: the calls are
+    found by who makes them."""
+    import inspect
+    import os
+    from conftest import ROOT
+    found = []
+
+    def watch(name):
+        original = getattr(torch.Tensor, name)
+
+        def watched(self, *args, **kwargs):
+            frames = inspect.stack(0)[1:]
+            caller = frames[0]  # torch's own calls (the loader's seed) are on the CPU
+            ours = os.path.dirname(os.path.abspath(caller.filename)) == ROOT
+            if ((ours or caller.function == "added_wait")  # the test's stand-in for new code
+                    and not any(frame.function in READERS for frame in frames)):
+                found.append((name, caller.function, caller.lineno))
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, watched)
+
+    for name in SYNCS:
+        watch(name)
+    return found
+
+
+def test_a_training_and_an_evaluation_step_never_wait_for_the_device(host_waits):
+    from recipes import Schedule, WeightAverage
+    import main_voc2007
+    import options
+    torch.manual_seed(0)
+    model = DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=False)
+    batches = [(torch.randn(4, 3, 32, 32), torch.tensor([[1, -1, 0, -1, 1]] * 4), ["a"] * 4)] * 3
+    args = options.parse_args(main_voc2007.get_args_parser(), ["data", "--schedule", "cosine"])
+    optimizer = torch.optim.SGD(model.parameter_groups(0.01, 0.1), lr=0.01, momentum=0.9)
+    schedule = Schedule(optimizer, model, args, 0, 3)
+    engine.train_one_epoch(model, models.DSDLLoss(10.0, 1e-4), optimizer, batches,
+                           torch.device("cpu"), 0, 10.0, schedule=schedule,
+                           average=WeightAverage(model, 0.9), accumulate=2)
+
+    class Split(torch.utils.data.Dataset):
+        labelled = True
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, index):
+            return torch.randn(3, 32, 32), torch.tensor([1, -1, 0, -1, 1]), str(index)
+
+    loader = torch.utils.data.DataLoader(Split(), batch_size=4)
+    result = engine.evaluate(model, models.DSDLLoss(10.0, 1e-4), loader, torch.device("cpu"))
+    assert result.scores.shape == (6, 5) and host_waits == []
+    # and a wait added to the step is found
+    loss_fn = models.DSDLLoss(10.0, 1e-4)
+
+    def added_wait(output, targets):
+        return loss_fn(output, targets) * (2.0 if output.scores.sum().item() > 1e9 else 1.0)
+
+    engine.train_one_epoch(model, added_wait, optimizer, batches[:1], torch.device("cpu"), 0, 10.0)
+    assert [(name, function) for name, function, _ in host_waits] == [("item", "added_wait")]
+
+
+def test_amp_uses_bf16_only_on_gpus_with_bf16_units(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # emulated too
+    cuda = torch.device("cuda")
+    for capability, expected in (((7, 0), torch.float16), ((7, 5), torch.float16),
+                                 ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a GradScaler made without CUDA says so
+            dtype, scaler = engine.mixed_precision(cuda, True)
+        assert dtype == expected, capability
+        assert (scaler is not None) == (expected == torch.float16), capability
+
+
+@pytest.mark.parametrize("init_scale, skipped", [(3e38, 1), (1.0, 0)])
+def test_the_steps_the_fp16_scaler_skips_are_counted(init_scale, skipped):
+    torch.manual_seed(0)
+    model = DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=False)
+    before = model.W2.detach().clone()
+    optimizer = torch.optim.SGD(model.parameter_groups(0.01, 0.1), lr=0.01, momentum=0.9)
+    counts = {}
+    batch = [(torch.randn(4, 3, 32, 32), torch.tensor([[1, -1, 0, -1, 1]] * 4), [""] * 4)]
+    engine.train_one_epoch(model, models.DSDLLoss(10.0, 1e-4), optimizer, batch, torch.device("cpu"),
+                           0, 10.0, scaler=torch.amp.GradScaler("cpu", init_scale=init_scale),
+                           counts=counts)
+    assert counts == {"skipped_steps": skipped}
+    assert torch.equal(model.W2, before) == bool(skipped)  # a skipped step leaves the weights
+
+
+def one_step(deterministic):
+    torch.manual_seed(0)
+    model = DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=False)
+    optimizer = torch.optim.SGD(model.parameter_groups(0.01, 0.1), lr=0.01, momentum=0.9)
+    batch = [(torch.randn(4, 3, 32, 32), torch.tensor([[1, -1, 0, -1, 1]] * 4), [""] * 4)]
+    with engine.numerics(torch.device("cpu"), "off", deterministic):
+        engine.train_one_epoch(model, models.DSDLLoss(10.0, 1e-4), optimizer, batch,
+                               torch.device("cpu"), 0, 10.0)
+        assert torch.are_deterministic_algorithms_enabled() == deterministic
+    return model.state_dict()
+
+
+def test_deterministic_changes_nothing_on_the_cpu_and_is_undone_after_the_run():
+    plain, deterministic = one_step(False), one_step(True)
+    for key, value in plain.items():
+        assert torch.equal(value, deterministic[key]), key
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("tf32", ["on", "off"])
+def test_tf32_sets_convolutions_and_matrix_products_alike_on_gpus_only(tf32):
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with engine.numerics(torch.device("cuda"), tf32, False):
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (
+            (tf32 == "on",) * 2)
+        assert torch.backends.cudnn.benchmark  # autotuning, unless --deterministic
+    with engine.numerics(torch.device("cpu"), tf32, False):
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved
+
+
+def counting_compile(compiled_graphs, backward=None):
+    """torch.compile with a backend that counts the graphs it is given (and runs them as they are);
+    `backward`, if given, compiles the backward graphs (through AOT autograd)."""
+    def backend(graph, example_inputs):
+        compiled_graphs.append(graph)
+        if backward is None:
+            return graph.forward
+        from torch._dynamo.backends.common import aot_autograd
+        return aot_autograd(fw_compiler=lambda g, _: g.forward, bw_compiler=backward)(graph, example_inputs)
+    return lambda function: torch._dynamo.optimize(backend)(function)
+
+
+def test_compile_keeps_one_shape_so_nothing_compiles_twice(monkeypatch):
+    torch._dynamo.reset()
+    graphs = []
+    monkeypatch.setattr(torch, "compile", counting_compile(graphs))
+    torch.manual_seed(0)
+    model = DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=False)
+    engine.compile_trunk(model.trunk)
+
+    class Split(torch.utils.data.Dataset):
+        labelled = True
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            return torch.randn(3, 32, 32), torch.tensor([1, -1, 0, -1, 1]), str(index)
+
+    train = engine.make_loader(Split(), 4, 0, 0, torch.device("cpu"), shuffle=True, drop_last=True)
+    assert [len(images) for images, _, _ in train] == [4, 4]  # the last 2 dropped
+    optimizer = torch.optim.SGD(model.parameter_groups(0.01, 0.1), lr=0.01)
+    loss_fn = models.DSDLLoss(10.0, 1e-4)
+    for epoch in range(2):
+        engine.train_one_epoch(model, loss_fn, optimizer, train, torch.device("cpu"), epoch, 10.0)
+        evaluation = engine.make_loader(Split(), 4, 0, 0, torch.device("cpu"), shuffle=False)
+        result = engine.evaluate(model, loss_fn, evaluation, torch.device("cpu"))
+        assert result.scores.shape == (10, 5)  # batches of 4, 4 and 2 (padded to 4)
+    assert len(graphs) == 2  # one for training, one for evaluation
+    with torch.no_grad():  # the padded batch's scores are the unpadded ones
+        images = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(model(images).scores, model(torch.cat([images, images]))[0][:2])
+    torch._dynamo.reset()
+
+
+def test_the_compile_fallback_covers_the_first_backward(monkeypatch):
+    torch._dynamo.reset()
+
+    def broken_backward(graph, example_inputs):
+        raise RuntimeError("backward compiler missing")
+
+    monkeypatch.setattr(torch, "compile", counting_compile([], backward=broken_backward))
+    torch.manual_seed(0)
+    model = DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=False)
+    reference = copy_model(model)
+    engine.compile_trunk(model.trunk)
+    batch = [(torch.randn(4, 3, 32, 32), torch.tensor([[1, -1, 0, -1, 1]] * 4), [""] * 4)]
+    weights = []
+    for network, context in ((model, pytest.warns(UserWarning, match="backward compiler missing")),
+                             (reference, warnings.catch_warnings())):
+        with context:
+            optimizer = torch.optim.SGD(network.parameter_groups(0.01, 0.1), lr=0.01)
+            engine.train_one_epoch(network, models.DSDLLoss(10.0, 1e-4), optimizer, batch,
+                                   torch.device("cpu"), 0, 10.0)
+        weights.append(network.W2.detach())
+    torch.testing.assert_close(weights[0], weights[1])  # trained eagerly, as without --compile
+    torch._dynamo.reset()
+
+
+def copy_model(model):
+    import copy
+    return copy.deepcopy(model)
