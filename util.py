@@ -15,6 +15,11 @@ from torchvision.transforms import v2
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
+# The label of an image for a class, in every dataset: present, difficult (VOC: a positive of
+# the loss that no AP counts), absent, and unknown (never checked: it counts neither in the loss
+# nor in any metric; partial labels such as Open Images' unverified ones).
+PRESENT, DIFFICULT, ABSENT, UNKNOWN = 1, 0, -1, -2
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
