@@ -19,7 +19,7 @@ import recipes
 import runs
 from conftest import ROOT, SMALL, call_main
 from models import AsymmetricLoss, DSDL, DSDLLoss, build_loss
-from report import read_metrics
+from report import read_metrics, reproduction_block
 from util import DSDLError, FastTrainTransform, train_transform
 
 RECIPE_OPTIONS = ("cls_loss", "asl_gamma_neg", "asl_gamma_pos", "asl_clip", "ema", "optimizer",
@@ -394,6 +394,9 @@ def test_a_resumed_run_with_every_recipe_option_is_the_uninterrupted_run(everyth
         assert name in settings, name
     assert (settings["cls_loss"], settings["optimizer"], settings["accumulate"]) == ("asl", "adamw", 2)
     assert {"raw_mAP", "raw_loss"} <= logs[0][-1].keys()
+    block = reproduction_block(folder / "split")  # report.py shows the recipe
+    assert all(f"{name}=" in block for name in RECIPE_OPTIONS)
+    assert "cls_loss=asl" in block and "ema=0.9" in block and "schedule=cosine" in block
 
 
 def test_evaluating_an_ema_checkpoint_prints_the_map_training_logged_for_it(everything_runs, capsys):
