@@ -27,11 +27,12 @@ from checkpoints import (BEST, dataset_record, load_checkpoint, load_weights, re
                          save_epoch)
 from distributed import (gather_shares, init_distributed, is_main_process, mean_over_processes,
                          rank_zero_first, share_rank_zero_buffers)
-from embeddings import class_vectors
+from embeddings import class_vectors, load_embeddings
 from runs import (METRICS_LOG, NonFiniteLoss, RunLock, check_datasets, claim_run_folder,
                   ignore_interrupts, non_finite_loss_advice, run_command, start_from,
                   stop_if_interrupted)
-from util import DSDLError, compute_metrics, normalize_on_device
+from util import (UNKNOWN, DSDLError, compute_metrics, normalize_on_device, top_k_metrics,
+                  tune_thresholds)
 
 
 class Datasets(NamedTuple):
@@ -39,6 +40,8 @@ class Datasets(NamedTuple):
     train: Dataset            # None with -e
     test: Dataset             # labelled; evaluated after every epoch, selects model_best
     submission: Dataset = None  # unlabelled, scored by the best model at the end (VOC 2012 test)
+    val: Dataset = None       # labelled; if given, selects model_best instead of test, which
+    #                           the best model then scores once, at the end
 
 
 def main(args, datasets_fn, default_embeddings, write_submission=None):
@@ -52,6 +55,7 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
     has a submission split, the best model scores it at the end with `write_submission`."""
     checkpoint = start_from(args)
     recipes.check_recipe(args)
+    check_zero_shot(args)
     if args.resume and not args.evaluate and checkpoint.get("epoch", 0) >= args.epochs:
         done = checkpoint.get("epoch", 0)
         if int(os.environ.get("RANK", 0)) == 0:
@@ -69,7 +73,8 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
                 claim_run_folder(args, checkpoint, lock)
         with rank_zero_first():  # rank 0 downloads and extracts the data first
             datasets = Datasets(*datasets_fn(args))
-        check_datasets(datasets, checkpoint, args)
+        # Zero-shot: the split's classes are not the checkpoint's, by design.
+        check_datasets(datasets, None if args.zero_shot else checkpoint, args)
         classes = [str(name) for name in datasets.test.classes]
         with numerics(device, args.tf32, args.deterministic):
             model = build_model(args, classes, checkpoint, default_embeddings, device, world_size)
@@ -81,17 +86,34 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
         lock.release()
 
 
+def check_zero_shot(args):
+    if not args.zero_shot:
+        return
+    if not (args.evaluate and args.resume):
+        raise DSDLError("--zero-shot evaluates a trained checkpoint: add -e --resume CHECKPOINT")
+    if args.model != "dsdl":
+        raise DSDLError(f"--zero-shot needs DSDL, which scores any class from its vector; "
+                        f"--model {args.model} has one output per trained class")
+    if not args.embeddings:
+        raise DSDLError("--zero-shot scores the split's classes from their vectors: pass "
+                        "--embeddings PATH, one row per class in the split's class order "
+                        "(make_embeddings.py writes it)")
+
+
 def build_model(args, classes, checkpoint, default_embeddings, device, world_size):
     """The model on its device, with the checkpoint's weights and the speed options."""
     torch.manual_seed(args.seed)
     with rank_zero_first():  # downloads (class vectors, ImageNet weights) happen once
-        semantics = (class_vectors(args, classes, checkpoint, default_embeddings)
-                     if models.needs_class_vectors(args.model) else None)
+        if args.zero_shot:  # the vectors of the split's classes, not the checkpoint's
+            semantics = load_embeddings(args.embeddings, num_classes=len(classes))
+        else:
+            semantics = (class_vectors(args, classes, checkpoint, default_embeddings)
+                         if models.needs_class_vectors(args.model) else None)
         model = models.build_model(args, len(classes), semantics,
                                    pretrained=not args.no_pretrained and checkpoint is None)
     if checkpoint is not None:
         loaded = load_weights(model, checkpoint, args.resume or args.init_from,
-                              class_independent_only=bool(args.init_from),
+                              class_independent_only=bool(args.init_from or args.zero_shot),
                               training=bool(args.resume) and not args.evaluate)
         if args.init_from and is_main_process():
             print(f"starting from the {loaded} weights of {args.init_from}")
@@ -106,13 +128,15 @@ def build_model(args, classes, checkpoint, default_embeddings, device, world_siz
 
 
 def train(args, model, datasets, checkpoint, device, world_size, write_submission):
-    """The release's training: each epoch trains, steps the schedule, evaluates the test split,
-    reports and saves (model_best when the test mAP improves); then the best model scores the
-    submission split, if there is one. With --ema the weights' average is evaluated too, and it
-    is what model_best selects and holds."""
+    """The release's training: each epoch trains, steps the schedule, evaluates the selection
+    split (the test split, as the release did; the validation split when there is one), reports
+    and saves (model_best when its mAP improves); then the best model scores the test split once
+    (with a validation split) and the submission split (if there is one). With --ema the
+    weights' average is evaluated too, and it is what model_best selects and holds."""
     main_process = is_main_process()
     say = print if main_process else (lambda *_, **__: None)  # only rank 0 prints and writes
-    folder, test_set = args.checkpoint_dir, datasets.test
+    folder = args.checkpoint_dir
+    selection = datasets.val if datasets.val is not None else datasets.test
     amp_dtype, scaler = mixed_precision(device, args.amp)
     loss_fn = models.build_loss(args)
     train_model = model  # what the training step calls: DDP-wrapped under torchrun
@@ -127,11 +151,14 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
     if average is not None and args.compile:
         compile_trunk(average.model.trunk)
     board = report.TensorBoardLog(folder, start_epoch) if args.tensorboard and main_process else None
-    test_loader = make_loader(test_set, args.batch_size, args.workers, args.seed, device, shuffle=False)
-    described = report.describe_run(args, test_set, world_size, device) if main_process else {}
-    classes = [str(name) for name in test_set.classes]
+    selection_loader = make_loader(selection, args.batch_size, args.workers, args.seed, device,
+                                   shuffle=False)
+    described = report.describe_run(args, selection, world_size, device) if main_process else {}
+    classes = [str(name) for name in selection.classes]
     say(f"training on {len(datasets.train)} {datasets.train.split} images, evaluating on "
-        f"{len(test_set)} {test_set.split} images; {recipes.learning_rates(optimizer, model)}")
+        f"{len(selection)} {selection.split} images; {recipes.learning_rates(optimizer, model)}")
+    if selection_note(datasets):
+        say(selection_note(datasets))
     metrics = None
     for epoch in range(start_epoch, args.epochs):
         started = time.perf_counter()
@@ -146,25 +173,23 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
         except NonFiniteLoss as error:
             raise non_finite_loss_advice(error, folder) from error
         schedule.after_epoch()
-        share_rank_zero_buffers(model)  # the unwrapped model: the processes' shares differ
-        result = evaluate(model, loss_fn, test_loader, device, amp_dtype, args.channels_last)
-        metrics = compute_metrics(result.scores, result.labels)
-        extra = {"skipped_fp16_steps": counts["skipped_steps"]} if scaler is not None else {}
-        if average is not None:  # the average is what is selected and saved as the model
-            extra.update(raw_mAP=metrics["mAP"], raw_loss=result.loss)
-            share_rank_zero_buffers(average.model)
-            result = evaluate(average.model, loss_fn, test_loader, device, amp_dtype,
-                              args.channels_last)
-            metrics = compute_metrics(result.scores, result.labels)
+        result, extra = evaluate_epoch(model, average, loss_fn, selection_loader, device,
+                                       amp_dtype, args.channels_last)
+        if scaler is not None:
+            extra["skipped_fp16_steps"] = counts["skipped_steps"]
+        # Per-class thresholds are tuned on a validation split only: never on the test split.
+        thresholds = (tune_thresholds(result.scores, result.labels)
+                      if datasets.val is not None else None)
+        metrics = compute_metrics(result.scores, result.labels, thresholds)
         is_best = metrics["mAP"] > best_score  # False for an undefined (NaN) mAP
         best_score = metrics["mAP"] if is_best else best_score
         seconds = time.perf_counter() - started
         if main_process:
-            record = {"epoch": epoch + 1, "split": test_set.split, "loss": result.loss,
+            record = {"epoch": epoch + 1, "split": selection.split, "loss": result.loss,
                       "train_loss": train_loss, "epoch_seconds": seconds, **metrics, **extra,
                       "classes": classes, **described}
-            log = report.report_split(args, test_set, metrics, record, "this run", METRICS_LOG,
-                               f"results_{test_set.split}.md")
+            log = report.report_split(args, selection, metrics, record, "this run", METRICS_LOG,
+                                      f"results_{selection.split}.md")
             report.plot_curves(log, folder, classes)
             if board is not None:
                 board.write(record, rates)
@@ -179,8 +204,10 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
             if average is not None:
                 state.update(model=average.model.state_dict(), training_model=model.state_dict(),
                              ema=average.state())
+            if thresholds is not None:
+                state["thresholds"] = thresholds
             save_epoch(state, folder, is_best)
-        say(report.epoch_line(epoch + 1, args.epochs, train_loss, test_set.split, metrics["mAP"],
+        say(report.epoch_line(epoch + 1, args.epochs, train_loss, selection.split, metrics["mAP"],
                               best_score, seconds, is_best, extra.get("raw_mAP")))
         if extra.get("skipped_fp16_steps"):
             say(f"the fp16 gradient scaler skipped {extra['skipped_fp16_steps']} of "
@@ -189,29 +216,86 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
             say(f"from epoch {epoch + 2}: {recipes.learning_rates(optimizer, model)}")
     if board is not None:
         board.close()
-    if datasets.submission is not None:
+    if datasets.val is not None or datasets.submission is not None:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every process reads the best model once rank 0 wrote it
-        best = os.path.join(folder, BEST)
-        if os.path.isfile(best):  # the submission comes from the best model, not the last
-            load_weights(model, load_checkpoint(best), best)
-        score_submission(model, loss_fn, datasets.submission, args, device, write_submission,
-                         amp_dtype, folder)
+        best_path = os.path.join(folder, BEST)
+        best = load_checkpoint(best_path) if os.path.isfile(best_path) else None
+        if best is not None:  # the final numbers come from the best model, not the last
+            load_weights(model, best, best_path)
+        if datasets.val is not None:
+            score_test_once(args, model, loss_fn, datasets, best, device, amp_dtype, world_size)
+        if datasets.submission is not None:
+            score_submission(model, loss_fn, datasets.submission, args, device, write_submission,
+                             amp_dtype, folder)
     return metrics
+
+
+def selection_note(datasets):
+    """What the run says at its start about the split model_best is chosen on."""
+    test = datasets.test
+    if datasets.val is not None:
+        return (f"model_best is chosen on {datasets.val.split} ({len(datasets.val)} images), where "
+                f"the per-class thresholds are tuned too; the best model scores {test.split} "
+                f"once, at the end (eval_{test.split}.jsonl)")
+    if test.benchmark is None:  # own data: the paper's benchmarks did select on test
+        return (f"model_best is chosen on {test.split}, the split its numbers are measured on "
+                f"(as on the paper's benchmarks); pass --val VAL.csv to choose on a validation "
+                f"split and score {test.split} once")
+    return ""
+
+
+def evaluate_epoch(model, average, loss_fn, loader, device, amp_dtype, channels_last):
+    """The evaluation of an epoch, and what its record adds: of the model, or with --ema of the
+    weights' average (what is selected and saved), the trained weights' mAP and loss beside."""
+    share_rank_zero_buffers(model)  # the unwrapped model: the processes' shares differ
+    result = evaluate(model, loss_fn, loader, device, amp_dtype, channels_last)
+    if average is None:
+        return result, {}
+    raw = compute_metrics(result.scores, result.labels)
+    share_rank_zero_buffers(average.model)
+    return (evaluate(average.model, loss_fn, loader, device, amp_dtype, channels_last),
+            {"raw_mAP": raw["mAP"], "raw_loss": result.loss})
+
+
+def score_test_once(args, model, loss_fn, datasets, best, device, amp_dtype, world_size):
+    """With a validation split: the best model (loaded) scores the test split, once, with the
+    thresholds tuned on the validation split. Its record says that it chose nothing."""
+    test, val = datasets.test, datasets.val
+    if best is None:
+        if is_main_process():
+            print(f"no model_best (no mAP was defined on {val.split}): {test.split} is not scored")
+        return
+    loader = make_loader(test, args.batch_size, args.workers, args.seed, device, shuffle=False)
+    result = evaluate(model, loss_fn, loader, device, amp_dtype, args.channels_last)
+    metrics = compute_metrics(result.scores, result.labels, best.get("thresholds"))
+    if is_main_process():
+        record = {"checkpoint": os.path.abspath(os.path.join(args.checkpoint_dir, BEST)),
+                  "epoch": best.get("epoch", 0), "split": test.split, "loss": result.loss,
+                  **metrics, "selected_on": val.split, "used_for_selection": False,
+                  **report.describe_run(args, test, world_size, device)}
+        report.report_split(args, test, metrics, record, f"model_best, chosen on {val.split}",
+                            f"eval_{test.split}.jsonl", f"eval_{test.split}.md")
 
 
 def evaluate_checkpoint(args, model, datasets, checkpoint, device, world_size, write_submission):
     """-e: score the test split once. The results go to eval_<split>.jsonl and eval_<split>.md,
-    and a submission to eval_submission/: beside, never over, what training wrote."""
+    and a submission to eval_submission/: beside, never over, what training wrote. The
+    checkpoint's per-class thresholds, if it has them, are reported beside the fixed one's;
+    --zero-shot adds the top-3 and top-5 precision, recall and F1."""
     amp_dtype, _ = mixed_precision(device, args.amp)
     loss_fn = models.build_loss(args)
     test_set = datasets.test
     loader = make_loader(test_set, args.batch_size, args.workers, args.seed, device, shuffle=False)
     result = evaluate(model, loss_fn, loader, device, amp_dtype, args.channels_last)
-    metrics = compute_metrics(result.scores, result.labels)
+    metrics = compute_metrics(result.scores, result.labels,
+                              None if args.zero_shot else checkpoint.get("thresholds"))
+    if args.zero_shot:
+        metrics.update(top_k_metrics(result.scores, result.labels))
     if is_main_process():
         record = {"checkpoint": os.path.abspath(args.resume), "epoch": checkpoint.get("epoch", 0),
                   "split": test_set.split, "loss": result.loss, **metrics,
+                  **({"zero_shot": True} if args.zero_shot else {}),
                   **report.describe_run(args, test_set, world_size, device)}
         log = report.report_split(args, test_set, metrics, record, args.resume,
                            f"eval_{test_set.split}.jsonl", f"eval_{test_set.split}.md")
@@ -239,8 +323,26 @@ def score_submission(model, loss_fn, dataset, args, device, write_submission, am
 # --------------------------------------------------------------------------------------------
 
 def training_targets(labels):
-    """1 (present) and 0 (difficult) are positives of the loss, -1 is a negative (spec 5)."""
+    """1 (present) and 0 (difficult) are positives of the loss, -1 is a negative (spec 5); -2
+    (unknown) is neither: `labelled_loss` leaves it out."""
     return (labels >= 0).float()
+
+
+def has_partial_labels(loader):
+    """Whether the split of `loader` may have unknown labels (its dataset's `partial`)."""
+    dataset = getattr(loader, "dataset", None)
+    while isinstance(dataset, (EpochSeeded, Subset)):
+        dataset = dataset.dataset
+    return bool(getattr(dataset, "partial", False))
+
+
+def labelled_loss(loss_fn, output, labels, partial):
+    """The loss of `output` against `labels` (on the device); with partial labels only the known
+    image-class pairs count in its classification term."""
+    targets = training_targets(labels)
+    if partial:
+        return loss_fn(output, targets, labels != UNKNOWN)
+    return loss_fn(output, targets)
 
 
 def prepare_images(images, device, channels_last=False):
@@ -271,6 +373,7 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_n
     steps the gradient scaler skipped.
     """
     model.train()
+    partial = has_partial_labels(loader)
     total, count, skipped = 0.0, 0, 0
     bar = tqdm(loader, desc=f"train {epoch + 1}", leave=False, dynamic_ncols=True,
                disable=not is_main_process())
@@ -283,13 +386,13 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, epoch, max_grad_n
         batch_loss = 0.0
         for part, (part_images, part_labels) in enumerate(parts):
             part_images = prepare_images(part_images, device, channels_last)
-            targets = training_targets(part_labels.to(device, non_blocking=True))
+            part_labels = part_labels.to(device, non_blocking=True)
             # Under torchrun, the gradients are averaged across processes once, at the last part.
             synced = part == len(parts) - 1 or not isinstance(model, DistributedDataParallel)
             with contextlib.nullcontext() if synced else model.no_sync():
                 with autocast(device, amp_dtype):
                     output = model(part_images)
-                loss = loss_fn(output, targets)  # float32: the head leaves autocast
+                loss = labelled_loss(loss_fn, output, part_labels, partial)  # float32
                 share = len(part_images) / len(images)
                 batch_loss = batch_loss + (loss.detach() * share if len(parts) > 1 else loss.detach())
                 if len(parts) > 1:
@@ -352,6 +455,7 @@ def evaluate(model, loss_fn, loader, device, amp_dtype=None, channels_last=False
     """
     model.eval()
     dataset = loader.dataset.dataset if isinstance(loader.dataset, Subset) else loader.dataset
+    partial = has_partial_labels(loader)
     scores, labels, ids = [], [], []
     total, count = 0.0, 0
     bar = tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True,
@@ -361,7 +465,7 @@ def evaluate(model, loss_fn, loader, device, amp_dtype=None, channels_last=False
         with autocast(device, amp_dtype):
             output = model(prepare_images(images, device, channels_last))
         if dataset.labelled:
-            loss = loss_fn(output, training_targets(batch_labels.to(device, non_blocking=True)))
+            loss = labelled_loss(loss_fn, output, batch_labels.to(device, non_blocking=True), partial)
             total += loss.detach() * images.shape[0]  # stays on the device: no sync per batch
         count += images.shape[0]
         scores.append(output.scores.float())

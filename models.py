@@ -319,10 +319,12 @@ class DSDLLoss(nn.Module):
     def from_settings(cls, settings):
         return cls(settings.lambd, settings.beta, classification_loss(settings))
 
-    def forward(self, output, targets):
+    def forward(self, output, targets, known=None):
+        """`known` (B x C booleans, partial labels only): the pairs L_cls counts."""
         scores, dictionary, features, semantics, reconstructed = map(at_least_float32, (
             output.scores, output.dictionary, output.features, output.semantics, output.reconstruction))
-        classification = self.classification(scores, targets.to(scores.dtype))
+        classification = classification_term(self.classification, scores,
+                                             targets.to(scores.dtype), known)
         reconstruction = torch.linalg.norm(scores @ dictionary - features)
         sparsity = torch.linalg.norm(scores)
         cosine = F.cosine_similarity(semantics, reconstructed, dim=1).mean()
@@ -379,9 +381,9 @@ class BaselineLoss(nn.Module):
     def from_settings(cls, settings):
         return cls(classification_loss(settings))
 
-    def forward(self, output, targets):
+    def forward(self, output, targets, known=None):
         scores = at_least_float32(output.scores)
-        return self.classification(scores, targets.to(scores.dtype))
+        return classification_term(self.classification, scores, targets.to(scores.dtype), known)
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,7 +408,7 @@ class AsymmetricLoss(nn.Module):
         super().__init__()
         self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
 
-    def forward(self, scores, targets):
+    def forward(self, scores, targets, known=None):
         log_p = F.logsigmoid(scores)
         if self.clip > 0:
             shifted = (torch.sigmoid(scores) - self.clip).clamp(min=0)   # p_m
@@ -419,10 +421,27 @@ class AsymmetricLoss(nn.Module):
         negative = (1 - targets) * log_not
         if self.gamma_neg:
             negative = negative * shifted ** self.gamma_neg
-        return -(positive + negative).mean()
+        return -known_mean(positive + negative, known)
 
     def extra_repr(self):
         return f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}"
+
+
+def known_mean(values, known=None):
+    """The mean of B x C `values` over the pairs whose label is known (all without `known`)."""
+    if known is None:
+        return values.mean()
+    return (values * known).sum() / known.sum().clamp(min=1)
+
+
+def classification_term(classification, scores, targets, known=None):
+    """L_cls of a model's loss: `classification(scores, targets)` as the release computes it;
+    with partial labels (`known`), averaged over the known image-class pairs only."""
+    if known is None:
+        return classification(scores, targets)
+    if isinstance(classification, AsymmetricLoss):
+        return classification(scores, targets, known)
+    return known_mean(F.binary_cross_entropy_with_logits(scores, targets, reduction="none"), known)
 
 
 def classification_loss(settings):

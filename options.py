@@ -245,6 +245,11 @@ def get_args_parser(description, run_folder, **defaults):
     add_option(run, "-e", "--evaluate", action="store_true", role="runtime",
                help="only evaluate the checkpoint given by --resume; the results go to "
                     "eval_<split>.jsonl and eval_<split>.md, training's files are not touched")
+    add_option(run, "--zero-shot", action="store_true", role="runtime",
+               help="with -e: evaluate the checkpoint on classes it was not trained on (DSDL), "
+                    "scored from their class vectors (--embeddings, in the split's class "
+                    "order) through its trunk and auto-encoder; prints the mAP and the "
+                    "precision, recall and F1 of the top-3 and top-5 classes")
     add_option(run, "--resume", default=None, metavar="PATH", role="files",
                help="checkpoint to continue training from (or to evaluate with -e): "
                     "this project's or one of the authors' released checkpoints")

@@ -43,15 +43,15 @@ def user_message(error):
 # --------------------------------------------------------------------------------------------
 
 def average_precision(scores, labels):
-    """Per-class non-interpolated AP of N x C `scores` against `labels` in {1, 0, -1}.
+    """Per-class non-interpolated AP of N x C `scores` against `labels` in {1, 0, -1, -2}.
 
-    Images flagged 0 (difficult) for a class are left out of that class's ranking. A class
-    without any positive has no AP: NaN.
+    Images flagged 0 (difficult) or -2 (unknown) for a class are left out of that class's
+    ranking. A class without any positive has no AP: NaN.
     """
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     ap = np.full(scores.shape[1], np.nan)
     for c in range(scores.shape[1]):
-        kept = labels[:, c] != 0
+        kept = (labels[:, c] == PRESENT) | (labels[:, c] == ABSENT)
         order = np.argsort(-scores[kept, c], kind="stable")
         positives = labels[kept, c][order] == 1
         if positives.any():
@@ -60,8 +60,11 @@ def average_precision(scores, labels):
     return ap
 
 
-def _thresholded(predicted, truth):
-    """CP, CR, CF1, OP, OR, OF1 (fractions) from boolean N x C predictions and ground truth."""
+def _thresholded(predicted, truth, known=None):
+    """CP, CR, CF1, OP, OR, OF1 (fractions) from boolean N x C predictions and ground truth;
+    pairs not `known` (unknown labels) count neither way."""
+    if known is not None:
+        predicted, truth = predicted & known, truth & known
     correct = (predicted & truth).sum(0).astype(np.float64)   # Nc
     num_predicted = predicted.sum(0).astype(np.float64)       # Np
     num_truth = truth.sum(0).astype(np.float64)               # Ng
@@ -80,13 +83,15 @@ def _thresholded(predicted, truth):
     return {"CP": cp, "CR": cr, "CF1": f1(cp, cr), "OP": op, "OR": orr, "OF1": f1(op, orr)}
 
 
-def compute_metrics(scores, labels):
+def compute_metrics(scores, labels, thresholds=None):
     """mAP, per-class AP and the thresholded metrics of spec section 6, all in percent.
 
-    `scores` (N x C) are logits; `labels` (N x C) are 1 (present), 0 (difficult), -1 (absent).
-    A label counts as predicted when its score >= 0; the top-3 variants allow at most the 3
-    highest-scoring labels of each image. Difficult labels count as negatives there. CR is the
-    mean over the classes that have ground truth (the release's would be NaN otherwise).
+    `scores` (N x C) are logits; `labels` (N x C) are 1 (present), 0 (difficult), -1 (absent),
+    -2 (unknown: counted nowhere). A label counts as predicted when its score >= 0; the top-3
+    variants allow at most the 3 highest-scoring labels of each image. Difficult labels count
+    as negatives there. CR is the mean over the classes that have ground truth (the release's
+    would be NaN otherwise). With per-class `thresholds` (probabilities, `tune_thresholds`),
+    also the metrics of predicting class c when its probability >= thresholds[c] ("_tuned").
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels)
@@ -99,16 +104,66 @@ def compute_metrics(scores, labels):
         "AP": [100 * float(v) for v in ap],  # NaN for a class without positives
         "num_classes_ap": int(defined.sum()),  # how many classes the mAP is taken over
     }
-    truth = labels == 1
+    truth = labels == PRESENT
+    known = (labels != UNKNOWN) if (labels == UNKNOWN).any() else None
     predicted = scores >= 0
-    for name, value in _thresholded(predicted, truth).items():
+    for name, value in _thresholded(predicted, truth, known).items():
         metrics[name] = 100 * float(value)
-    k = min(3, scores.shape[1])
-    top = np.zeros_like(predicted)
-    np.put_along_axis(top, np.argsort(-scores, axis=1, kind="stable")[:, :k], True, axis=1)
-    for name, value in _thresholded(predicted & top, truth).items():
+    for name, value in _thresholded(predicted & top_k(scores, 3), truth, known).items():
         metrics[name + "_top3"] = 100 * float(value)
+    if thresholds is not None:
+        tuned = probabilities(scores) >= np.asarray(thresholds)[None, :]
+        for name, value in _thresholded(tuned, truth, known).items():
+            metrics[name + "_tuned"] = 100 * float(value)
     return metrics
+
+
+def top_k(scores, k):
+    """N x C booleans: the k highest scores of each image (fewer classes: all of them)."""
+    k = min(k, scores.shape[1])
+    top = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(top, np.argsort(-scores, axis=1, kind="stable")[:, :k], True, axis=1)
+    return top
+
+
+def probabilities(scores):
+    return 1 / (1 + np.exp(-np.asarray(scores, dtype=np.float64)))
+
+
+def top_k_metrics(scores, labels, ks=(3, 5)):
+    """Precision, recall and F1 (percent) of predicting exactly the k highest-scoring classes of
+    each image, over all pairs (the zero-shot multi-label literature's P@k, R@k, F1@k)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    truth, known = labels == PRESENT, (labels == PRESENT) | (labels == ABSENT)
+    metrics = {}
+    for k in ks:
+        predicted = top_k(scores, k) & known
+        correct = (predicted & truth).sum()
+        precision = correct / max(predicted.sum(), 1)
+        recall = correct / max((truth & known).sum(), 1)
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+        metrics.update({f"P@{k}": 100 * float(precision), f"R@{k}": 100 * float(recall),
+                        f"F1@{k}": 100 * float(f1)})
+    return metrics
+
+
+def tune_thresholds(scores, labels):
+    """Per class, the probability threshold that maximises that class's F1 on these scores
+    (predict class c when its probability >= the threshold); 0.5 for a class without positives.
+    Difficult and unknown labels count neither way."""
+    from sklearn.metrics import precision_recall_curve
+    chances = probabilities(scores)
+    labels = np.asarray(labels)
+    thresholds = np.full(labels.shape[1], 0.5)
+    for c in range(labels.shape[1]):
+        kept = (labels[:, c] == PRESENT) | (labels[:, c] == ABSENT)
+        truth = labels[kept, c] == PRESENT
+        if not truth.any():
+            continue
+        precision, recall, cuts = precision_recall_curve(truth, chances[kept, c])
+        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+        thresholds[c] = float(cuts[int(np.argmax(f1))])
+    return thresholds.tolist()
 
 
 # --------------------------------------------------------------------------------------------

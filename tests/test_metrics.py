@@ -119,3 +119,57 @@ def test_a_class_without_positives_has_undefined_ap_and_is_left_out_of_map():
 def test_mismatched_shapes_are_an_error():
     with pytest.raises(ValueError, match="N x C"):
         compute_metrics(np.zeros((3, 2)), np.zeros((3, 3)))
+
+
+# ---- partial labels, tuned thresholds, top-k (own data, zero-shot) ------------------------------
+
+def test_unknown_labels_count_in_no_ap_and_in_no_thresholded_metric():
+    """An unknown pair (-2) is as if the image were not there for that class."""
+    scores, labels = random_case(seed=3)
+    unknown = np.random.default_rng(4).random(labels.shape) < 0.2
+    partial = np.where(unknown, -2, labels)
+    ours = compute_metrics(scores, partial)
+    for c in range(scores.shape[1]):
+        kept = (partial[:, c] == 1) | (partial[:, c] == -1)
+        expected = 100 * average_precision_score(partial[kept, c] == 1, scores[kept, c])
+        assert ours["AP"][c] == pytest.approx(expected, rel=1e-9)
+    # thresholded: count the known pairs only, by hand
+    predicted, truth, known = scores >= 0, partial == 1, partial != -2
+    correct = (predicted & truth & known).sum()
+    assert ours["OP"] == pytest.approx(100 * correct / (predicted & known).sum())
+    assert ours["OR"] == pytest.approx(100 * correct / (truth & known).sum())
+    assert ours["OP"] != pytest.approx(compute_metrics(scores, np.where(unknown, -1, labels))["OP"])
+
+
+def test_tuned_thresholds_maximise_each_class_f1_on_the_scores_they_are_tuned_on():
+    from util import probabilities, tune_thresholds
+    scores, labels = random_case(n=60, c=4, seed=5)
+    labels[:, 3] = -1  # a class without positives keeps 0.5
+    thresholds = tune_thresholds(scores, labels)
+    chances = probabilities(scores)
+    assert thresholds[3] == 0.5
+    for c in range(3):  # brute force over every distinct probability
+        kept = labels[:, c] != 0
+        truth = labels[kept, c] == 1
+
+        def f1(cut):
+            predicted = chances[kept, c] >= cut
+            tp = (predicted & truth).sum()
+            return 2 * tp / (predicted.sum() + truth.sum())
+
+        best = max(f1(cut) for cut in np.unique(chances[kept, c]))
+        assert f1(thresholds[c]) == pytest.approx(best, rel=1e-12)
+    tuned = compute_metrics(scores, labels, thresholds)
+    assert tuned["CF1_tuned"] >= tuned["CF1"] - 1e-9  # tuned on these very scores
+
+
+def test_top_k_precision_recall_and_f1_by_hand():
+    from util import top_k_metrics
+    # image 0: top-3 = classes 0, 1, 2 (truth 0, 3); image 1: top-3 = 3, 2, 1 (truth 1, unknown 2)
+    scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.1, 0.5, 0.6, 0.7]])
+    labels = np.array([[1, -1, -1, 1], [-1, 1, -2, -1]])
+    metrics = top_k_metrics(scores, labels, ks=(3,))
+    # predicted known pairs: image 0: 3 (1 right), image 1: classes 3, 1 (1 right) -> 2 / 5
+    assert metrics["P@3"] == pytest.approx(100 * 2 / 5)
+    assert metrics["R@3"] == pytest.approx(100 * 2 / 3)
+    assert metrics["F1@3"] == pytest.approx(100 * 2 * (2 / 5) * (2 / 3) / (2 / 5 + 2 / 3))

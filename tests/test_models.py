@@ -263,3 +263,20 @@ def test_init_from_loads_the_trunk_across_models_and_keeps_the_heads_own_weights
     fresh.load_weights(dict(baseline.state_dict()), "baseline.pth", class_independent_only=True)
     assert torch.equal(fresh.W1, own_w1)
     assert torch.equal(fresh.features[0].weight, baseline.features[0].weight)
+
+
+def test_with_partial_labels_only_the_known_pairs_count_in_the_classification_term():
+    from models import AsymmetricLoss, BaselineLoss, BaselineOutput
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    targets = (torch.rand(5, 4, generator=generator) < 0.5).double()
+    known = torch.rand(5, 4, generator=generator) < 0.6
+    x, y, k = scores.numpy(), targets.numpy(), known.numpy()
+    per_pair = -(y * np.log(1 / (1 + np.exp(-x))) + (1 - y) * np.log(1 - 1 / (1 + np.exp(-x))))
+    expected = per_pair[k].mean()
+    output = BaselineOutput(scores, torch.zeros(5, 8, dtype=torch.float64))
+    assert BaselineLoss()(output, targets, known).item() == pytest.approx(expected, rel=1e-12)
+    plain_asl = BaselineLoss(AsymmetricLoss(0, 0, 0))(output, targets, known).item()
+    assert plain_asl == pytest.approx(expected, rel=1e-12)
+    flipped = torch.where(known, targets, 1 - targets)  # the unknown pairs' targets do not matter
+    assert BaselineLoss()(output, flipped, known).item() == pytest.approx(expected, rel=1e-12)
