@@ -143,7 +143,8 @@ def resolve_classes(classes, descriptions):
 def read_image_labels(path, mids):
     """The verified labels of the classes `mids` in a `*-annotations-human-imagelabels.csv`.
 
-    Returns the image ids (the images with a label of one of the classes, in the file's order)
+    Returns the image ids as bytes (the images with a label of one of the classes, in the
+    file's order)
     and their labels as compressed rows: image i's labels are `values[indptr[i]:indptr[i + 1]]`
     (PRESENT or ABSENT) for the classes `columns[indptr[i]:indptr[i + 1]]`. A pair verified
     twice is PRESENT if either says so.
@@ -176,8 +177,8 @@ def read_image_labels(path, mids):
             columns.append(column)
             values.append(value)
     if not index_of:
-        return np.array([], dtype=str), np.zeros(1, np.int64), np.array([], np.int32), np.array([], np.int8)
-    image_ids = np.array([image_id.decode() for image_id in index_of], dtype=str)
+        return np.array([], dtype=bytes), np.zeros(1, np.int64), np.array([], np.int32), np.array([], np.int8)
+    image_ids = np.array(list(index_of), dtype=bytes)  # ASCII ids, 16 bytes each
     key = np.frombuffer(images, dtype=np.int64) * len(mids) + np.frombuffer(columns, dtype=np.int32)
     key, inverse = np.unique(key, return_inverse=True)
     merged = np.full(len(key), ABSENT, dtype=np.int8)
@@ -250,7 +251,12 @@ class OpenImages(Dataset):
                             f"on any image; choose others with --classes")
         self.image_folder = os.path.join(root, split)
         self.rows = self._rows_on_disk(ids)
-        self.image_ids = [str(ids[row]) for row in self.rows]
+        # numpy arrays, no Python object per image: loader workers share them (millions of images)
+        self.ids = ids[self.rows]
+
+    @property
+    def image_ids(self):
+        return [image_id.decode() for image_id in self.ids]
 
     def _rows_on_disk(self, ids):
         """The rows of `ids` whose image is in the images folder; one warning for the others."""
@@ -260,17 +266,17 @@ class OpenImages(Dataset):
         if not os.path.isdir(self.image_folder):
             raise DSDLError(f"Open Images {self.split}: the images folder {self.image_folder} is "
                             f"missing; {where}")
-        on_disk = {name[:-4] for name in os.listdir(self.image_folder) if name.endswith(".jpg")}
+        on_disk = {name[:-4].encode() for name in os.listdir(self.image_folder) if name.endswith(".jpg")}
         found = np.array([image_id in on_disk for image_id in ids.tolist()], dtype=bool)
         if not found.any():
             raise DSDLError(f"Open Images {self.split}: none of the {len(ids):,} images labelled in "
-                            f"{self.label_source} is in {self.image_folder} (e.g. {ids[0]}.jpg); "
+                            f"{self.label_source} is in {self.image_folder} (e.g. {ids[0].decode()}.jpg); "
                             f"{where}")
         if not found.all():
-            gone = ids[~found]
+            gone = [image_id.decode() for image_id in ids[~found][:3]]
             warnings.warn(f"Open Images {self.split}: {int(found.sum()):,} of the {len(ids):,} images "
                           f"with a verified label of the {len(self.mids)} classes are in "
-                          f"{self.image_folder} and used; the {len(gone):,} missing (e.g. "
+                          f"{self.image_folder} and used; the {int((~found).sum()):,} missing (e.g. "
                           f"{', '.join(gone[:3])}) are left out", stacklevel=3)
         return np.flatnonzero(found)
 
@@ -286,7 +292,7 @@ class OpenImages(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index):
-        image_id = self.image_ids[index]
+        image_id = self.ids[index].decode()
         image = read_image(os.path.join(self.image_folder, image_id + ".jpg"), self.transform,
                            upright=True)
         return image, torch.from_numpy(self.label_vector(index)), image_id

@@ -12,7 +12,7 @@ import checkpoints
 import main_nuswide
 import runs
 from conftest import SMALL, call_main, class_image
-from nuswide import NUSWIDE
+from nuswide import NUSWIDE, relative_image_path
 from report import read_metrics
 from util import DSDLError
 
@@ -161,3 +161,9 @@ def test_main_nuswide_trains_one_epoch_and_logs_the_test_metrics(nuswide_root, t
     assert best["args"]["lambd"] == 0.1 and best["args"]["beta"] == 1e-6  # COCO's
     (record,) = read_metrics(out / runs.METRICS_LOG)
     assert (record["epoch"], record["split"]) == (1, "test") and np.isfinite(record["mAP"])
+
+
+def test_a_list_entry_is_read_as_its_path_below_flickr_whatever_its_prefix():
+    assert relative_image_path("actor\\0001_2124494179.jpg") == "actor/0001_2124494179.jpg"
+    assert relative_image_path("C:\\ImageData\\Flickr\\actor\\0001_2124494179.jpg") == \
+        "actor/0001_2124494179.jpg"

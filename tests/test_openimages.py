@@ -148,7 +148,7 @@ def test_classes_may_be_given_as_mids_display_names_or_both(oi_root, given):
 def test_classes_may_be_one_file_of_names_or_a_class_descriptions_csv(oi_root, tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("Dog\nCat\n\nCar\nJaguar (/m/0449p)\n")
-    boxable = tmp_path / "class-descriptions-boxable.csv"  # headerless, as the V5 file
+    boxable = tmp_path / "class-descriptions-boxable.csv"  # headerless, as the older file
     boxable.write_text('/m/0bt9lr,Dog\n/m/01yrx,Cat\n/m/0k4j,Car\n/m/0449p,Jaguar\n')
     assert load(oi_root, "validation", [str(names)]).mids == KEPT
     assert load(oi_root, "validation", [str(boxable)]).mids == KEPT
@@ -204,6 +204,10 @@ MISTAKES = {
     "no --classes": (lambda root: None, [], "choose them with --classes"),
     "a bad confidence": (lambda root: replace_in(root, V7["train"], "/m/0k4j,0\n", "/m/0k4j,0.7\n"), KEPT,
                          "oidv7-train-annotations-human-imagelabels.csv, line 6: Confidence must be 0 or 1, got '0.7'"),
+    "no image downloaded": (lambda root: [os.remove(os.path.join(root, "validation", name))
+                                          for name in os.listdir(os.path.join(root, "validation"))],
+                            KEPT, "none of the 4 images labelled in {root}/oidv7-val-annotations-human-"
+                                  "imagelabels.csv is in {root}/validation (e.g. 7081920314253647.jpg)"),
     "no images folder": (lambda root: os.rename(os.path.join(root, "validation"), os.path.join(root, "val")),
                          KEPT, "the images folder {root}/validation is missing"),
 }
