@@ -14,6 +14,7 @@ label for any of them is not part of the split, nor is one whose file is not in 
 folder (one warning says how many were used). Nothing is downloaded (OPEN_IMAGES_PAGE).
 """
 import array
+import collections
 import csv
 import difflib
 import hashlib
@@ -45,6 +46,7 @@ ANNOTATIONS = {
 ANNOTATIONS_HEADER = b"ImageID,Source,LabelName,Confidence"
 CONFIDENCE = {b"1": PRESENT, b"1.0": PRESENT, b"0": ABSENT, b"0.0": ABSENT}
 CACHE_VERSION = 1
+MAX_PROBLEMS_SHOWN = 10
 
 
 def find_file(root, names, what):
@@ -132,11 +134,13 @@ def resolve_classes(classes, descriptions):
             close = difflib.get_close_matches(token, list(mid_of_name), n=3)
             problems.append(f"{token!r} is neither a MID nor a display name of {descriptions}"
                             + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
-    repeated = sorted({names[mid] for mid in mids if mids.count(mid) > 1})
+    repeated = sorted(names[mid] for mid, count in collections.Counter(mids).items() if count > 1)
     if repeated:
         problems.append(f"{', '.join(map(repr, repeated))} listed more than once")
     if problems:
-        raise DSDLError("--classes: " + "; ".join(problems))
+        more = len(problems) - MAX_PROBLEMS_SHOWN
+        raise DSDLError("--classes: " + "; ".join(problems[:MAX_PROBLEMS_SHOWN])
+                        + (f"; and {more} more" if more > 0 else ""))
     return mids, [names[mid] for mid in mids]
 
 

@@ -246,3 +246,10 @@ def test_the_class_names_for_make_embeddings_are_printed_one_per_line(oi_root, c
     assert capsys.readouterr().out == "Dog\nCat\nCar\nJaguar (/m/0449p)\n"
     with pytest.raises(DSDLError):
         OpenImages(oi_root, "validation", ["/m/0cgh4"])  # described, never verified there
+
+
+def test_a_class_list_of_another_version_is_one_error_that_shows_ten_names(oi_root):
+    with pytest.raises(DSDLError) as error:
+        OpenImages(oi_root, "validation", ["Dog", *(f"/m/0zz{i:03d}" for i in range(25))])
+    message = str(error.value)
+    assert message.count("is neither a MID nor a display name") == 10 and message.endswith("; and 15 more")
