@@ -6,11 +6,13 @@ import pytest
 
 import main_coco
 import main_custom
+import main_nuswide
+import main_openimages
 import main_voc2007
 import main_voc2012
 import options
 
-SCRIPTS = (main_voc2007, main_voc2012, main_coco, main_custom)
+SCRIPTS = (main_voc2007, main_voc2012, main_coco, main_custom, main_nuswide, main_openimages)
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.__name__)

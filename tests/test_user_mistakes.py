@@ -439,8 +439,9 @@ def test_voc2012_trains_and_selects_on_val_without_the_test_archive(offline, tra
 
 
 @pytest.mark.parametrize("script", ["main_voc2007.py", "main_voc2012.py", "main_coco.py",
-                                    "main_custom.py", "predict.py", "export.py", "report.py",
-                                    "make_embeddings.py", "bench.py"])
+                                    "main_custom.py", "main_nuswide.py", "main_openimages.py",
+                                    "predict.py", "export.py", "report.py", "make_embeddings.py",
+                                    "bench.py"])
 def test_help_answers_before_torch_loads(script, tmp_path):
     fake = tmp_path / "torch"  # found before the real torch: importing it fails the command
     fake.mkdir()
