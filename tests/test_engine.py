@@ -13,6 +13,7 @@ import checkpoints
 import runs
 import engine
 import main_voc2007
+import models
 import options
 import recipes
 from conftest import ROOT, SMALL, call_main, offline_environment
@@ -247,3 +248,28 @@ def test_epoch_seeded_augmentation_follows_the_epoch_and_the_image():
     assert not any(torch.equal(a, b) for a, b in zip(first, seen))  # another epoch, other crops
     data.epoch.fill_(0)
     assert all(torch.equal(a, data[i]) for i, a in enumerate(first))
+
+
+def test_unknown_labels_of_a_partial_split_get_no_gradient():
+    """An unknown pair (-2) of a split with `partial` labels counts in no loss term: the loss's
+    gradient with respect to its score is 0; the known pairs' are not."""
+    class Partial(torch.utils.data.Dataset):
+        partial = True
+
+        def __len__(self):
+            return 4
+
+    labels = torch.tensor([[1, -2, -1], [-2, 1, -1], [-1, -1, 1], [1, 1, -2]])
+    wrapped = torch.utils.data.Subset(engine.EpochSeeded(Partial(), 0), range(4))
+    assert engine.has_partial_labels(torch.utils.data.DataLoader(wrapped))
+    assert not engine.has_partial_labels(torch.utils.data.DataLoader(VOC2007.__new__(VOC2007)))
+    # (DSDL with beta 0: its reconstruction and sparsity terms use no label)
+    for loss_fn in (models.DSDLLoss(10.0, 0.0), models.BaselineLoss()):
+        torch.manual_seed(0)
+        model = DSDL(3, torch.randn(3, 300), 10.0, arch="resnet18", pretrained=False).eval()
+        output = model(torch.randn(4, 3, 32, 32))
+        scores = output.scores.detach().requires_grad_()
+        output = output._replace(scores=scores)
+        engine.labelled_loss(loss_fn, output, labels, True).backward()
+        assert (scores.grad[labels == -2] == 0).all()
+        assert (scores.grad[labels != -2] != 0).all()
