@@ -17,8 +17,8 @@ from options import PAPER_ARCH
 from trunks import load_trunk
 from util import DSDLError
 
-SEMANTIC_DIM = 300   # d_s: size of a GloVe class vector
-HIDDEN_DIM = 1024    # width of the auto-encoder's hidden layer (W1 is 300 x 1024)
+SEMANTIC_DIM = 300   # d_s of the paper's GloVe class vectors (any d_s works: W1 follows it)
+HIDDEN_DIM = 1024    # width of the auto-encoder's hidden layer (W1 is d_s x 1024)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,8 +196,8 @@ class DSDLOutput(NamedTuple):
     scores: torch.Tensor          # B x C, the coefficients A (logits)
     features: torch.Tensor        # B x d_f, globally pooled visual features F
     dictionary: torch.Tensor      # C x d_f, the semantic dictionary D
-    semantics: torch.Tensor       # C x 300, the fixed class vectors S
-    reconstruction: torch.Tensor  # C x 300, the decoder's S_hat
+    semantics: torch.Tensor       # C x d_s, the fixed class vectors S (d_s = 300 for GloVe)
+    reconstruction: torch.Tensor  # C x d_s, the decoder's S_hat
 
 
 def ridge_projection(dictionary, lambd):
@@ -237,13 +237,13 @@ class DSDL(PooledModel):
 
     def __init__(self, num_classes, semantics, lambd, arch=PAPER_ARCH, pretrained=True, pool="max"):
         semantics = torch.as_tensor(semantics, dtype=torch.float32)
-        if semantics.shape != (num_classes, SEMANTIC_DIM):
-            raise ValueError(f"semantics must be {num_classes} x {SEMANTIC_DIM} "
-                             f"(one GloVe vector per class), got {tuple(semantics.shape)}")
+        if semantics.ndim != 2 or semantics.shape[0] != num_classes or semantics.shape[1] < 1:
+            raise ValueError(f"semantics must be {num_classes} x d_s (one class vector per "
+                             f"class, e.g. 300-d GloVe), got {tuple(semantics.shape)}")
         super().__init__(num_classes, arch, pretrained, pool)
         self.lambd = lambd
         # Tied-weight auto-encoder: the encoder uses W1, W2, the decoder their transposes.
-        self.W1 = nn.Parameter(torch.empty(SEMANTIC_DIM, HIDDEN_DIM))
+        self.W1 = nn.Parameter(torch.empty(semantics.shape[1], HIDDEN_DIM))  # d_s x 1024
         self.W2 = nn.Parameter(torch.empty(HIDDEN_DIM, self.feature_dim))
         for weight in (self.W1, self.W2):
             bound = 1.0 / weight.shape[1] ** 0.5
@@ -260,7 +260,7 @@ class DSDL(PooledModel):
         return F.leaky_relu(semantics @ self.W1, 0.2) @ self.W2
 
     def decode(self, dictionary):
-        """The reconstruction S_hat = LeakyReLU(D W2^T) W1^T, C x 300."""
+        """The reconstruction S_hat = LeakyReLU(D W2^T) W1^T, C x d_s."""
         return F.leaky_relu(dictionary @ self.W2.T, 0.2) @ self.W1.T
 
     def forward(self, images):
@@ -269,7 +269,7 @@ class DSDL(PooledModel):
         with torch.autocast(images.device.type, enabled=False):
             features = at_least_float32(features)
             dictionary = self.encode(self.semantics)             # C x d_f
-            reconstruction = self.decode(dictionary)             # C x 300
+            reconstruction = self.decode(dictionary)             # C x d_s
             scores = ridge_coefficients(features, dictionary, self.lambd)  # B x C
         return DSDLOutput(scores, features, dictionary, self.semantics, reconstruction)
 
@@ -293,13 +293,20 @@ class DSDL(PooledModel):
     def check_weights(self, weights, path):
         if "semantics" not in weights:  # the release stores no semantics: this model's own
             weights["semantics"] = self.semantics
+        if "W1" in weights and weights["W1"].shape[0] != self.W1.shape[0]:
+            raise DSDLError(f"{path} was trained with {weights['W1'].shape[0]}-d class vectors "
+                            f"(W1 is {tuple(weights['W1'].shape)}), but the class vectors given "
+                            f"here are {self.W1.shape[0]}-d; pass vectors of the kind it was "
+                            f"trained with (the authors' released checkpoints: 300-d GloVe)")
         if "W2" in weights and weights["W2"].shape[1] != self.feature_dim:
             raise DSDLError(f"{path} was trained with feature size {weights['W2'].shape[1]} "
                             f"(W2 is {tuple(weights['W2'].shape)}), but --arch {self.arch} has "
                             f"feature size {self.feature_dim}; pass the --arch it was trained with.")
 
     def describe_key(self, key):
-        return {"semantics": "classes x 300", "W1": "300 x 1024"}.get(key, super().describe_key(key))
+        width = self.W1.shape[0]
+        return {"semantics": f"classes x {width}, the class vectors' width",
+                "W1": f"{width} x 1024, the class vectors' width"}.get(key, super().describe_key(key))
 
 
 class DSDLLoss(nn.Module):

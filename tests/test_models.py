@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import options
+from util import DSDLError
 from models import (MODELS, DSDL, Baseline, BaselineLoss, DSDLLoss, DSDLOutput, build_loss, build_model,
                     ridge_coefficients)
 
@@ -143,9 +144,10 @@ def test_parameter_groups_trunk_at_lr_times_lrp_dictionary_at_lr():
     assert trunk | dictionary == {id(p) for p in model.parameters()}
 
 
-def test_semantics_of_the_wrong_shape_are_refused():
-    with pytest.raises(ValueError, match="5 x 300"):
-        DSDL(5, torch.randn(4, 300), 10.0, arch="resnet18", pretrained=False)
+@pytest.mark.parametrize("shape", [(4, 300), (5,), (5, 0)])
+def test_semantics_of_the_wrong_shape_are_refused(shape):
+    with pytest.raises(ValueError, match=r"5 x d_s .*got \(" + ", ".join(map(str, shape))):
+        DSDL(5, torch.randn(*shape), 10.0, arch="resnet18", pretrained=False)
 
 
 def test_pretrained_weights_offline_say_which_file_to_place_where(offline, tmp_path):
@@ -280,3 +282,17 @@ def test_with_partial_labels_only_the_known_pairs_count_in_the_classification_te
     assert plain_asl == pytest.approx(expected, rel=1e-12)
     flipped = torch.where(known, targets, 1 - targets)  # the unknown pairs' targets do not matter
     assert BaselineLoss()(output, flipped, known).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("width", [50, 512])
+def test_class_vectors_of_any_width_build_an_auto_encoder_that_follows_them(width):
+    torch.manual_seed(0)
+    model = DSDL(4, torch.randn(4, width), 10.0, arch="resnet18", pretrained=False)
+    output = model(torch.randn(2, 3, 64, 64))
+    assert model.W1.shape == (width, 1024) and output.reconstruction.shape == (4, width)
+    loss = DSDLLoss(10.0, 1e-4)(output, torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]]))
+    loss.backward()
+    assert torch.isfinite(model.W1.grad).all()
+    other = DSDL(4, torch.randn(4, 300), 10.0, arch="resnet18", pretrained=False)
+    with pytest.raises(DSDLError, match=f"trained with {width}-d class vectors.*here are 300-d"):
+        other.load_weights(model.state_dict(), "run.pth")
