@@ -41,8 +41,8 @@ import engine
 import models
 import trunks
 from distributed import resolve_device
-from util import (DSDLError, load_image, load_image_tensor, normalize_on_device, read_image,
-                  train_transform)
+from util import (DSDLError, atomic_write, load_image, load_image_tensor, normalize_on_device,
+                  read_image, train_transform)
 
 # Dense bf16 / fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the MFU figure.
 PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0,
@@ -360,7 +360,7 @@ def main():
         print(f"{name} pipeline, one worker, 500 x 375 JPEG to 448 px ({total:.2f} ms): " + ", ".join(
             f"{stage} {ms:.2f} ms ({100 * ms / total:.0f}%)" for stage, ms in breakdown.items()))
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_write(args.json, "w") as f:
             json.dump(figures, f, indent=2)
         print(f"figures written to {args.json}")
 
