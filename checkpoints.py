@@ -17,7 +17,7 @@ import uuid
 
 import torch
 
-from distributed import is_main_process
+from distributed import is_main_process, rank_zero_first
 from util import DSDLError, atomic_write
 
 CHECKPOINT = "checkpoint.pth.tar"   # the last epoch: what --resume continues from
@@ -213,8 +213,9 @@ def restore_training(args, checkpoint, optimizer, scaler):
     """(first epoch, best mAP so far, run id) of a run: a new one, or the one --resume continues
     (optimizer and scaler state restored). Continued in another folder, a run is a new branch
     whose model_best is the best of its own epochs. The run folder must have room for an epoch."""
-    if is_main_process():  # before the first epoch, not when its checkpoint fails to fit
-        check_free_space(args.checkpoint_dir, optimizer)
+    with rank_zero_first():  # before the first epoch, not when its checkpoint fails to fit
+        if is_main_process():  # which writes the checkpoints; its refusal stops every rank
+            check_free_space(args.checkpoint_dir, optimizer)
     if not args.resume:
         return 0, -math.inf, uuid.uuid4().hex
     if "optimizer" in checkpoint:

@@ -1,6 +1,7 @@
 """A run's folder and its lock, its checks before anything is read or written, and how the
-entry scripts end: a user's mistake in one `error:` line (exit status 1), Ctrl-C in a line that
-says how to go on (exit status 130).
+entry scripts end: a user's mistake, a full disk or a lack of memory in one `error:` line (exit
+status 1), Ctrl-C or a scheduler's SIGTERM in a line that says how to go on (exit status 130,
+143).
 """
 import contextlib
 import errno
@@ -57,8 +58,8 @@ def check_run_folder(args, checkpoint):
                and os.path.abspath(os.path.join(folder, name)) != resumed]
     if present == [METRICS_LOG]:  # a run that never saved an epoch (its first checkpoint failed)
         log = os.path.join(folder, METRICS_LOG)
-        print(f"note: {folder} holds only the log of a run that saved no epoch; {log} is "
-              f"started again")
+        print(f"note: {log} is the log of a run that saved no epoch (its first checkpoint was "
+              f"not written); this run starts it again")
         os.remove(log)
         present = []
     if not args.resume:
