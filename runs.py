@@ -273,10 +273,14 @@ def non_finite_loss_advice(error, folder):
 
 
 def ignore_interrupts(worker_id):
-    """The signals of STOP_SIGNALS are for the main process, which stops the run and says how to
-    resume; a loader worker that died of one first would turn that into a DataLoader error."""
+    """Ctrl-C and the other signals of STOP_SIGNALS are for the main process, which stops the
+    run and says how to resume; a loader worker that died of one first would turn that into a
+    DataLoader error. SIGTERM stays deadly: it is also how the DataLoader and multiprocessing end
+    their workers (a worker that ignored it would hang the exit); a worker that dies of a
+    scheduler's SIGTERM is no error once the main process has its own (see run_command)."""
     for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+        if signum != signal.SIGTERM:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def way_on(args):
@@ -331,8 +335,12 @@ def run_command(run, args):
         if os.getpid() != main_process:  # a loader worker, forked with this handler: ignore it
             return
         INTERRUPTS.append(signum)
+        # Workers that die of the same SIGTERM (a scheduler signals every process of a job)
+        # must not be reported by the DataLoader's SIGCHLD handler: this signal stops the run.
+        child_handler.append(signal.signal(signal.SIGCHLD, signal.SIG_DFL))
         raise KeyboardInterrupt
 
+    child_handler = []  # the SIGCHLD handler (the DataLoader's) that a signal set aside
     previous = {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS}
     try:
         return run()
@@ -352,6 +360,8 @@ def run_command(run, args):
         INTERRUPTS.clear()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if child_handler and child_handler[0] is not None:
+            signal.signal(signal.SIGCHLD, child_handler[0])
         warnings.formatwarning = formatwarning
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
