@@ -131,12 +131,15 @@ def load_model(args):
     trained = checkpoint.get("classes") or (known.classes if known else None)
     model_name = stored.get("model") or "dsdl"
     vectors = models.needs_class_vectors(model_name)
-    unused = [option for option, value in (("--classes", args.classes), ("--lambd", args.lambd),
-                                           ("--embeddings", args.embeddings)) if value]
-    if unused and not vectors:
+    if args.classes and not vectors:
         raise DSDLError(f"{args.resume} is a {model_name} model, which scores its training classes "
-                        f"only, without class vectors or lambda: {', '.join(unused)} need(s) a "
-                        f"DSDL checkpoint")
+                        f"only: --classes needs a DSDL checkpoint (its labels come from word vectors)")
+    unused = [option for option, value in (("--lambd", args.lambd), ("--embeddings", args.embeddings))
+              if value is not None]
+    if unused and not vectors:  # refused rather than ignored
+        raise DSDLError(f"{args.resume} is a {model_name} model, which has no class vectors and no "
+                        f"lambda: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} for DSDL "
+                        f"checkpoints; leave {'it' if len(unused) == 1 else 'them'} out")
     if args.classes:
         classes, semantics = label_vectors(args)
         warn_zero_shot(classes, trained, args.resume)
