@@ -7,15 +7,18 @@ in `training_model`, the average's count in `ema`), `optimizer`, `lr_scheduler`,
 `classes`, `dataset`, `run_id` and `provenance`. The release's is `epoch`, `arch`, `best_score`
 and `state_dict` (spec section 9).
 """
+import hashlib
 import math
+import numbers
 import os
 import pickle
 import re
+import shutil
 import uuid
 
 import torch
 
-from distributed import is_main_process
+from distributed import is_main_process, rank_zero_first
 from util import DSDLError, atomic_write
 
 CHECKPOINT = "checkpoint.pth.tar"   # the last epoch: what --resume continues from
@@ -85,7 +88,46 @@ def load_checkpoint(path, option="--resume"):
     if not isinstance(checkpoint, dict) or not ("model" in checkpoint or "state_dict" in checkpoint):
         raise DSDLError(f"{path} is a PyTorch file but not a DSDL checkpoint (no 'model' or "
                         f"'state_dict' entry)")
+    check_contents(checkpoint, path)
     return checkpoint
+
+
+def check_contents(checkpoint, path):
+    """What an edited or damaged checkpoint gets wrong, found when it is loaded rather than as a
+    traceback or a NaN loss later: the epoch, the class list and its vectors, the weights."""
+    damaged = f"{path} is damaged or was edited:"
+    epoch = checkpoint.get("epoch", 0)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise DSDLError(f"{damaged} its epoch is {epoch!r}, not a number of finished epochs; use "
+                        f"another checkpoint")
+    best = checkpoint.get("best_score", 0.0)
+    if torch.is_tensor(best) and best.numel() == 1:
+        best = best.item()  # the release's
+    if isinstance(best, bool) or not isinstance(best, numbers.Real):
+        raise DSDLError(f"{damaged} its best_score is {best!r}, not a number; use another checkpoint")
+    classes = checkpoint.get("classes")
+    if classes is not None and not (isinstance(classes, (list, tuple))
+                                    and all(isinstance(name, str) for name in classes)):
+        raise DSDLError(f"{damaged} its classes are not a list of names; use another checkpoint")
+    semantics = checkpoint.get("semantics")
+    if semantics is not None:
+        rows = len(classes) if classes is not None else None
+        if not (torch.is_tensor(semantics) and semantics.ndim == 2 and semantics.shape[1] >= 1
+                and rows in (None, semantics.shape[0])):
+            shape = tuple(semantics.shape) if torch.is_tensor(semantics) else type(semantics).__name__
+            raise DSDLError(f"{damaged} its class vectors ('semantics') are {shape}, but it names "
+                            f"{rows if rows is not None else 'C'} classes, each with one class "
+                            f"vector; use another checkpoint")
+    weights = checkpoint.get("model", checkpoint.get("state_dict"))
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise DSDLError(f"{damaged} its weights are not a dict of tensors; use another checkpoint")
+    broken = [key for key, value in weights.items()
+              if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise DSDLError(f"{damaged} {len(broken)} of its weights hold NaN or infinite values "
+                        f"({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}); it cannot "
+                        f"be trained on or evaluated. Use an earlier checkpoint of the run (its "
+                        f"model_best.pth.tar, or a copy)")
 
 
 def checkpoint_weights(checkpoint, training=False):
@@ -115,20 +157,72 @@ def save_epoch(state, folder, is_best):
     save_checkpoint(state, os.path.join(folder, CHECKPOINT))
 
 
+def image_fingerprint(dataset):
+    """sha256 of the sorted image ids of a split (None for a dataset that lists none): the
+    same images give the same fingerprint, in any order."""
+    ids = getattr(dataset, "image_ids", None)
+    if ids is None:
+        return None
+    return hashlib.sha256("\n".join(sorted(str(i) for i in ids)).encode()).hexdigest()
+
+
 def dataset_record(datasets):
-    """What a checkpoint says of the data it was trained on."""
+    """What a checkpoint says of the data it was trained on: its name, classes, and the size and
+    image fingerprint of each split (the evaluated one is `evaluated`)."""
     test = datasets.test
-    sizes = {test.split: len(test)}
-    if datasets.train is not None:
-        sizes[datasets.train.split] = len(datasets.train)
-    return {"name": test.name, "benchmark": test.benchmark, "sizes": sizes,
+    splits = [split for split in (datasets.train, test) if split is not None]
+    return {"name": test.name, "benchmark": test.benchmark, "evaluated": test.split,
+            "sizes": {split.split: len(split) for split in splits},
+            "fingerprints": {split.split: image_fingerprint(split) for split in splits},
             "classes": [str(name) for name in test.classes]}  # plain str: loads weights_only
+
+
+def split_change(record, dataset, name=None):
+    """How `dataset` differs from the split `name` (by default its own) that the checkpoint's
+    `record` (dataset_record) describes, in words, or None when it is the same (or not
+    recorded)."""
+    name = name or dataset.split
+    size = (record.get("sizes") or {}).get(name)
+    fingerprint = (record.get("fingerprints") or {}).get(name)
+    if size is None:
+        return None
+    if size != len(dataset):
+        return f"{size} images then, {len(dataset)} now"
+    if fingerprint is not None and fingerprint != image_fingerprint(dataset):
+        return f"{size} images then and now, but not the same ones"
+    return None
+
+
+def checkpoint_bytes(optimizer):
+    """About how large a checkpoint of this run is: the weights and the optimizer's momentum
+    (one value per weight each); BatchNorm statistics and class vectors are small beside them."""
+    weights = sum(p.numel() * p.element_size() for group in optimizer.param_groups
+                  for p in group["params"])
+    return 2 * weights
+
+
+def check_free_space(folder, optimizer):
+    """Refuse a run whose folder cannot take what its next epoch writes: a checkpoint file, and
+    the first time two (model_best.pth.tar and checkpoint.pth.tar), beside the old ones while
+    they are written; plus the log, tables and plots (taken as 1 MB)."""
+    size = checkpoint_bytes(optimizer)
+    both_there = all(os.path.isfile(os.path.join(folder, name)) for name in (BEST, CHECKPOINT))
+    needed = size * (1 if both_there else 2) + 2 ** 20
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DSDLError(f"{folder} has {free / 2 ** 20:.0f} MB free, but an epoch of this run "
+                        f"writes about {needed / 2 ** 20:.0f} MB (checkpoints of about "
+                        f"{size / 2 ** 20:.0f} MB each: the weights and the optimizer's momentum). "
+                        f"Free disk space there, or pass a --checkpoint-dir on another disk")
 
 
 def restore_training(args, checkpoint, optimizer, scaler):
     """(first epoch, best mAP so far, run id) of a run: a new one, or the one --resume continues
     (optimizer and scaler state restored). Continued in another folder, a run is a new branch
-    whose model_best is the best of its own epochs."""
+    whose model_best is the best of its own epochs. The run folder must have room for an epoch."""
+    with rank_zero_first():  # before the first epoch, not when its checkpoint fails to fit
+        if is_main_process():  # which writes the checkpoints; its refusal stops every rank
+            check_free_space(args.checkpoint_dir, optimizer)
     if not args.resume:
         return 0, -math.inf, uuid.uuid4().hex
     if "optimizer" in checkpoint:

@@ -75,15 +75,16 @@ def read_label_csv(path):
     return rows, problems
 
 
-def check_rows(path, rows, images_dir, classes):
-    """Problems of parsed rows: labels outside `classes`, images that are not files."""
+def check_rows(path, rows, images_dir, classes, classes_from="--classes"):
+    """Problems of parsed rows: labels outside `classes` (given by `classes_from`, in words),
+    images that are not files."""
     known = set(classes)
     problems = []
     for line, image, names in rows:
         unknown = [name for name in names if name not in known]
         if unknown:
             problems.append(f"{path}, line {line}: unknown class {', '.join(map(repr, unknown))} "
-                            f"(not in --classes)")
+                            f"(not in {classes_from})")
         if not os.path.isfile(os.path.join(images_dir, image)):
             problems.append(f"{path}, line {line}: image not found: "
                             f"{os.path.join(images_dir, image)}")
@@ -154,7 +155,7 @@ class LabelCSV(Dataset):
         self.name = name
         self.split = os.path.splitext(os.path.basename(csv_path))[0]
         self.transform = transform
-        self.images = [image for _, image, _ in rows]
+        self.images = self.image_ids = [image for _, image, _ in rows]  # ids: what dataset[i] names
         column = {name: c for c, name in enumerate(self.classes)}
         self.labels = np.full((len(rows), len(self.classes)), -1, dtype=np.int64)  # N x C
         for i, (_, _, names) in enumerate(rows):
@@ -170,11 +171,12 @@ class LabelCSV(Dataset):
 
 
 def load_splits(train_csv, test_csv, images_dir, classes=None, name="custom",
-                train_transform=None, test_transform=None, evaluate=False):
+                train_transform=None, test_transform=None, evaluate=False,
+                classes_from="--classes"):
     """(train LabelCSV or None with `evaluate`, test LabelCSV), each CSV read once.
 
-    The class list is `classes`, else every label of both files, sorted (when evaluating
-    without the train CSV, the test file's). Every problem of every file that is used is
+    The class list is `classes` (given by `classes_from`, in words), else every label of both
+    files, sorted (when evaluating without the train CSV, the test file's). Every problem of every file that is used is
     reported together, before anything trains; repeated images are warned about.
     """
     paths = [test_csv] if evaluate and not os.path.isfile(train_csv) else [train_csv, test_csv]
@@ -185,7 +187,7 @@ def load_splits(train_csv, test_csv, images_dir, classes=None, name="custom",
             problems += found
     classes = classes or labels_of(paths, parsed.values())
     for path in ([test_csv] if evaluate else paths):
-        problems += check_rows(path, parsed[path], images_dir, classes)
+        problems += check_rows(path, parsed[path], images_dir, classes, classes_from)
     if problems:
         raise problems_error(problems)
     warn_duplicates(parsed if not evaluate else {test_csv: parsed[test_csv]})

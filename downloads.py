@@ -10,7 +10,7 @@ import zipfile
 
 from tqdm import tqdm
 
-from util import DSDLError
+from util import DSDLError, make_folders
 
 
 def md5sum(path, chunk=1 << 20):
@@ -29,7 +29,7 @@ def download(urls, path, md5=None):
     """
     if isinstance(urls, str):
         urls = [urls]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_folders(os.path.dirname(os.path.abspath(path)))  # removed again if the run fails
     partial = path + ".part"
     errors = []
     for url in urls:

@@ -89,9 +89,25 @@ def class_vectors(args, classes, checkpoint, default_embeddings):
     """The C x 300 class vectors of a run: from our checkpoint (not with --init-from, whose
     class list is another's), else --embeddings, else the dataset's standard file."""
     if checkpoint is not None and "semantics" in checkpoint and not args.init_from:
+        if args.embeddings:
+            check_same_vectors(args.embeddings, checkpoint["semantics"], args.resume,
+                               f"to start a new run from its weights with these vectors, use "
+                               f"--init-from {args.resume}")
         return checkpoint["semantics"]
     if not args.embeddings and default_embeddings is None:
         raise DSDLError("this dataset has no standard class vectors: pass --embeddings PATH, a "
                         "C x 300 file in the class order (make_embeddings.py writes one)")
     path = args.embeddings or standard_embeddings(default_embeddings)
     return load_embeddings(path, num_classes=len(classes))
+
+
+def check_same_vectors(path, semantics, checkpoint_path, way_on):
+    """--embeddings beside a checkpoint that has its class vectors (--resume, -e, predict.py):
+    the same vectors are welcome; other ones are refused, since the checkpoint's dictionary was
+    learned from its own (and keeping those silently would ignore the option). `way_on`: how to
+    use other vectors instead."""
+    given = load_embeddings(path)
+    if given.shape != semantics.shape or not torch.equal(given, semantics.float()):
+        raise DSDLError(f"--embeddings {path} holds other class vectors than {checkpoint_path}: "
+                        f"its dictionary was learned from the checkpoint's vectors, which are "
+                        f"kept; leave out --embeddings to use them. {way_on[0].upper()}{way_on[1:]}")

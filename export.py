@@ -20,13 +20,15 @@ import options
 if __name__ == "__main__":  # parse before importing torch: --help and bad options answer at once
     options.export_parser().parse_args()
 
+import io
 import json
+import os
 import warnings
 
 import torch
 
 from predict import check_writable, load_model
-from util import IMAGENET_MEAN, IMAGENET_STD, DSDLError, user_message
+from util import IMAGENET_MEAN, IMAGENET_STD, DSDLError, atomic_write, out_of_memory, user_message
 
 ONNX_OPSET = 20  # what onnxruntime 1.32 runs; the README states it
 ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export (torch.export based) imports
@@ -36,26 +38,43 @@ def missing_onnx_packages():
     return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
 
 
-def export_onnx(model, image_size, path):
+def export_onnx(model, image_size):
+    """The ONNX file's bytes (one file: the weights stay inside, < 2 GB)."""
     example = torch.zeros(2, 3, image_size, image_size)  # B x 3 x S x S; B = 2 keeps B dynamic
-    torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["scores"],
-                      dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
-                      external_data=False,  # one file: the weights stay inside (< 2 GB)
-                      opset_version=ONNX_OPSET, verbose=False)
+    program = torch.onnx.export(model, (example,), None, input_names=["images"],
+                                output_names=["scores"],
+                                dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+                                opset_version=ONNX_OPSET, verbose=False)
+    return program.model_proto.SerializeToString()
 
 
-def export_torchscript(model, path):
+def export_torchscript(model):
+    """The TorchScript file's bytes."""
     # PyTorch deprecates TorchScript in favour of torch.export, but C++ and mobile runtimes
     # still load it: the format is asked for, so the deprecation notice is not repeated here.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
         scripted = torch.jit.script(model)
-    scripted.save(path)
+    buffer = io.BytesIO()  # in memory first: libtorch aborts the process on a failed file write
+    torch.jit.save(scripted, buffer)
+    return buffer.getvalue()
 
 
 def sidecar(output):
     """Where the class names go: next to the model file."""
     return output + ".classes.json"
+
+
+def write_export(output, model_bytes, description):
+    """The model file and its classes.json, as a pair: each goes to a temporary file first
+    (atomic_write), and neither replaces the old one unless both were written whole. A failed
+    write leaves both old files as they were."""
+    with atomic_write(sidecar(output), "w") as names:
+        json.dump(description, names, indent=2)
+        names.flush()
+        os.fsync(names.fileno())  # on the disk before the model is renamed into place
+        with atomic_write(output) as f:
+            f.write(model_bytes)
 
 
 def main(argv=None):
@@ -72,14 +91,24 @@ def main(argv=None):
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 1
     folded = model.eval().folded()
-    with torch.no_grad():
-        if args.format == "onnx":
-            export_onnx(folded, image_size, args.output)
-        else:
-            export_torchscript(folded, args.output)
-    with open(sidecar(args.output), "w") as f:
-        json.dump({"classes": classes, "image_size": image_size, "mean": IMAGENET_MEAN,
-                   "std": IMAGENET_STD, **model.settings()}, f, indent=2)
+    try:
+        with torch.no_grad():
+            model_bytes = (export_onnx(folded, image_size) if args.format == "onnx"
+                           else export_torchscript(folded))
+        write_export(args.output, model_bytes, {
+            "classes": classes, "image_size": image_size, "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD, **model.settings()})
+    except OSError as error:
+        print(f"error: could not write {args.output} and {sidecar(args.output)} "
+              f"({error.strerror}); both files there are as they were. Free disk space, then run "
+              f"the same command again", file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as error:
+        if not out_of_memory(error):
+            raise
+        print(f"error: out of memory ({str(error).splitlines()[0][:200]}); lower --image-size "
+              f"(now {image_size})", file=sys.stderr)
+        return 1
     print(f"wrote {args.output} ({args.format}: images B x 3 x {image_size} x {image_size} -> "
           f"scores B x {len(classes)}, logits) and {sidecar(args.output)} (class names)")
     return 0

@@ -40,6 +40,7 @@ def datasets(args):
         args.images or os.path.join(args.data, "images"),
         # --classes, else the checkpoint's (-e / --resume), else every label of the CSVs
         classes=custom.parse_classes(args.classes) if args.classes else args.checkpoint_classes,
+        classes_from="--classes" if args.classes else f"the class list of {args.resume}",
         name=os.path.basename(os.path.abspath(args.data)),
         train_transform=train_transform_of(args),
         test_transform=eval_transform(args.image_size, args.fast_pipeline),

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import custom
 from downloads import download
-from util import DSDLError
+from util import DSDLError, atomic_write
 
 DIM = 300
 GLOVE_ZIP = "glove.840B.300d.zip"  # 2.0 GB; holds glove.840B.300d.txt (5.6 GB, 2.2M cased words)
@@ -113,12 +113,11 @@ def class_vectors(classes, glove_path):
 
 def save_vectors(vectors, path):
     """.npy (default), or a pickled numpy array like the standard files when `path` ends .pkl."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".pkl"):
-        with open(path, "wb") as f:
+    with atomic_write(path) as f:  # whole or not at all: an older file stays as it was
+        if path.endswith(".pkl"):
             pickle.dump(vectors, f, protocol=3)
-    else:
-        np.save(path, vectors, allow_pickle=False)
+        else:
+            np.save(f, vectors, allow_pickle=False)
 
 
 def main(argv=None):
@@ -133,7 +132,11 @@ def main(argv=None):
         elif not os.path.isfile(glove):
             raise DSDLError(f"--glove {glove}: no such file")
         vectors = class_vectors(classes, glove)
-        save_vectors(vectors, args.output)
+        try:
+            save_vectors(vectors, args.output)
+        except OSError as error:
+            raise DSDLError(f"could not write {args.output} ({error.strerror}); the file there "
+                            f"is as it was. Free disk space, then run the same command again") from error
     except DSDLError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -21,6 +21,7 @@ if __name__ == "__main__":  # parse before importing torch: --help and bad optio
 import argparse
 import collections
 import csv
+import errno
 import json
 import os
 from typing import NamedTuple
@@ -36,8 +37,10 @@ import checkpoints
 import make_embeddings
 import models
 from distributed import resolve_device
-from embeddings import load_embeddings, standard_embeddings
-from util import DSDLError, eval_transform, load_image, user_message, write_error
+from embeddings import check_same_vectors, load_embeddings, standard_embeddings
+from report import save_figure
+from util import (DSDLError, atomic_write, eval_transform, load_image, out_of_memory,
+                  user_message, write_error)
 from coco import COCO_CLASSES
 from voc import VOC_CLASSES
 
@@ -120,12 +123,23 @@ def load_model(args):
     weights = checkpoints.checkpoint_weights(checkpoint)
     stored = checkpoint.get("args") or {}
     known = DATASETS.get(args.dataset)
+    if known and checkpoint.get("classes") and list(checkpoint["classes"]) != known.classes:
+        raise DSDLError(f"--dataset {args.dataset} names other classes than the "
+                        f"{len(checkpoint['classes'])} {args.resume} was trained on "
+                        f"({', '.join(checkpoint['classes'][:4])}, ...); leave out --dataset, "
+                        f"which is for checkpoints that store no class names")
     trained = checkpoint.get("classes") or (known.classes if known else None)
     model_name = stored.get("model") or "dsdl"
     vectors = models.needs_class_vectors(model_name)
     if args.classes and not vectors:
         raise DSDLError(f"{args.resume} is a {model_name} model, which scores its training classes "
                         f"only: --classes needs a DSDL checkpoint (its labels come from word vectors)")
+    unused = [option for option, value in (("--lambd", args.lambd), ("--embeddings", args.embeddings))
+              if value is not None]
+    if unused and not vectors:  # refused rather than ignored
+        raise DSDLError(f"{args.resume} is a {model_name} model, which has no class vectors and no "
+                        f"lambda: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} for DSDL "
+                        f"checkpoints; leave {'it' if len(unused) == 1 else 'them'} out")
     if args.classes:
         classes, semantics = label_vectors(args)
         warn_zero_shot(classes, trained, args.resume)
@@ -134,12 +148,16 @@ def load_model(args):
         if not classes:
             raise DSDLError(f"{args.resume} stores no class names (a checkpoint of the authors' "
                             f"release?); pass --dataset voc or --dataset coco")
+        if semantics is not None and args.embeddings:
+            check_same_vectors(args.embeddings, semantics, args.resume,
+                               "to score labels from other vectors, name them with --classes")
         if semantics is None and vectors:  # the release stores none: the dataset's standard ones
             if not (args.embeddings or known):
                 raise DSDLError(f"{args.resume} stores no class vectors; pass --embeddings or --dataset")
             semantics = load_embeddings(args.embeddings or standard_embeddings(known.embeddings),
                                         num_classes=len(classes))
-    lambd = args.lambd or stored.get("lambd") or (known.lambd if known else None)
+    lambd = (checkpoint_setting("--lambd", args.lambd, stored.get("lambd"))
+             or (known.lambd if known else None))
     if lambd is None and vectors:
         raise DSDLError(f"{args.resume} does not say its lambda; pass --lambd or --dataset")
     arch = (checkpoint_setting("--arch", args.arch, stored.get("arch") or checkpoint.get("arch"))
@@ -156,11 +174,21 @@ def load_model(args):
 
 def find_images(inputs):
     """(path, None) for each image of the command line, folders searched recursively in sorted
-    order, and (input, problem) for an input that is neither a file nor a folder."""
+    order (linked folders followed, each folder once), and (input, problem) for an input that is
+    neither a file nor a folder, or a folder that cannot be read."""
     found = []
+
+    def unreadable(error):
+        found.append((error.filename, f"cannot read this folder: {error.strerror.lower()}"))
+
     for entry in inputs:
         if os.path.isdir(entry):
-            for folder, subfolders, files in os.walk(entry):
+            seen = set()  # real paths: a link back up the tree is not a loop
+            for folder, subfolders, files in os.walk(entry, onerror=unreadable, followlinks=True):
+                if os.path.realpath(folder) in seen:
+                    subfolders.clear()
+                    continue
+                seen.add(os.path.realpath(folder))
                 subfolders.sort()
                 found += [(os.path.join(folder, name), None) for name in sorted(files)
                           if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
@@ -245,7 +273,7 @@ def save_class_maps(path, maps, predictions, classes, folder, stem):
         c = classes.index(prediction["label"])
         figure = class_map_figure(image, maps[c], prediction["label"], prediction["probability"])
         written.append(os.path.join(folder, f"{stem}_{prediction['label'].replace(os.sep, '_')}.png"))
-        figure.savefig(written[-1])
+        save_figure(figure, written[-1])
     return written
 
 
@@ -295,9 +323,14 @@ def format_results(results):
     return "\n".join(lines)
 
 
+def write_json(results, path):
+    with atomic_write(path, "w") as f:
+        json.dump(results, f, indent=2)
+
+
 def write_csv(results, path):
     """One row per predicted label: image,label,probability,score."""
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, "w") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "label", "probability", "score"])
         for result in results:
@@ -326,6 +359,7 @@ def check_writable(option, path, folder=False):
 def main(argv=None):
     """Returns the exit status: 0, or 1 when something (an image, the checkpoint) failed."""
     args = options.predict_parser().parse_args(argv)
+    image_size = args.image_size  # the checkpoint's, once it is read
     try:
         args.device = resolve_device(args.device)
         for option, path in (("--json", args.json), ("--csv", args.csv), ("--cam", args.cam)):
@@ -341,17 +375,39 @@ def main(argv=None):
     except DSDLError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 1
+    except (RuntimeError, MemoryError) as error:
+        if not out_of_memory(error):
+            raise
+        print(f"error: out of memory ({str(error).splitlines()[0][:200]}); lower -b/--batch-size "
+              f"(now {args.batch_size}) or --image-size (now {image_size})", file=sys.stderr)
+        return 1
+    except OSError as error:  # a class map that did not fit on the disk
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        print(f"error: could not write a class map in {args.cam} ({error.strerror}); the maps "
+              f"already there are whole. Free disk space, then run the same command again",
+              file=sys.stderr)
+        return 1
     results = [next(predicted) if problem is None else
                {"image": path, "error": problem, "predictions": []} for path, problem in found]
     for result in results:
         if "error" in result:
             print(f"warning: skipped {result['image']}: {result['error']}", file=sys.stderr)
     print(format_results(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    if args.csv:
-        write_csv(results, args.csv)
+    if args.cam:
+        maps = sum(len(result["predictions"]) for result in results)
+        print(f"{maps} class map(s) written to {args.cam}" if maps else
+              f"note: --cam {args.cam}: no map written, since no image has a predicted label (a "
+              f"map is drawn for each); pass --top-k K or a lower --threshold", file=sys.stderr)
+    for path, write in ((args.json, write_json), (args.csv, write_csv)):
+        try:
+            if path:
+                write(results, path)
+        except OSError as error:
+            print(f"error: could not write {path} ({error.strerror}); the file there is as it "
+                  f"was, and the results are printed above. Free disk space, then run the same "
+                  f"command again", file=sys.stderr)
+            return 1
     return int(any("error" in result for result in results) or not results)
 
 

@@ -200,6 +200,7 @@ def report_split(args, test_set, metrics, record, source, log, table):
     """Print one evaluation of the test split, append its record to the file `log` and save its
     table as `table`, both in the run folder; returns the log's path."""
     log = os.path.join(args.checkpoint_dir, log)
+    record["images"] = len(test_set)  # what the scores are over: records stay comparable
     report_evaluation(
         metrics, [str(name) for name in test_set.classes],
         table_title(args, test_set, record["epoch"], source), test_set.benchmark,
@@ -221,9 +222,18 @@ def append_record(path, record):
             return [clean(v) for v in value]
         return value
 
+    line = memoryview((json.dumps({key: clean(value) for key, value in record.items()}) + "\n").encode())
     drop_partial_last_line(path)
-    with open(path, "a") as f:
-        f.write(json.dumps({key: clean(value) for key, value in record.items()}) + "\n")
+    with open(path, "ab", buffering=0) as f:
+        size = f.seek(0, os.SEEK_END)
+        try:
+            while line:  # unbuffered: a write may take part of the line
+                line = line[f.write(line):]
+        except OSError:  # a full disk: the log as it was, not a half line
+            os.ftruncate(f.fileno(), size)
+            if size == 0:
+                os.remove(path)
+            raise
 
 
 def nan_for_null(value):
@@ -321,8 +331,14 @@ def plot_curves(log_path, out_dir, classes=None):
     last = max(reversed(records), key=lambda record: record["epoch"])
     paths = os.path.join(out_dir, "curves.png"), os.path.join(out_dir, "per_class_ap.png")
     for figure, path in zip((curves_figure(records), per_class_ap_figure(last, classes)), paths):
-        figure.savefig(path)
+        save_figure(figure, path)
     return paths
+
+
+def save_figure(figure, path):
+    """A figure as a PNG file, written whole or not at all (atomic_write)."""
+    with atomic_write(path) as f:
+        figure.savefig(f, format="png")
 
 
 class TensorBoardLog:
@@ -386,6 +402,8 @@ def reproduction_block(folder):
     """The Markdown a user pastes when they report a reproduction: what produced the run, its
     best and last epochs, and the paper's row with the difference."""
     log = os.path.join(folder, METRICS_LOG)
+    if not os.path.isdir(folder):
+        raise DSDLError(f"{folder}: no such folder; pass the --checkpoint-dir of a training run")
     if not os.path.isfile(log):
         raise DSDLError(f"{folder} holds no {METRICS_LOG}: pass the --checkpoint-dir of a training run")
     records = sorted(read_metrics(log), key=lambda record: record["epoch"])

@@ -1,7 +1,10 @@
 """A run's folder and its lock, its checks before anything is read or written, and how the
-entry scripts end: a user's mistake in one `error:` line (exit status 1), Ctrl-C in a line that
-says how to go on (exit status 130).
+entry scripts end: a user's mistake, a full disk or a lack of memory in one `error:` line (exit
+status 1), Ctrl-C or a scheduler's SIGTERM in a line that says how to go on (exit status 130,
+143).
 """
+import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -13,10 +16,11 @@ import torch
 
 import trunks
 import options
-from checkpoints import BEST, CHECKPOINT, load_checkpoint, resume_advice
+from checkpoints import BEST, CHECKPOINT, load_checkpoint, resume_advice, split_change
 from distributed import resolve_device
 from report import METRICS_LOG
-from util import DSDLError, user_message, write_error
+from util import (MADE_FOLDERS, DSDLError, make_folders, out_of_memory, remove_made_folders,
+                  user_message, write_error)
 
 LOCK = "run.lock"                   # the pid of the run writing into the folder
 RUN_FILES = (CHECKPOINT, BEST, METRICS_LOG)
@@ -28,11 +32,12 @@ RUN_FILES = (CHECKPOINT, BEST, METRICS_LOG)
 
 
 def prepare_run_folder(folder):
-    """The run folder exists and can be written to: found before anything trains."""
+    """The run folder exists and can be written to: found before anything trains. A folder made
+    here is removed again if the command fails before writing into it."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise DSDLError(f"--checkpoint-dir {folder} is a file, not a folder; pass a folder")
     try:
-        os.makedirs(folder, exist_ok=True)
+        make_folders(folder)
     except OSError as error:
         raise DSDLError(f"cannot create --checkpoint-dir {folder} ({error.strerror}); pass a "
                         f"folder you can write to") from error
@@ -51,6 +56,12 @@ def check_run_folder(args, checkpoint):
     resumed = os.path.abspath(args.resume) if args.resume else None
     present = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))
                and os.path.abspath(os.path.join(folder, name)) != resumed]
+    if present == [METRICS_LOG]:  # a run that never saved an epoch (its first checkpoint failed)
+        log = os.path.join(folder, METRICS_LOG)
+        print(f"note: {log} is the log of a run that saved no epoch (its first checkpoint was "
+              f"not written); this run starts it again")
+        os.remove(log)
+        present = []
     if not args.resume:
         if present:
             way_on = (f"To continue it, pass --resume {last}; to" if os.path.isfile(last) else "To")
@@ -92,6 +103,14 @@ class RunLock:
         self.file = None
 
     def acquire(self):
+        try:
+            self.lock()
+        except OSError as error:  # a full disk, a quota: before anything else is written
+            self.release()
+            raise DSDLError(f"cannot write {self.path} ({error.strerror}); free disk space in "
+                            f"{self.folder}, then run the same command again") from error
+
+    def lock(self):
         while True:
             lock_file = open(self.path, "a+")  # a+: never truncates what another run wrote
             try:
@@ -109,6 +128,7 @@ class RunLock:
             except FileNotFoundError:
                 pass
             lock_file.close()
+        self.file = lock_file  # locked: `release` removes it, also if the write below fails
         lock_file.seek(0)
         left = lock_file.read().split()
         if left:
@@ -116,12 +136,12 @@ class RunLock:
         lock_file.truncate(0)
         lock_file.write(f"{os.getpid()} {socket.gethostname()}\n")
         lock_file.flush()
-        self.file = lock_file
 
     def release(self):
         if self.file is not None:
             os.remove(self.path)  # while still locked: the next run finds no file, or its own
-            self.file.close()
+            with contextlib.suppress(OSError):  # a pid that a full disk did not take: no matter
+                self.file.close()
             self.file = None
 
 
@@ -200,18 +220,43 @@ def check_datasets(datasets, checkpoint, args):
         raise DSDLError(f"{args.resume} is a run on {trained_on['name']}, not {test.name}: --resume "
                         f"continues a run on its own dataset. To start a {test.name} run from its "
                         f"weights, use --init-from {args.resume}")
+    if not args.evaluate:
+        check_same_splits(trained_on, datasets, args.resume)
+
+
+def check_same_splits(trained_on, datasets, resume):
+    """--resume on the splits the run was trained on: its best mAP was measured on its
+    evaluation split, and a score on other images is not comparable (refused); other training
+    images are the user's choice (a warning)."""
+    change = split_change(trained_on, datasets.test, trained_on.get("evaluated"))
+    if change:
+        raise DSDLError(f"the evaluation split differs from the one {resume} was selected on "
+                        f"({change}): its best mAP is no longer comparable, so --resume cannot "
+                        f"continue the run. To start a new run from its weights on these images, "
+                        f"use --init-from {resume} --checkpoint-dir NEW_FOLDER")
+    change = split_change(trained_on, datasets.train) if datasets.train is not None else None
+    if change:
+        warnings.warn(f"the {datasets.train.split} split differs from the one {resume} was "
+                      f"trained on ({change}); training continues on this one", stacklevel=2)
 
 
 # --------------------------------------------------------------------------------------------
 # Interruptions, errors and how the scripts end
 # --------------------------------------------------------------------------------------------
 
-INTERRUPTS = []  # the Ctrl-Cs that main() has seen
+INTERRUPTS = []  # the signals of STOP_SIGNALS that main() has seen
+# What ends a run from outside: Ctrl-C (SIGINT); a scheduler's pre-emption or time limit
+# (SIGTERM, and SIGXCPU for a CPU-time limit); a closed terminal or ssh session (SIGHUP). Each
+# stops the run as Ctrl-C does, with the command that continues it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGXCPU)
+# Disk errors a write can end in: reported as one line naming the folder and the way on.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def stop_if_interrupted():
-    """Stop at the next batch after a Ctrl-C: its KeyboardInterrupt is raised wherever the main
-    process is, and Python swallows one that lands in a finaliser (with a message)."""
+    """Stop at the next batch after a signal of STOP_SIGNALS: its KeyboardInterrupt is raised
+    wherever the main process is, and Python swallows one that lands in a finaliser (with a
+    message)."""
     if INTERRUPTS:
         raise KeyboardInterrupt
 
@@ -228,48 +273,95 @@ def non_finite_loss_advice(error, folder):
 
 
 def ignore_interrupts(worker_id):
-    """Ctrl-C is for the main process, which stops the run and says how to resume; a loader
-    worker that died of it first would turn that into a DataLoader error."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Ctrl-C and the other signals of STOP_SIGNALS are for the main process, which stops the
+    run and says how to resume; a loader worker that died of one first would turn that into a
+    DataLoader error. SIGTERM stays deadly: it is also how the DataLoader and multiprocessing end
+    their workers (a worker that ignored it would hang the exit); a worker that dies of a
+    scheduler's SIGTERM is no error once the main process has its own (see run_command)."""
+    for signum in STOP_SIGNALS:
+        if signum != signal.SIGTERM:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def way_on(args):
+    """What to run after this command stopped part-way."""
+    if args.evaluate:
+        return "run the same command again"
+    return resume_advice(args.checkpoint_dir or args.run_folder)
+
+
+def stopped_message(signum, args):
+    """The line a run stopped by a signal ends with."""
+    if signum in (None, signal.SIGINT):
+        what = "interrupted"
+    else:
+        what = f"stopped by {signal.Signals(signum).name}"
+    if args.evaluate:
+        return f"{what}; the evaluation did not finish: run the same command again"
+    return f"{what}; {way_on(args)}"
+
+
+def failure_message(error, args):
+    """The one line for an error the user can act on that is not a DSDLError (a full disk, the
+    memory), or None for a bug (which keeps its traceback)."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        folder = args.checkpoint_dir or args.run_folder
+        return (f"could not write into {folder} ({error.strerror}); the files there that were "
+                f"complete still are. Free disk space there (or pass a --checkpoint-dir on "
+                f"another disk), then {way_on(args)}")
+    if out_of_memory(error):
+        return (f"out of memory ({str(error).splitlines()[0][:200]}); lower -b/--batch-size "
+                f"(now {args.batch_size}) or --image-size (now {args.image_size}), then "
+                f"{way_on(args)}")
+    return None
 
 
 def run_command(run, args):
-    """`run()` for the main_*.py scripts: a user's mistake ends in one `error:` line
-    (exit status 1), Ctrl-C in a line saying how to go on (exit status 130)."""
+    """`run()` for the main_*.py scripts: a user's mistake, a full disk or a lack of memory ends
+    in one `error:` line (exit status 1); Ctrl-C, and the other signals of STOP_SIGNALS, in a
+    line saying how to go on (exit status 128 + the signal's number: 130 for Ctrl-C, 143 for
+    SIGTERM)."""
     formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
-    # Ctrl-C reaches the whole process group, loader workers included: they ignore it (this
-    # handler does nothing in a forked worker, `ignore_interrupts` once it runs), and in the
-    # main process whatever error follows an interrupt is taken for the interrupt.
+    # Ctrl-C reaches the whole process group, loader workers included, and a scheduler signals
+    # every process of a job: the workers ignore these (this handler does nothing in a forked
+    # worker, `ignore_interrupts` once it runs), and in the main process whatever error follows
+    # a signal is taken for the signal.
     INTERRUPTS.clear()
+    MADE_FOLDERS.clear()
     main_process = os.getpid()
 
     def interrupt(signum, frame):
         if os.getpid() != main_process:  # a loader worker, forked with this handler: ignore it
             return
         INTERRUPTS.append(signum)
+        # Workers that die of the same SIGTERM (a scheduler signals every process of a job)
+        # must not be reported by the DataLoader's SIGCHLD handler: this signal stops the run.
+        child_handler.append(signal.signal(signal.SIGCHLD, signal.SIG_DFL))
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, interrupt)
+    child_handler = []  # the SIGCHLD handler (the DataLoader's) that a signal set aside
+    previous = {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS}
     try:
         return run()
     except (KeyboardInterrupt, Exception) as error:
+        remove_made_folders()  # a start that failed leaves no empty folder behind
+        signum = INTERRUPTS[0] if INTERRUPTS else None
         if not (INTERRUPTS or isinstance(error, KeyboardInterrupt)):
-            if not isinstance(error, DSDLError):
+            message = user_message(error) if isinstance(error, DSDLError) else failure_message(error, args)
+            if message is None:
                 raise
             if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank stops with it
-                print(f"error: {user_message(error)}", file=sys.stderr)
+                print(f"error: {message}", file=sys.stderr)
             sys.exit(1)
-        if args.evaluate:
-            print("\ninterrupted; the evaluation did not finish: run the same command again",
-                  file=sys.stderr)
-        else:
-            print(f"\ninterrupted; {resume_advice(args.checkpoint_dir or args.run_folder)}",
-                  file=sys.stderr)
-        sys.exit(130)
+        print(f"\n{stopped_message(signum, args)}", file=sys.stderr)
+        sys.exit(128 + (signum or signal.SIGINT))
     finally:
         INTERRUPTS.clear()
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if child_handler and child_handler[0] is not None:
+            signal.signal(signal.SIGCHLD, child_handler[0])
         warnings.formatwarning = formatwarning
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

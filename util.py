@@ -364,6 +364,9 @@ def _unreadable(path, error, upright):
         return DSDLError(f"cannot read image {path} ({error}). The image is larger than PIL's "
                          f"limit of Image.MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS:,}) pixels (PIL "
                          f"refuses twice that, a guard against decompression bombs); downscale it.")
+    if isinstance(error, PermissionError):
+        return DSDLError(f"cannot read {path}: permission denied; make it readable "
+                         f"(chmod a+r) or run as a user who may read it")
     if upright:  # the user's own file (predict.py, CSV datasets): no archive to restore it from
         fix = "check that it opens in an image viewer, then copy or export it again"
     else:
@@ -483,9 +486,43 @@ def write_error(folder):
 
 
 def check_images_exist(paths, what):
-    """One stat per image, when a dataset is built: a missing image is found before training."""
+    """One stat and one access check per image, when a dataset is built: a missing or unreadable
+    image is found before training, not an epoch later."""
     missing = [path for path in paths if not os.path.isfile(path)]
     if missing:
         raise DSDLError(f"{len(missing)} of the {len(paths)} images of {what} are missing, e.g. "
                         f"{', '.join(missing[:3])}. Restore them, or move the dataset folder "
                         f"away to download it again.")
+    unreadable = [path for path in paths if not os.access(path, os.R_OK)]
+    if unreadable:
+        more = f" (and {len(unreadable) - 1} more of {what})" if len(unreadable) > 1 else ""
+        raise DSDLError(f"cannot read {unreadable[0]}: permission denied{more}; make the images "
+                        f"readable (chmod a+r) or run as a user who may read them")
+
+
+MADE_FOLDERS = []  # folders this process created (make_folders), in the order made
+
+
+def make_folders(path):
+    """os.makedirs(path, exist_ok=True), remembering each folder it creates, so that a run that
+    fails before writing anything leaves no empty folder behind (`remove_made_folders`)."""
+    missing, head = [], os.path.abspath(path)
+    while not os.path.exists(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    os.makedirs(path, exist_ok=True)
+    MADE_FOLDERS.extend(reversed(missing))
+
+
+def remove_made_folders():
+    """Remove the folders `make_folders` created that are still empty, deepest first."""
+    for folder in reversed(MADE_FOLDERS):
+        with contextlib.suppress(OSError):  # not empty: something was written there, keep it
+            os.rmdir(folder)
+    MADE_FOLDERS.clear()
+
+
+def out_of_memory(error):
+    """Whether `error` says that the CPU's or a GPU's memory ran out."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))

@@ -1,5 +1,7 @@
 """What every test shares: small data the tests make (a tiny VOCdevkit tree with visually
 distinct classes), the small command line of the runs, and an offline environment."""
+import builtins
+import errno
 import os
 import sys
 import urllib.error
@@ -99,6 +101,60 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     monkeypatch.setattr(torch.hub, "urlopen", no_network, raising=False)
+
+
+def fill_disk(monkeypatch, module, room):
+    """Make the files that `module` opens behave as on a disk with `room` bytes left: a write
+    beyond that writes what fits, then fails with ENOSPC (the disk filled up part-way)."""
+    left = [room]
+    real_open = open
+
+    class Filling:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if len(data) > left[0]:
+                self.f.write(data[:left[0]])
+                left[0] = 0
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            left[0] -= len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exception):
+            self.f.close()
+
+    monkeypatch.setattr(module, "open", lambda *args, **kwargs: Filling(real_open(*args, **kwargs)),
+                        raising=False)
+
+
+def unreadable(monkeypatch, path):
+    """Take read permission away from the file or folder at `path`. Root reads whatever the
+    permission bits say, so for root the refusal a user would meet is made by hand: os.access,
+    open and os.scandir refuse that path as they would refuse that user."""
+    os.chmod(path, 0)
+    if os.geteuid() != 0:
+        return
+    path = os.path.abspath(path)
+
+    def refuse(real):
+        def call(target, *args, **kwargs):
+            if isinstance(target, (str, bytes, os.PathLike)) and os.path.abspath(target) == path:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(target))
+            return real(target, *args, **kwargs)
+        return call
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda target, mode, *args, **kwargs: (
+        False if os.path.abspath(target) == path else real_access(target, mode, *args, **kwargs)))
+    monkeypatch.setattr(os, "scandir", refuse(os.scandir))
+    monkeypatch.setattr(builtins, "open", refuse(builtins.open))
 
 
 def call_main(main, argv):

@@ -105,6 +105,15 @@ def test_zero_shot_labels_need_a_dsdl_checkpoint(baseline_run, tmp_path, capsys)
     assert "--classes needs a DSDL checkpoint" in capsys.readouterr().err
 
 
+def test_dsdl_options_given_for_a_baseline_are_refused_not_ignored(baseline_run, capsys):
+    data, folder = baseline_run
+    best = str(folder / checkpoints.BEST)
+    assert predict.main([data, "--resume", best, "--lambd", "1", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == (f"error: {best} is a baseline model, which has no class "
+                                       f"vectors and no lambda: --lambd is for DSDL checkpoints; "
+                                       f"leave it out\n")
+
+
 def test_the_papers_baseline_row_is_shown_next_to_a_baseline_in_the_papers_setting():
     metrics = {"AP": [90.0] * 20, "mAP": 91.0}
     table = results_table(metrics, list(VOC_CLASSES), "voc2007", ("baseline", "resnet101", 448, "test"))

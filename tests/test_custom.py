@@ -10,7 +10,7 @@ import custom
 import checkpoints
 import runs
 import main_custom
-from conftest import class_image
+from conftest import call_main, class_image
 from models import DSDL
 from report import plot_curves, read_metrics
 from util import compute_metrics, eval_transform
@@ -108,7 +108,7 @@ def test_malformed_rows_are_reported_with_line_numbers_before_training(tmp_path,
                           "--checkpoint-dir", str(run_dir)])
     err = capsys.readouterr().err
     assert "4 problem(s)" in err and f"line {first + 3}: expected 2 fields" in err
-    assert "bird" not in err and not os.listdir(run_dir)
+    assert "bird" not in err and not run_dir.exists()  # made, and removed again with nothing in it
 
 
 def test_own_dataset_needs_class_vectors(tmp_path, capsys):
@@ -213,3 +213,17 @@ def test_evaluation_takes_the_checkpoints_class_list_when_the_test_csv_lacks_a_c
     assert code is None
     (record,) = read_metrics(tmp_path / "out" / "eval_cats.jsonl")  # named after the CSV
     assert len(record["AP"]) == len(CLASSES) and record["num_classes_ap"] == 1  # only cat has positives
+
+
+def test_a_label_outside_the_checkpoints_classes_names_the_checkpoint_not_classes(
+        trained, tmp_path, capsys):
+    root, written, _, _ = trained
+    checkpoint = root / "checkpoints" / checkpoints.CHECKPOINT
+    horses = tmp_path / "horses.csv"
+    horses.write_text(f"image,labels\n{written['test'][0][0]},horse\n")
+    assert call_main(main_custom.main, [str(root), *COMMON, "-e", "--resume", str(checkpoint),
+                                        "--test-csv", str(horses),
+                                        "--checkpoint-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"{horses}, line 2: unknown class 'horse' (not in the class list of {checkpoint})" in err
+    assert "--classes" not in err and not (tmp_path / "out").exists()

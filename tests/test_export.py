@@ -11,6 +11,8 @@ from PIL import Image
 
 import export
 import predict
+import util
+from conftest import fill_disk
 from models import ridge_projection
 from test_predict import IMAGE_SIZE, direct_input, trained  # noqa: F401 (trained: a fixture)
 from voc import VOC_CLASSES
@@ -137,3 +139,20 @@ def test_onnx_without_its_packages_says_what_to_install(trained, tmp_path, capsy
     assert capsys.readouterr().err == ("error: --format onnx needs the packages onnx, onnxscript: "
                                        "pip install -r requirements-export.txt\n")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.filterwarnings(TORCHSCRIPT_DEPRECATED)
+def test_an_export_onto_a_disk_that_fills_up_leaves_the_previous_model_and_its_classes(
+        trained, tmp_path, capsys, monkeypatch):
+    """TorchScript (ONNX's bytes take the same way to the disk, export.write_export)."""
+    out = tmp_path / "model.bin"
+    out.write_bytes(b"the user's working model")
+    (tmp_path / "model.bin.classes.json").write_text('{"classes": ["theirs"]}')
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    fill_disk(monkeypatch, util, 100_000)  # room for the classes, not for the model
+    assert export.main(["--resume", trained[0], "--format", "torchscript", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: could not write {out} and {out}.classes.json (No space left on "
+                   f"device); both files there are as they were. Free disk space, then run the "
+                   f"same command again\n")
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before

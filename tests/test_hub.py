@@ -1,6 +1,7 @@
 """hubconf.py through torch.hub.load(source="local"): a trained model ready for inference, with
 its class names and its input transform; nothing is downloaded."""
 import os
+import re
 import sys
 
 import numpy as np
@@ -71,3 +72,30 @@ def test_resnet101_entry_refuses_another_resnet(trained):
     with pytest.raises(DSDLError, match="holds a DSDL resnet18, not a resnet101: load it with "
                                         "the entry point 'dsdl'"):
         torch.hub.load(ROOT, "dsdl_resnet101", source="local", checkpoint=trained[0])
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"lambd": -1.0}, "argument lambd: must be a positive number, got -1.0"),
+    ({"lambd": 0}, "argument lambd: must be a positive number, got 0"),
+    ({"image_size": 64.5}, "argument image_size: '64.5' is not an integer"),
+    ({"dataset": "imagenet"}, "argument dataset: invalid choice: 'imagenet'"),
+    ({"embeddings": "a.npy", "classes_from_glove": "glove.txt"},
+     "argument classes_from_glove: not allowed with argument embeddings"),
+])
+def test_entry_point_arguments_are_checked_as_predict_checks_its_options(trained, given, message):
+    with pytest.raises(DSDLError, match=re.escape(f"dsdl(): {message}")):
+        torch.hub.load(ROOT, "dsdl", source="local", checkpoint=trained[0], **given)
+
+
+def test_an_image_size_given_as_text_is_the_number_as_on_the_command_line(trained, recwarn):
+    loaded = torch.hub.load(ROOT, "dsdl", source="local", checkpoint=trained[0],
+                            image_size=str(IMAGE_SIZE))
+    assert loaded.image_size == IMAGE_SIZE and not recwarn.list
+
+
+def test_embeddings_other_than_the_checkpoints_are_refused_not_ignored(trained, tmp_path):
+    checkpoint, model, _ = trained
+    np.save(tmp_path / "other.npy", model.semantics.numpy() + 1)
+    with pytest.raises(DSDLError, match="holds other class vectors than"):
+        torch.hub.load(ROOT, "dsdl", source="local", checkpoint=checkpoint,
+                       embeddings=str(tmp_path / "other.npy"))

@@ -14,8 +14,9 @@ import checkpoints
 import options
 import predict
 import torchvision
+import util
 from trunks import RELEASE_RESNETS
-from conftest import class_image
+from conftest import class_image, fill_disk, unreadable
 from models import DSDL
 from util import DSDLError
 from voc import VOC_CLASSES
@@ -441,3 +442,86 @@ def test_labels_without_their_vectors_are_an_error_before_the_checkpoint_loads(
     assert run([trained[2][0], *argv], trained[0]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+# ---- nothing lost, nothing skipped without a word (issue 18) ---------------------------------
+
+@pytest.mark.parametrize("option", ["--json", "--csv"])
+def test_results_that_do_not_fit_on_the_disk_leave_the_previous_file_and_are_printed(
+        trained, tmp_path, capsys, monkeypatch, option):
+    checkpoint, _, images = trained
+    previous = tmp_path / "prev.out"
+    previous.write_text("the scores of 2,000 images\n")
+    fill_disk(monkeypatch, util, 100)  # a tenth of what the results need
+    assert run([option, str(previous), *images], checkpoint) == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines()[-1] == (
+        f"error: could not write {previous} (No space left on device); the file there is as it "
+        f"was, and the results are printed above. Free disk space, then run the same command again")
+    assert all(path in out for path in images) and "Traceback" not in err
+    assert previous.read_text() == "the scores of 2,000 images\n"
+    assert os.listdir(tmp_path) == ["prev.out"]
+
+
+def test_running_out_of_memory_names_the_settings_to_lower(trained, capsys, monkeypatch):
+    checkpoint, _, images = trained
+
+    def huge_transform(image_size):
+        # What --image-size 20000 does to the allocator, without taking the machine's memory.
+        return lambda image: torch.empty(1 << 60, dtype=torch.uint8)
+
+    monkeypatch.setattr(predict, "eval_transform", huge_transform)
+    assert run(["-b", "2", *images], checkpoint) == 1
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # after the progress bar
+    assert last.startswith("error: out of memory (") and "Traceback" not in err
+    assert last.endswith(f"lower -b/--batch-size (now 2) or --image-size (now {IMAGE_SIZE})")
+
+
+def test_linked_folders_are_followed_once_and_unreadable_ones_and_images_reported(
+        trained, tmp_path, capsys, monkeypatch):
+    checkpoint, _, images = trained
+    photos, private = tmp_path / "photos", tmp_path / "photos" / "private"
+    os.makedirs(private)
+    os.makedirs(tmp_path / "elsewhere")
+    shutil.copy(images[0], tmp_path / "elsewhere" / "linked.jpg")
+    os.symlink(tmp_path / "elsewhere", photos / "link")
+    os.symlink(photos, photos / "loop")  # a link back up: followed once, not for ever
+    shutil.copy(images[1], photos / "locked.png")
+    shutil.copy(images[2], private / "hidden.jpg")
+    unreadable(monkeypatch, str(private))
+    unreadable(monkeypatch, str(photos / "locked.png"))
+    out = tmp_path / "out.json"
+    assert run(["--json", str(out), str(photos)], checkpoint) == 1
+    results = {r["image"]: r for r in json.loads(out.read_text())}
+    assert set(results) == {str(photos / "link" / "linked.jpg"), str(photos / "locked.png"),
+                            str(private)}
+    assert "error" not in results[str(photos / "link" / "linked.jpg")]
+    err = capsys.readouterr().err
+    assert f"warning: skipped {private}: cannot read this folder: permission denied" in err
+    assert (f"warning: skipped {photos / 'locked.png'}: cannot read {photos / 'locked.png'}: "
+            f"permission denied") in err
+
+
+def test_class_maps_that_none_of_the_images_gets_are_explained(trained, tmp_path, capsys):
+    checkpoint, _, images = trained
+    maps = tmp_path / "maps"
+    assert run(["--threshold", "1", "--cam", str(maps), *images], checkpoint) == 0
+    assert os.listdir(maps) == []
+    assert capsys.readouterr().err == (
+        f"note: --cam {maps}: no map written, since no image has a predicted label (a map is "
+        f"drawn for each); pass --top-k K or a lower --threshold\n")
+
+
+def test_embeddings_other_than_the_checkpoints_vectors_are_refused_the_same_ones_accepted(
+        trained, tmp_path, capsys):
+    checkpoint, model, images = trained
+    np.save(tmp_path / "same.npy", model.semantics.numpy())
+    np.save(tmp_path / "other.npy", model.semantics.numpy()[::-1])
+    assert run(["--embeddings", str(tmp_path / "same.npy"), images[0]], checkpoint) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert run(["--embeddings", str(tmp_path / "other.npy"), images[0]], checkpoint) == 1
+    assert capsys.readouterr().err == (
+        f"error: --embeddings {tmp_path / 'other.npy'} holds other class vectors than {checkpoint}: "
+        f"its dictionary was learned from the checkpoint's vectors, which are kept; leave out "
+        f"--embeddings to use them. To score labels from other vectors, name them with --classes\n")

@@ -2,10 +2,12 @@
 what produced it (in checkpoints, in metrics.jsonl, and `python report.py FOLDER`)."""
 import io
 import math
+import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 from PIL import Image
@@ -14,7 +16,8 @@ import checkpoints
 import runs
 import main_voc2007
 import report
-from conftest import ROOT, SMALL, call_main
+import util
+from conftest import ROOT, SMALL, call_main, fill_disk
 from report import append_record, curves_figure, per_class_ap_figure, plot_curves, read_metrics
 
 CLASSES = ["cat", "dog", "red car", "tree"]
@@ -116,6 +119,7 @@ def test_every_record_and_checkpoint_says_what_produced_it(voc_root, random_embe
         assert (run["torch"], run["torchvision"]) == (torch.__version__, torchvision.__version__)
         assert run["gpus"] == 0 and run["gpu"] is None and run["cuda"] is None  # on the CPU
     assert all(record["epoch_seconds"] > 0 for record in records)
+    assert [record["images"] for record in records] == [16, 16]  # what each mAP is over
     assert records[0]["settings"]["arch"] == "resnet18" and records[0]["settings"]["image_size"] == 64
 
 
@@ -152,3 +156,25 @@ def test_report_of_a_folder_without_a_log_is_one_error_line(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 1
     assert capsys.readouterr().err == (f"error: {tmp_path} holds no metrics.jsonl: pass the "
                                        f"--checkpoint-dir of a training run\n")
+
+
+def test_report_of_a_path_that_does_not_exist_says_so(tmp_path, capsys):
+    assert report.main([str(tmp_path / "typo")]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'typo'}: no such folder; pass the "
+                                       f"--checkpoint-dir of a training run\n")
+
+
+def test_a_record_or_plot_that_does_not_fit_on_the_disk_leaves_the_log_and_pictures_as_they_were(
+        tmp_path, monkeypatch):
+    log = tmp_path / "metrics.jsonl"
+    write_log(log, epochs=2)
+    plot_curves(log, tmp_path, CLASSES)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    record = {"epoch": 3, "split": "test", "mAP": 50.0, "AP": [50.0] * len(CLASSES)}
+    fill_disk(monkeypatch, report, 10)  # the record's line: 10 bytes of it fit
+    with pytest.raises(OSError, match="No space left on device"):
+        append_record(log, record)
+    fill_disk(monkeypatch, util, 1000)  # the pictures: a thousand bytes of one
+    with pytest.raises(OSError, match="No space left on device"):
+        plot_curves(log, tmp_path, CLASSES)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before

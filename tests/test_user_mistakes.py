@@ -5,6 +5,7 @@ message, and the files of the run folder byte for byte."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,10 @@ import engine
 import main_coco
 import main_voc2007
 import main_voc2012
-from conftest import ROOT, SMALL, call_main, offline_environment, rewrite_split_files, write_voc_tree
+import report
+import util
+from conftest import (ROOT, SMALL, call_main, fill_disk, offline_environment, rewrite_split_files,
+                      unreadable, write_voc_tree)
 from models import DSDL
 from report import read_metrics
 from util import DSDLError
@@ -169,7 +173,7 @@ def test_resuming_a_voc2007_run_as_voc2012_is_refused(trained, run_folder, tmp_p
     err = capsys.readouterr().err
     assert code == 1 and "is a run on VOC 2007, not VOC 2012" in err
     assert f"--init-from {run_folder / checkpoints.CHECKPOINT}" in err
-    assert not os.listdir(tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()  # made, and removed again with nothing in it
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of")  # no step is taken here
@@ -385,7 +389,7 @@ def test_a_missing_test_image_is_found_before_the_first_epoch(trained, tmp_path,
     assert main(root, *SMALL, "--embeddings", trained.embeddings, "--checkpoint-dir", tmp_path / "ck") == 1
     err = capsys.readouterr().err
     assert "1 of the 16 images of VOC 2007 test are missing" in err and missing in err
-    assert not os.listdir(tmp_path / "ck")  # found before anything trained
+    assert not (tmp_path / "ck").exists()  # found before anything trained
 
 
 @pytest.mark.parametrize("row", ["nan", "zeros"])
@@ -410,6 +414,13 @@ def test_a_failed_first_checkpoint_write_does_not_claim_an_intact_previous_one(t
     assert "could not write checkpoint" in err and "No space left on device" in err
     assert "no model_best.pth.tar was written" in err and "intact" not in err
     assert "start the run again (no epoch was saved yet)" in err
+    # That advice works: a folder where no epoch was saved holds no run, and the same command
+    # starts (here it is stopped as it begins to train).
+    monkeypatch.setattr(torch, "save", torch.serialization.save)
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGINT))
+    assert main(*trained.common, "--epochs", "1", "--checkpoint-dir", tmp_path / "ck") == 130
+    assert "is the log of a run that saved no epoch" in capsys.readouterr().out
+    assert not (tmp_path / "ck" / runs.METRICS_LOG).exists()
 
 
 def test_a_split_without_positives_says_no_model_can_be_selected(trained, tmp_path, capsys):
@@ -459,3 +470,204 @@ def test_every_option_has_a_help_text_that_says_its_default_once():
     for action in parser._actions:
         assert action.help and action.help.count("(default:") <= 1, action.option_strings
     assert "(default: None)" not in parser.format_help()
+
+
+# ---- outside the command line: the disk, the data, the scheduler, the files (issue 18) --------
+
+def test_a_lock_file_that_does_not_fit_on_the_disk_is_one_line_and_the_run_is_as_it_was(
+        trained, run_folder, monkeypatch, capsys):
+    before = fingerprint(run_folder)
+    fill_disk(monkeypatch, runs, 0)
+    assert main(*trained.common, "--epochs", "3", "--resume", run_folder / checkpoints.CHECKPOINT) == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot write {run_folder / runs.LOCK} (No space left on device); free disk space "
+        f"in {run_folder}, then run the same command again\n")
+    assert fingerprint(run_folder) == before
+
+
+def test_a_folder_without_room_for_an_epoch_is_refused_with_the_figures_before_it_trains(
+        trained, run_folder, tmp_path, monkeypatch, capsys):
+    before = fingerprint(run_folder)
+    free = 5 * 2 ** 20
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=free))
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *args, **kwargs: pytest.fail("trained"))
+    checkpoint = run_folder / checkpoints.CHECKPOINT
+    assert main(*trained.common, "--epochs", "3", "--resume", checkpoint) == 1
+    err = capsys.readouterr().err
+    figures = re.fullmatch(
+        rf"error: {re.escape(str(run_folder))} has 5 MB free, but an epoch of this run writes "
+        rf"about (\d+) MB \(checkpoints of about (\d+) MB each: the weights and the optimizer's "
+        rf"momentum\)\. Free disk space there, or pass a --checkpoint-dir on another disk\n", err)
+    needed, each = map(int, figures.groups())
+    assert each == pytest.approx(os.path.getsize(checkpoint) / 2 ** 20, rel=0.02)  # the estimate
+    assert needed == each + 1  # both files there: one at a time beside its old self, and the log
+    assert fingerprint(run_folder) == before
+    # A new run: two checkpoints, and the folder it made is removed again.
+    assert main(*trained.common, "--checkpoint-dir", tmp_path / "new" / "run") == 1
+    needed = int(re.search(r"writes about (\d+) MB", capsys.readouterr().err)[1])
+    assert abs(needed - (2 * each + 1)) <= 1  # rounded to whole MB
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_full_disk_under_evaluation_is_one_line_and_the_training_files_are_as_they_were(
+        trained, run_folder, monkeypatch, capsys):
+    before = fingerprint(run_folder)
+    fill_disk(monkeypatch, report, 0)  # the record of eval_test.jsonl
+    fill_disk(monkeypatch, util, 0)    # the table
+    assert main(*trained.common, "-e", "--resume", run_folder / checkpoints.BEST) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (  # after the progress bar
+        f"error: could not write into {run_folder} (No space left on device); the files there "
+        f"that were complete still are. Free disk space there (or pass a --checkpoint-dir on "
+        f"another disk), then run the same command again")
+    assert "Traceback" not in err
+    assert fingerprint(run_folder) == before
+
+
+@pytest.mark.parametrize("change, what", [
+    (lambda lines: lines[:12], "16 images then, 12 now"),
+    (lambda lines: ["000000" + lines[0][6:], *lines[1:]], "16 images then and now, but not the same ones"),
+])
+def test_resuming_on_another_test_split_is_refused_since_its_best_map_is_not_comparable(
+        trained, run_folder, tmp_path, capsys, change, what):
+    root = shutil.copytree(trained.root, tmp_path / "voc")
+    rewrite_split_files(root, "test", lambda name, lines: change(lines))
+    before = fingerprint(run_folder)
+    checkpoint = run_folder / checkpoints.CHECKPOINT
+    assert main(root, *trained.common[1:], "--epochs", "3", "--resume", checkpoint) == 1
+    assert capsys.readouterr().err == (
+        f"error: the evaluation split differs from the one {checkpoint} was selected on ({what}): "
+        f"its best mAP is no longer comparable, so --resume cannot continue the run. To start a "
+        f"new run from its weights on these images, use --init-from {checkpoint} --checkpoint-dir "
+        f"NEW_FOLDER\n")
+    assert fingerprint(run_folder) == before
+
+
+def test_resuming_on_another_training_split_is_a_warning(trained, run_folder, tmp_path, monkeypatch):
+    saved = torch.load(run_folder / checkpoints.CHECKPOINT, weights_only=True)["dataset"]
+    assert saved["sizes"] == {"trainval": 24, "test": 16} and saved["evaluated"] == "test"
+    assert set(saved["fingerprints"]) == {"trainval", "test"}
+    assert [record["images"] for record in read_metrics(run_folder / runs.METRICS_LOG)] == [16, 16]
+    root = shutil.copytree(trained.root, tmp_path / "voc")
+    rewrite_split_files(root, "trainval", lambda name, lines: lines[:16])
+    checkpoint = run_folder / checkpoints.CHECKPOINT
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.warns(UserWarning) as caught:  # then it trains: here stopped as it begins
+        assert main(root, *trained.common[1:], "--epochs", "3", "--resume", checkpoint) == 130
+    assert [str(w.message) for w in caught] == [
+        f"the trainval split differs from the one {checkpoint} was trained on (24 images then, "
+        f"16 now); training continues on this one"]
+
+
+@pytest.mark.parametrize("evaluate", [True, False])
+def test_class_vectors_other_than_the_checkpoints_are_refused_pointing_to_init_from(
+        trained, run_folder, tmp_path, capsys, evaluate):
+    other = tmp_path / "other.npy"
+    np.save(other, np.load(trained.embeddings)[::-1])
+    before = fingerprint(run_folder)
+    checkpoint = run_folder / checkpoints.CHECKPOINT
+    how = ["-e"] if evaluate else ["--epochs", "3"]
+    assert main(trained.root, *SMALL, "--embeddings", other, *how, "--resume", checkpoint) == 1
+    assert capsys.readouterr().err == (
+        f"error: --embeddings {other} holds other class vectors than {checkpoint}: its dictionary "
+        f"was learned from the checkpoint's vectors, which are kept; leave out --embeddings to "
+        f"use them. To start a new run from its weights with these vectors, use --init-from "
+        f"{checkpoint}\n")
+    assert fingerprint(run_folder) == before
+
+
+def test_a_schedulers_sigterm_says_how_to_resume_releases_the_lock_and_exits_143(trained, run_folder):
+    """A scheduler signals every process of the job, the loader workers too."""
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main_voc2007.py"), *trained.common, "-j", "1",
+         "--epochs", "50", "--resume", str(run_folder / checkpoints.CHECKPOINT)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**offline_environment(), "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith("training on"):
+            break
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == \
+        f"stopped by SIGTERM; continue with --resume {run_folder / checkpoints.CHECKPOINT}"
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    assert not (run_folder / runs.LOCK).exists()
+
+
+def test_a_closed_terminal_stops_the_run_as_ctrl_c_does(trained, run_folder, monkeypatch, capsys):
+    signum = signal.SIGHUP
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        pytest.fail("the signal did not stop the run")
+
+    monkeypatch.setattr(engine, "train_one_epoch", signalled)
+    before = fingerprint(run_folder)
+    checkpoint = run_folder / checkpoints.CHECKPOINT
+    assert main(*trained.common, "--epochs", "3", "--resume", checkpoint) == 128 + signum
+    assert capsys.readouterr().err.strip() == \
+        f"stopped by {signal.Signals(signum).name}; continue with --resume {checkpoint}"
+    assert fingerprint(run_folder) == before and not (run_folder / runs.LOCK).exists()
+
+
+def test_an_unreadable_image_is_found_at_start_up_and_said_to_be_permission_denied(
+        trained, tmp_path, monkeypatch, capsys):
+    root = shutil.copytree(trained.root, tmp_path / "voc")
+    locked = os.path.join(root, "VOCdevkit", "VOC2007", "JPEGImages", "000030.jpg")  # a test image
+    unreadable(monkeypatch, locked)
+    assert main(root, *trained.common[1:], "--checkpoint-dir", tmp_path / "ck") == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot read {locked}: permission denied; make the images readable (chmod a+r) "
+        f"or run as a user who may read them\n")
+    assert not (tmp_path / "ck").exists()  # found before anything was written
+
+
+def edited(checkpoint, damage):
+    if damage == "class vectors":
+        checkpoint["semantics"] = checkpoint["semantics"][:, :299]
+    elif damage == "epoch":
+        checkpoint["epoch"] = 2.5
+    else:
+        checkpoint["model"]["features.0.weight"][0, 0, 0, 0] = float("nan")
+    return checkpoint
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("class vectors", "its class vectors ('semantics') are (20, 299), but it names 20 classes, "
+                      "each with one 300-d vector; use another checkpoint"),
+    ("epoch", "its epoch is 2.5, not a number of finished epochs; use another checkpoint"),
+    ("NaN weights", "1 of its weights hold NaN or infinite values (features.0.weight); it cannot "
+                    "be trained on or evaluated. Use an earlier checkpoint of the run (its "
+                    "model_best.pth.tar, or a copy)"),
+])
+def test_an_edited_or_damaged_checkpoint_is_one_line_when_it_is_loaded(
+        trained, tmp_path, capsys, damage, message):
+    path = tmp_path / "edited.pth.tar"
+    torch.save(edited(torch.load(trained.run / checkpoints.CHECKPOINT, weights_only=True), damage), path)
+    assert main(*trained.common, "--epochs", "3", "--resume", path) == 1
+    assert capsys.readouterr().err == f"error: {path} is damaged or was edited: {message}\n"
+
+
+def test_running_out_of_memory_in_training_names_the_settings_to_lower(
+        trained, tmp_path, monkeypatch, capsys):
+    def allocate(*args, **kwargs):  # what too large a batch does to the allocator
+        return torch.empty(1 << 60, dtype=torch.uint8)
+
+    monkeypatch.setattr(engine, "train_one_epoch", allocate)
+    assert main(*trained.common, "--checkpoint-dir", tmp_path / "ck") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (") and len(err.splitlines()) == 1
+    assert err.endswith("lower -b/--batch-size (now 8) or --image-size (now 64), then start the "
+                        "run again (no epoch was saved yet)\n")
+    assert not (tmp_path / "ck").exists()  # the folder it made, empty: removed again
+
+
+def test_a_start_that_fails_leaves_no_empty_folders_in_the_working_directory(
+        offline, trained, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # the default run folder checkpoints/voc2007 and data/ go here
+    assert main(trained.root, *SMALL) == 1  # no class vectors offline
+    assert "could not download" in capsys.readouterr().err
+    assert os.listdir(work) == []
