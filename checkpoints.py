@@ -170,8 +170,10 @@ def dataset_record(datasets):
     """What a checkpoint says of the data it was trained on: its name, classes, and the size and
     image fingerprint of each split (the evaluated one is `evaluated`)."""
     test = datasets.test
-    splits = [split for split in (datasets.train, test) if split is not None]
-    return {"name": test.name, "benchmark": test.benchmark, "evaluated": test.split,
+    val = getattr(datasets, "val", None)  # with a validation split, it is the one evaluated
+    splits = [split for split in (datasets.train, val, test) if split is not None]
+    return {"name": test.name, "benchmark": test.benchmark,
+            "evaluated": (val if val is not None else test).split,
             "sizes": {split.split: len(split) for split in splits},
             "fingerprints": {split.split: image_fingerprint(split) for split in splits},
             "classes": [str(name) for name in test.classes]}  # plain str: loads weights_only

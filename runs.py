@@ -228,7 +228,8 @@ def check_same_splits(trained_on, datasets, resume):
     """--resume on the splits the run was trained on: its best mAP was measured on its
     evaluation split, and a score on other images is not comparable (refused); other training
     images are the user's choice (a warning)."""
-    change = split_change(trained_on, datasets.test, trained_on.get("evaluated"))
+    selection = datasets.val if getattr(datasets, "val", None) is not None else datasets.test
+    change = split_change(trained_on, selection, trained_on.get("evaluated"))
     if change:
         raise DSDLError(f"the evaluation split differs from the one {resume} was selected on "
                         f"({change}): its best mAP is no longer comparable, so --resume cannot "
