@@ -2,11 +2,13 @@
 
     image,labels
     photos/0001.jpg,dog;person
-    photos/0002.jpg,red car
+    photos/0002.jpg,red car;?person
 
 Image paths are relative to the images folder; labels are class names separated by `;` (an
-empty labels field is an image with none of the classes). The class list is given (`--classes`)
-or is every label of the CSVs, sorted, so that it never depends on the order of the rows.
+empty labels field is an image with none of the classes). A name after `?` is a label nobody
+checked (partial labels): it counts neither way, in the loss or in any metric. The class list
+is given (`--classes`) or is every label of the CSVs, sorted, so that it never depends on the
+order of the rows.
 """
 import csv
 import os
@@ -16,10 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util import DSDLError, read_image
+from util import ABSENT, PRESENT, UNKNOWN, DSDLError, read_image
 
 HEADER = ["image", "labels"]
 MAX_PROBLEMS_SHOWN = 50
+UNCHECKED = "?"  # before a label name: nobody checked that label of that image
 
 
 def parse_classes(names):
@@ -39,7 +42,8 @@ def parse_classes(names):
 
 
 def read_label_csv(path):
-    """Rows (line number, image path, label names) of a label CSV, and its problems.
+    """Rows (line number, image path, label names, unchecked label names) of a label CSV, and
+    its problems.
 
     Problems are strings naming the file and line: a row without exactly two fields, an empty
     image path (a file without the `image,labels` header is refused at once). Checks against
@@ -68,11 +72,44 @@ def read_label_csv(path):
                 if not image:
                     problems.append(f"{path}, line {line}: empty image path")
                     continue
-                names = list(dict.fromkeys(name.strip() for name in labels.split(";") if name.strip()))
-                rows.append((line, image, names))
+                fields = [name.strip() for name in labels.split(";") if name.strip()]
+                unchecked = list(dict.fromkeys(name[1:].strip() for name in fields
+                                               if name.startswith(UNCHECKED)))
+                names = list(dict.fromkeys(name for name in fields if not name.startswith(UNCHECKED)))
+                rows.append((line, image, names, [name for name in unchecked if name not in names]))
     except UnicodeDecodeError as error:
         raise DSDLError(f"{path} is not UTF-8 text ({error}); save it as \"CSV UTF-8\"") from error
+    check_not_a_vector(path, rows)
     return rows, problems
+
+
+def check_not_a_vector(path, rows):
+    """Refuse labels written as a 0/1 vector (`a.jpg,1;0;1`): they would be read as two classes
+    named "0" and "1", and train to a plausible mAP on nothing."""
+    names = {name for row in rows for name in row[2] + row[3]}
+    if names and names <= {"0", "1"} and any(len(row[2]) + len(row[3]) > 1 for row in rows):
+        line, image = rows[0][0], rows[0][1]
+        raise DSDLError(f"{path}: the labels look like a 0/1 vector (line {line}: {image}), not "
+                        f"class names. Write the names of the classes present, separated by "
+                        f"';', e.g. '{image},dog;person' (with --classes giving the class list "
+                        f"in the order of the vector's columns)")
+
+
+def same_name_groups(names):
+    """Groups of class names that differ only in case, spacing or underscores ("Dog", "dog";
+    "traffic light", "traffic_light"): one name to a reader, and one word vector to GloVe."""
+    groups = {}
+    for name in names:
+        groups.setdefault(" ".join(name.replace("_", " ").lower().split()), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def warn_same_names(names, where):
+    groups = same_name_groups(names)
+    if groups:
+        warnings.warn(f"{where}: class names that differ only in case or spacing are different "
+                      f"classes here: " + "; ".join(" and ".join(map(repr, group)) for group in groups)
+                      + ". Write each class one way if they are the same", stacklevel=3)
 
 
 def check_rows(path, rows, images_dir, classes, classes_from="--classes"):
@@ -80,8 +117,8 @@ def check_rows(path, rows, images_dir, classes, classes_from="--classes"):
     images that are not files."""
     known = set(classes)
     problems = []
-    for line, image, names in rows:
-        unknown = [name for name in names if name not in known]
+    for line, image, names, unchecked in rows:
+        unknown = [name for name in names + unchecked if name not in known]
         if unknown:
             problems.append(f"{path}, line {line}: unknown class {', '.join(map(repr, unknown))} "
                             f"(not in {classes_from})")
@@ -115,9 +152,11 @@ def classes_from_csv(*paths):
 
 
 def labels_of(paths, row_lists):
-    names = sorted({name for rows in row_lists for _, _, row_names in rows for name in row_names})
+    names = sorted({name for rows in row_lists for _, _, checked, unchecked in rows
+                    for name in checked + unchecked})
     if not names:
         raise DSDLError(f"no labels in {', '.join(paths)}")
+    warn_same_names(names, ", ".join(paths))
     return names
 
 
@@ -126,7 +165,7 @@ def warn_duplicates(parsed):
     first_seen = {}  # image -> (path, line) of its first row
     notes = []
     for path, rows in parsed.items():
-        for line, image, _ in rows:
+        for line, image, *_ in rows:
             if image in first_seen:
                 where, first_line = first_seen[image]
                 kind = "listed twice" if where == path else "in two splits"
@@ -140,8 +179,9 @@ def warn_duplicates(parsed):
 
 class LabelCSV(Dataset):
     """A split given as a label CSV. `dataset[i]` is `(image, labels, image path)`, labels an
-    int vector of 1 (present) and -1 (absent), in the order of `classes`. The split is named
-    after the file (test.csv: "test")."""
+    int vector of 1 (present), -1 (absent) and -2 (unchecked: `?name`), in the order of
+    `classes`; `partial` says whether any label is unchecked. The split is named after the file
+    (test.csv: "test")."""
 
     labelled = True
     benchmark = None  # not one of the paper's
@@ -155,11 +195,13 @@ class LabelCSV(Dataset):
         self.name = name
         self.split = os.path.splitext(os.path.basename(csv_path))[0]
         self.transform = transform
-        self.images = self.image_ids = [image for _, image, _ in rows]  # ids: what dataset[i] names
+        self.images = self.image_ids = [image for _, image, *_ in rows]  # what dataset[i] names
         column = {name: c for c, name in enumerate(self.classes)}
-        self.labels = np.full((len(rows), len(self.classes)), -1, dtype=np.int64)  # N x C
-        for i, (_, _, names) in enumerate(rows):
-            self.labels[i, [column[name] for name in names]] = 1
+        self.labels = np.full((len(rows), len(self.classes)), ABSENT, dtype=np.int64)  # N x C
+        for i, (_, _, names, unchecked) in enumerate(rows):
+            self.labels[i, [column[name] for name in unchecked]] = UNKNOWN
+            self.labels[i, [column[name] for name in names]] = PRESENT
+        self.partial = bool((self.labels == UNKNOWN).any())
 
     def __len__(self):
         return len(self.images)
@@ -172,25 +214,34 @@ class LabelCSV(Dataset):
 
 def load_splits(train_csv, test_csv, images_dir, classes=None, name="custom",
                 train_transform=None, test_transform=None, evaluate=False,
-                classes_from="--classes"):
-    """(train LabelCSV or None with `evaluate`, test LabelCSV), each CSV read once.
+                classes_from="--classes", val_csv=None):
+    """(train LabelCSV or None with `evaluate`, test LabelCSV, validation LabelCSV or None),
+    each CSV read once.
 
-    The class list is `classes` (given by `classes_from`, in words), else every label of both
-    files, sorted (when evaluating without the train CSV, the test file's). Every problem of every file that is used is
-    reported together, before anything trains; repeated images are warned about.
+    The class list is `classes` (given by `classes_from`, in words), else every label of the
+    train and test files, sorted (when evaluating without the train CSV, the test file's); the
+    validation file (`val_csv`, --val) must use those classes. Every problem of every file that
+    is used is reported together, before anything trains; repeated images are warned about.
     """
+    if evaluate and val_csv:
+        raise DSDLError("--val chooses the best model while training; -e evaluates one "
+                        "checkpoint on the test CSV: drop --val")
     paths = [test_csv] if evaluate and not os.path.isfile(train_csv) else [train_csv, test_csv]
     parsed, problems = {}, []
-    for path in paths:
+    for path in paths + ([val_csv] if val_csv else []):
+        if path in parsed:
+            raise DSDLError(f"{path} is given as two splits; the validation CSV must be a file "
+                            f"of its own")
         parsed[path], found = read_label_csv(path)
         if not evaluate or path == test_csv:
             problems += found
-    classes = classes or labels_of(paths, parsed.values())
-    for path in ([test_csv] if evaluate else paths):
+    classes = classes or labels_of(paths, [parsed[path] for path in paths])
+    for path in ([test_csv] if evaluate else list(parsed)):
         problems += check_rows(path, parsed[path], images_dir, classes, classes_from)
     if problems:
         raise problems_error(problems)
     warn_duplicates(parsed if not evaluate else {test_csv: parsed[test_csv]})
     train = None if evaluate else LabelCSV(parsed[train_csv], train_csv, images_dir, classes, name,
                                            train_transform)
-    return train, LabelCSV(parsed[test_csv], test_csv, images_dir, classes, name, test_transform)
+    val = LabelCSV(parsed[val_csv], val_csv, images_dir, classes, name, test_transform) if val_csv else None
+    return train, LabelCSV(parsed[test_csv], test_csv, images_dir, classes, name, test_transform), val

@@ -21,6 +21,11 @@ def get_args_parser():
                        help="training labels (default: DATA/train.csv)")
     options.add_option(data, "--test-csv", metavar="CSV", role="files",
                        help="test labels (default: DATA/test.csv)")
+    options.add_option(data, "--val", metavar="CSV", role="files",
+                       help="validation labels: model_best and the per-class thresholds are "
+                            "chosen on them, and the best model scores --test-csv once, at the "
+                            "end (default: none; model_best is chosen on the test CSV, as on the "
+                            "paper's benchmarks)")
     options.add_option(data, "--images", metavar="DIR", role="files",
                        help="folder the CSVs' image paths are relative to (default: DATA/images)")
     options.add_option(data, "--classes", nargs="+", metavar="NAME", role="files",
@@ -31,20 +36,27 @@ def get_args_parser():
 
 
 def datasets(args):
-    """The train (None with -e) and test CSVs of the command line, each read once."""
+    """The train (None with -e), test and validation (--val, else None) CSVs of the command
+    line, each read once, as engine.Datasets (train, test, submission: none, val)."""
     import custom
     from util import eval_transform, train_transform_of
-    return custom.load_splits(
-        args.train_csv or os.path.join(args.data, "train.csv"),
-        args.test_csv or os.path.join(args.data, "test.csv"),
-        args.images or os.path.join(args.data, "images"),
-        # --classes, else the checkpoint's (-e / --resume), else every label of the CSVs
-        classes=custom.parse_classes(args.classes) if args.classes else args.checkpoint_classes,
-        classes_from="--classes" if args.classes else f"the class list of {args.resume}",
+    test_csv = args.test_csv or os.path.join(args.data, "test.csv")
+    if args.classes:
+        classes = custom.parse_classes(args.classes)
+    elif args.zero_shot:  # the test CSV's own classes, which the checkpoint was not trained on
+        classes = custom.classes_from_csv(test_csv)
+    else:  # the checkpoint's (-e / --resume), else every label of the CSVs
+        classes = args.checkpoint_classes
+    train, test, val = custom.load_splits(
+        args.train_csv or os.path.join(args.data, "train.csv"), test_csv,
+        args.images or os.path.join(args.data, "images"), classes=classes,
+        classes_from=("--classes" if args.classes else test_csv if args.zero_shot
+                      else f"the class list of {args.resume}"),
         name=os.path.basename(os.path.abspath(args.data)),
         train_transform=train_transform_of(args),
         test_transform=eval_transform(args.image_size, args.fast_pipeline),
-        evaluate=args.evaluate)
+        evaluate=args.evaluate, val_csv=args.val)
+    return train, test, None, val
 
 
 def main(argv=None):

@@ -1,0 +1,159 @@
+"""Own data done right: a validation split, tuned thresholds, partial labels (`?name`), CSV
+sanity, and zero-shot evaluation."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoints
+import main_custom
+import runs
+from conftest import call_main
+from report import read_metrics
+from test_custom import CLASSES, COMMON, write_dataset
+from util import DSDLError, compute_metrics, tune_thresholds
+
+
+@pytest.fixture(scope="module")
+def with_val(tmp_path_factory):
+    """Two epochs on a CSV dataset with a validation CSV (--val)."""
+    root = tmp_path_factory.mktemp("own")
+    write_dataset(root, counts=(("train", 8), ("val", 6), ("test", 6)))
+    np.save(root / "classes.npy", np.random.default_rng(1).standard_normal((3, 300)).astype(np.float32))
+    run_dir = root / "run"
+    main_custom.main([str(root), *COMMON, "--embeddings", str(root / "classes.npy"), "--epochs", "2",
+                      "--val", str(root / "val.csv"), "--checkpoint-dir", str(run_dir)])
+    return root, run_dir
+
+
+def test_with_a_validation_split_the_best_model_is_chosen_on_it_and_scores_test_once(with_val):
+    root, run_dir = with_val
+    log = read_metrics(run_dir / runs.METRICS_LOG)
+    assert [(r["epoch"], r["split"]) for r in log] == [(1, "val"), (2, "val")]
+    best = torch.load(run_dir / checkpoints.BEST, weights_only=True)
+    assert best["best_score"] == pytest.approx(max(r["mAP"] for r in log))
+    (final,) = [json.loads(line) for line in open(run_dir / "eval_test.jsonl")]
+    assert (final["split"], final["selected_on"], final["used_for_selection"]) == ("test", "val", False)
+    assert final["epoch"] == best["epoch"] and final["images"] == 6
+
+
+def test_thresholds_are_tuned_on_the_validation_split_and_reported_beside_the_fixed_ones(with_val):
+    root, run_dir = with_val
+    best = torch.load(run_dir / checkpoints.BEST, weights_only=True)
+    assert len(best["thresholds"]) == len(CLASSES)
+    assert all(0 < t <= 1 for t in best["thresholds"])
+    (final,) = [json.loads(line) for line in open(run_dir / "eval_test.jsonl")]
+    assert {"CF1_tuned", "OF1_tuned", "CF1", "OF1"} <= final.keys()
+    record = read_metrics(run_dir / runs.METRICS_LOG)[best["epoch"] - 1]
+    assert "CF1_tuned" in record  # the epoch's own thresholds on val
+
+
+def test_without_a_validation_split_the_run_says_it_selects_on_test(tmp_path, capsys):
+    write_dataset(tmp_path)
+    np.save(tmp_path / "c.npy", np.random.default_rng(1).standard_normal((3, 300)).astype(np.float32))
+    main_custom.main([str(tmp_path), *COMMON, "--embeddings", str(tmp_path / "c.npy"), "--epochs", "1",
+                      "--checkpoint-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "model_best is chosen on test, the split its numbers are measured on" in out
+    assert "pass --val VAL.csv" in out
+    assert not (tmp_path / "run" / "eval_test.jsonl").exists()
+
+
+def test_unchecked_labels_are_read_as_unknown_and_make_the_split_partial(tmp_path):
+    import custom
+    os.makedirs(tmp_path / "images")
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "images" / name).write_bytes(b"")
+    (tmp_path / "train.csv").write_text("image,labels\na.jpg,cat;?dog\nb.jpg,dog\n")
+    (tmp_path / "test.csv").write_text("image,labels\nb.jpg,cat\n")
+    train, test, val = custom.load_splits(str(tmp_path / "train.csv"), str(tmp_path / "test.csv"),
+                                          str(tmp_path / "images"))
+    assert train.classes == ["cat", "dog"] and val is None
+    assert train.labels.tolist() == [[1, -2], [-1, 1]]
+    assert train.partial and not test.partial
+
+
+@pytest.mark.parametrize("labels", ["1;0;1", "0;1"])
+def test_labels_written_as_a_0_1_vector_are_refused_with_the_format(tmp_path, capsys, labels):
+    write_dataset(tmp_path)
+    (tmp_path / "train.csv").write_text(f"image,labels\ntrain/000.jpg,{labels}\ntrain/001.jpg,1;1\n")
+    code = call_main(main_custom.main, [str(tmp_path), *COMMON, "--epochs", "1",
+                                        "--checkpoint-dir", str(tmp_path / "run")])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and line.startswith(f"error: {tmp_path / 'train.csv'}: the labels look like a 0/1 vector")
+    assert "train/000.jpg,dog;person" in line
+
+
+def test_class_names_differing_only_in_case_or_spacing_are_reported(tmp_path):
+    import custom
+    (tmp_path / "a.csv").write_text("image,labels\na.jpg,Dog;traffic light\nb.jpg,dog;traffic_light\n")
+    with pytest.warns(UserWarning, match="'Dog' and 'dog'; 'traffic light' and 'traffic_light'"):
+        assert custom.classes_from_csv(str(tmp_path / "a.csv")) == ["Dog", "dog", "traffic light",
+                                                                    "traffic_light"]
+
+
+def test_a_missing_validation_csv_is_one_line(tmp_path, capsys, monkeypatch):
+    write_dataset(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "c.npy", np.random.default_rng(1).standard_normal((3, 300)).astype(np.float32))
+    code = call_main(main_custom.main, [str(tmp_path), *COMMON, "--embeddings", "c.npy",
+                                        "--checkpoint-dir", "run", "--val", "missing.csv"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and lines == ["error: label file not found: missing.csv"]
+
+
+def test_a_validation_csv_under_evaluation_is_one_line_not_ignored(with_val, capsys):
+    root, run_dir = with_val
+    code = call_main(main_custom.main, [str(root), "-e", "--resume", str(run_dir / checkpoints.BEST),
+                                        "--val", str(root / "val.csv"), "-j", "0", "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "--val chooses the best model while training" in lines[0]
+
+
+def test_a_val_class_the_train_csv_lacks_is_one_line(tmp_path, capsys):
+    write_dataset(tmp_path, counts=(("train", 4), ("val", 2), ("test", 2)))
+    (tmp_path / "val.csv").write_text("image,labels\nval/000.jpg,zebra\n")
+    code = call_main(main_custom.main, [str(tmp_path), *COMMON, "--val", str(tmp_path / "val.csv"),
+                                        "--checkpoint-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and "val.csv, line 2: unknown class 'zebra'" in err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+# ---- zero-shot ----------------------------------------------------------------------------------
+
+def test_zero_shot_scores_classes_the_checkpoint_was_not_trained_on(with_val, tmp_path, capsys):
+    root, run_dir = with_val
+    unseen = ["apple", "boat", "cloud", "desk", "egg", "fox"]
+    images = sorted(os.listdir(root / "images" / "test"))
+    rng = np.random.default_rng(2)
+    rows = [(f"test/{name}", [unseen[i % 6], unseen[(i + 3) % 6]]) for i, name in enumerate(images)]
+    (tmp_path / "unseen.csv").write_text("image,labels\n" + "".join(
+        f"{image},{';'.join(names)}\n" for image, names in rows))
+    np.save(tmp_path / "unseen.npy", rng.standard_normal((6, 300)).astype(np.float32))
+    capsys.readouterr()
+    code = call_main(main_custom.main, [str(root), "-e", "--zero-shot", "--resume",
+                                        str(run_dir / checkpoints.BEST), "--test-csv",
+                                        str(tmp_path / "unseen.csv"), "--embeddings",
+                                        str(tmp_path / "unseen.npy"), "-j", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0
+    (record,) = [json.loads(line) for line in open(run_dir / "eval_unseen.jsonl")]
+    assert record["zero_shot"] and record["settings"]["model"] == "dsdl"
+    for name in ("P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5"):
+        assert 0 <= record[name] <= 100 and f"{name} {record[name]:.2f}" in out
+    assert record["images"] == len(images)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--zero-shot evaluates a trained checkpoint: add -e --resume CHECKPOINT"),
+    (["-e", "--resume", "RUN"], "--zero-shot scores the split's classes from their vectors"),
+])
+def test_zero_shot_mistakes_are_one_line(with_val, capsys, extra, message):
+    root, run_dir = with_val
+    extra = [str(run_dir / checkpoints.BEST) if item == "RUN" else item for item in extra]
+    code = call_main(main_custom.main, [str(root), "--zero-shot", *extra, "-j", "0", "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and message in lines[0], lines
