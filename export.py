@@ -86,7 +86,7 @@ def main(argv=None):
                             f"pip install -r requirements-export.txt")
         check_writable("-o", args.output)
         check_writable("-o", sidecar(args.output))
-        model, classes, image_size = load_model(args)
+        model, classes, image_size, thresholds = load_model(args)
     except DSDLError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 1
@@ -97,7 +97,9 @@ def main(argv=None):
                            else export_torchscript(folded))
         write_export(args.output, model_bytes, {
             "classes": classes, "image_size": image_size, "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD, **model.settings()})
+            "std": IMAGENET_STD, **model.settings(),
+            # tuned per class on a validation split: predict class c when sigmoid(score) >= it
+            **({"thresholds": thresholds} if thresholds is not None else {})})
     except OSError as error:
         print(f"error: could not write {args.output} and {sidecar(args.output)} "
               f"({error.strerror}); both files there are as they were. Free disk space, then run "

@@ -62,11 +62,12 @@ def _checked(entry, checkpoint, **given):
 
 def _load(checkpoint, model_name, **given):
     """The model of `checkpoint` (predict.load_model), refused unless it is a `model_name`."""
-    model, names, size = load_model(_checked(model_name, checkpoint, **given))
+    model, names, size, thresholds = load_model(_checked(model_name, checkpoint, **given))
     if model.name != model_name:
         raise DSDLError(f"{checkpoint} holds a {model.name} model, not a {model_name}: load it with "
                         f"the entry point {model.name!r}")
     model.classes, model.image_size, model.transform = names, size, eval_transform(size)
+    model.thresholds = thresholds  # per class, tuned on a validation split; None: 0.5 for all
     return model.eval()
 
 

@@ -374,8 +374,10 @@ def predict_parser():
     add_checkpoint_options(parser)
     parser.add_argument("--top-k", type=positive_int, metavar="K", help="at most K labels per image")
     parser.add_argument("--threshold", type=probability, metavar="P",
-                        help="only labels with probability >= P (default 0.5 unless --top-k "
-                             "is given; 0 lists every class)")
+                        help="only labels with probability >= P, one P for every class "
+                             "(default unless --top-k is given: the checkpoint's per-class "
+                             "thresholds, tuned on a validation split, when it has them, else "
+                             "0.5; 0 lists every class)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--csv", metavar="FILE", help="also write the results as CSV")
     parser.add_argument("--cam", metavar="DIR",

@@ -169,7 +169,10 @@ def load_model(args):
     model = models.build_model(settings, len(classes), semantics, pretrained=False)
     # With --classes, only the trunk and W1, W2 load: the semantics are the new labels' vectors.
     checkpoints.load_weights(model, checkpoint, args.resume, class_independent_only=bool(args.classes))
-    return model, list(classes), image_size
+    # Per-class thresholds tuned on a validation split (main_custom.py --val): of the training
+    # classes, so not for labels given with --classes.
+    thresholds = None if args.classes else checkpoint.get("thresholds")
+    return model, list(classes), image_size, thresholds
 
 
 def find_images(inputs):
@@ -225,17 +228,20 @@ def collate(items):
     return [index for index, _ in good], batch, failed
 
 
-def select(scores, classes, top_k=None, threshold=None):
+def select(scores, classes, top_k=None, threshold=None, thresholds=None):
     """The predictions of one image: [{label, probability, score}], most probable first.
 
     At most `top_k`, and only those with probability >= `threshold`; with neither given, the
-    model's own decision rule, probability >= 0.5 (score >= 0).
+    model's own decision rule: class c when its probability >= `thresholds[c]` (tuned per class
+    on a validation split), else >= 0.5 (score >= 0).
     """
     if top_k is None and threshold is None:
-        threshold = 0.5
+        cuts = thresholds if thresholds is not None else [0.5] * len(classes)
+    else:
+        cuts = None if threshold is None else [threshold] * len(classes)
     probabilities = torch.sigmoid(torch.as_tensor(scores, dtype=torch.float64)).tolist()
     order = sorted(range(len(classes)), key=lambda c: -scores[c])
-    chosen = [c for c in order if threshold is None or probabilities[c] >= threshold][:top_k]
+    chosen = [c for c in order if cuts is None or probabilities[c] >= cuts[c]][:top_k]
     return [{"label": classes[c], "probability": probabilities[c], "score": float(scores[c])}
             for c in chosen]
 
@@ -278,7 +284,7 @@ def save_class_maps(path, maps, predictions, classes, folder, stem):
 
 
 @torch.no_grad()
-def predict(model, classes, paths, args, image_size):
+def predict(model, classes, paths, args, image_size, thresholds=None):
     """Results in input order: {image, predictions} or {image, error, predictions: []}."""
     device = torch.device(args.device)
     model.to(device).eval()
@@ -301,7 +307,7 @@ def predict(model, classes, paths, args, image_size):
         else:
             scores = model(images).scores.cpu()
         for row, index in enumerate(indices):
-            chosen = select(scores[row].tolist(), classes, args.top_k, args.threshold)
+            chosen = select(scores[row].tolist(), classes, args.top_k, args.threshold, thresholds)
             results[index] = {"image": paths[index], "predictions": chosen}
             if args.cam:
                 save_class_maps(paths[index], maps[row].numpy(), chosen, classes, args.cam,
@@ -365,13 +371,17 @@ def main(argv=None):
         for option, path in (("--json", args.json), ("--csv", args.csv), ("--cam", args.cam)):
             if path:
                 check_writable(option, path, folder=option == "--cam")
-        model, classes, image_size = load_model(args)
+        model, classes, image_size, thresholds = load_model(args)
+        if thresholds is not None and args.top_k is None and args.threshold is None:
+            print(f"labels: each class's own threshold, tuned on the validation split of "
+                  f"{args.resume} (--threshold P sets one for all)", file=sys.stderr)
         found = find_images(args.images)
         if not found:
             raise DSDLError(f"no images found in {', '.join(args.images)} (looked for "
                             f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
         readable = [path for path, problem in found if problem is None]
-        predicted = iter(predict(model, classes, readable, args, image_size) if readable else [])
+        predicted = iter(predict(model, classes, readable, args, image_size, thresholds)
+                         if readable else [])
     except DSDLError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 1

@@ -157,3 +157,36 @@ def test_zero_shot_mistakes_are_one_line(with_val, capsys, extra, message):
     code = call_main(main_custom.main, [str(root), "--zero-shot", *extra, "-j", "0", "--device", "cpu"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and message in lines[0], lines
+
+
+# ---- tuned thresholds in predict.py and export.py -----------------------------------------------
+
+def test_predict_uses_the_checkpoints_thresholds_unless_a_threshold_is_given(with_val, tmp_path, capsys):
+    import predict
+    root, run_dir = with_val
+    best = torch.load(run_dir / checkpoints.BEST, weights_only=True)
+    chosen = predict.select([0.0, 0.0, 0.0], CLASSES, thresholds=[0.4, 0.5, 0.6])  # p = 0.5 each
+    assert [p["label"] for p in chosen] == ["cat", "dog"]
+    assert [p["label"] for p in predict.select([0.0] * 3, CLASSES, threshold=0.6,
+                                               thresholds=[0.4, 0.5, 0.6])] == []
+    images = sorted(str(path) for path in (root / "images" / "test").iterdir())
+    code = predict.main([*images, "--resume", str(run_dir / checkpoints.BEST), "--json",
+                         str(tmp_path / "p.json"), "-j", "0", "--device", "cpu"])
+    assert code == 0 and "each class's own threshold" in capsys.readouterr().err
+    results = json.loads((tmp_path / "p.json").read_text())
+    cuts = dict(zip(CLASSES, best["thresholds"]))
+    for result in results:
+        assert all(p["probability"] >= cuts[p["label"]] for p in result["predictions"])
+    code = predict.main([*images, "--resume", str(run_dir / checkpoints.BEST), "--threshold", "0",
+                         "--json", str(tmp_path / "all.json"), "-j", "0", "--device", "cpu"])
+    assert all(len(r["predictions"]) == 3 for r in json.loads((tmp_path / "all.json").read_text()))
+
+
+def test_export_writes_the_thresholds_into_its_classes_json(with_val, tmp_path):
+    import export
+    root, run_dir = with_val
+    best = torch.load(run_dir / checkpoints.BEST, weights_only=True)
+    assert export.main(["--resume", str(run_dir / checkpoints.BEST), "--format", "torchscript",
+                        "-o", str(tmp_path / "m.pt")]) == 0
+    described = json.loads((tmp_path / "m.pt.classes.json").read_text())
+    assert described["classes"] == CLASSES and described["thresholds"] == best["thresholds"]
