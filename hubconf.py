@@ -19,7 +19,7 @@ import options
 from predict import load_model
 from util import DSDLError, eval_transform
 
-dependencies = ["torch", "torchvision", "numpy", "PIL", "tqdm", "matplotlib"]
+dependencies = ["torch", "torchvision", "numpy", "PIL", "tqdm", "matplotlib", "sklearn"]
 
 
 class _ArgumentError(DSDLError):

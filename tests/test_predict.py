@@ -404,7 +404,7 @@ def test_new_labels_are_scored_zero_shot_from_their_encoded_word_vectors(
         np.testing.assert_allclose([scores[name] for name in names],
                                    numpy_scores(model, vectors, features)[0], rtol=1e-4, atol=1e-5)
     # The dictionary of the loaded model: the trained encoder applied to the new vectors.
-    loaded, classes, _ = predict.load_model(
+    loaded, classes, _, _ = predict.load_model(
         options.predict_parser().parse_args([*argv, "--resume", checkpoint, images[0]]))
     assert classes == names
     with torch.no_grad():
