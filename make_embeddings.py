@@ -182,9 +182,9 @@ def warn_look_alikes(classes, vectors):
     A warning, not an error: names that differ in case can be different classes with different
     vectors in a cased file ("Apple" and "apple" in GloVe 840B), and the rows must follow the
     dataset's class list whatever it is; refusing here would not fix that list, which lives in
-    the label files. Such classes are still one class to a reader and get the same or nearly the
-    same vector, so their dictionary atoms (D = encode(S)) are alike and their scores hard to
-    tell apart: the warning says which, and which rows are identical.
+    the label files. Most often, though, such names are one class written two ways: they get the
+    same or nearly the same vector, so their dictionary atoms (D = encode(S)) are alike and
+    their scores hard to tell apart. The warning names them, and which rows are identical.
     """
     groups = look_alike_classes(classes)
     if not groups:

@@ -421,7 +421,7 @@ def embeddings_parser():
                         help="label CSVs of main_custom.py: their labels, sorted, are the classes")
     parser.add_argument("--vectors", "--glove", metavar="PATH", dest="vectors",
                         help="word-vector text file of any width d: GloVe, fastText .vec or word2vec "
-                             "text format (plain, .zip or .gz); --glove is the same option; default: "
+                             "text format (plain, .zip or .gz); default: "
                              "glove.840B.300d.zip (300-d, as the standard files and the released "
                              "checkpoints), downloaded into data/ when absent")
     parser.add_argument("-o", "--output", default="embeddings.npy",

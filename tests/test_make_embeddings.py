@@ -4,7 +4,6 @@ built on 5-d vectors, and predict.py / torch.hub refusing vectors of another wid
 checkpoint's."""
 import gzip
 import json
-import os
 import zipfile
 
 import numpy as np
