@@ -1,5 +1,6 @@
 """Class-vector files: the standard GloVe files (downloaded, md5 checked) and safe loading of
-any C x 300 file (.npy, or a pickle of one numpy array, read without running code)."""
+any C x d file (.npy, or a pickle of one numpy array, read without running code): d is 300 for
+GloVe, and any width works (the auto-encoder's W1 is d x 1024)."""
 import os
 import pickle
 
@@ -35,7 +36,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def load_embeddings(path, num_classes=None):
-    """Load a C x 300 label-embedding file (.pkl of one numpy array, or .npy) safely.
+    """Load a C x d label-embedding file (.pkl of one numpy array, or .npy) safely: one d-d
+    vector per class, for any d >= 1 (the standard files and the release's checkpoints: 300-d
+    GloVe). `num_classes`: the C required (None: any).
 
     A file named like a standard one must match its md5; pickles are read by an unpickler that
     allows only numpy's array globals, so a hostile file is refused without running anything.
@@ -54,13 +57,14 @@ def load_embeddings(path, num_classes=None):
                 array = _NumpyOnlyUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, ValueError, EOFError, OSError) as error:
         raise DSDLError(f"cannot load label embeddings {path}: {error}. Expected a pickled "
-                        f"numpy array or a .npy file of shape C x 300.") from error
-    if not isinstance(array, np.ndarray) or array.ndim != 2 or array.shape[1] != 300 or (
+                        f"numpy array or a .npy file of shape C x d (e.g. 300-d GloVe).") from error
+    if not isinstance(array, np.ndarray) or array.ndim != 2 or array.shape[1] < 1 or (
             num_classes is not None and array.shape[0] != num_classes):
         shape = getattr(array, "shape", type(array).__name__)
+        width = array.shape[1] if getattr(array, "ndim", 0) == 2 and array.shape[1] else "d"
         raise DSDLError(f"label embeddings {path} have shape {shape}; expected "
-                        f"({num_classes if num_classes is not None else 'C'}, 300), one 300-d "
-                        f"vector per class in the dataset's class order")
+                        f"({num_classes if num_classes is not None else 'C'}, {width}), one "
+                        f"vector per class in the dataset's class order (e.g. 300-d GloVe)")
     if array.dtype.kind not in "fiu":  # e.g. an object array of strings: no code, but no vectors
         raise DSDLError(f"label embeddings {path} hold {array.dtype} values; expected numbers")
     # A NaN or an all-zero vector makes the loss NaN (cos(S, S_hat) is undefined): say which row.
@@ -69,7 +73,7 @@ def load_embeddings(path, num_classes=None):
     if broken:
         raise DSDLError(f"label embeddings {path}: row(s) {', '.join(map(str, broken[:10]))} "
                         f"{'are' if len(broken) > 1 else 'is'} all zeros or hold NaN/inf; every "
-                        f"class needs a real 300-d vector (make_embeddings.py writes them)")
+                        f"class needs a real vector (make_embeddings.py writes them)")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
@@ -86,7 +90,7 @@ def standard_embeddings(name, folder="data"):
 
 
 def class_vectors(args, classes, checkpoint, default_embeddings):
-    """The C x 300 class vectors of a run: from our checkpoint (not with --init-from, whose
+    """The C x d class vectors of a run: from our checkpoint (not with --init-from, whose
     class list is another's), else --embeddings, else the dataset's standard file."""
     if checkpoint is not None and "semantics" in checkpoint and not args.init_from:
         if args.embeddings:
@@ -96,7 +100,7 @@ def class_vectors(args, classes, checkpoint, default_embeddings):
         return checkpoint["semantics"]
     if not args.embeddings and default_embeddings is None:
         raise DSDLError("this dataset has no standard class vectors: pass --embeddings PATH, a "
-                        "C x 300 file in the class order (make_embeddings.py writes one)")
+                        "C x d file in the class order (make_embeddings.py writes one)")
     path = args.embeddings or standard_embeddings(default_embeddings)
     return load_embeddings(path, num_classes=len(classes))
 

@@ -78,9 +78,10 @@ def dsdl(checkpoint, dataset=None, embeddings=None, lambd=None, image_size=None,
     checkpoint: this project's checkpoint, or one of the authors' released ones, which store no
     class names, class vectors or lambda: then dataset="voc" or "coco" supplies them (their
     standard class vectors are downloaded into data/ unless `embeddings` gives the file).
-    classes with embeddings (C x 300 file, rows in their order) or classes_from_glove (a GloVe
-    file): score these labels instead; those the model was not trained on are scored zero-shot
-    (accuracy not measured). The other arguments are predict.py's options of the same names.
+    classes with embeddings (C x d file, rows in their order, d the width the checkpoint was
+    trained with: 300 for GloVe and the release) or classes_from_glove (a word-vector text file:
+    GloVe, fastText .vec, word2vec text): score these labels instead; those the model was not
+    trained on are scored zero-shot (accuracy not measured). The other arguments are predict.py's options of the same names.
     """
     return _load(checkpoint, "dsdl", dataset=dataset, embeddings=embeddings, lambd=lambd,
                  image_size=image_size, arch=arch, classes=classes,

@@ -166,8 +166,8 @@ def get_args_parser(description, run_folder, **defaults):
                help="start the trunk from random weights instead of ImageNet's (each network's "
                     "default torchvision weights; the release's ResNets keep IMAGENET1K_V1)")
     add_option(model, "--embeddings", default=None, metavar="PATH", role="files",
-               help="DSDL: C x 300 class vectors (.pkl or .npy); default: the dataset's standard "
-                    "GloVe file, downloaded (md5 checked) into data/")
+               help="DSDL: C x d class vectors (.pkl or .npy, any width d); default: the "
+                    "dataset's standard 300-d GloVe file, downloaded (md5 checked) into data/")
     recipe = parser.add_argument_group("recipe", "the release's training recipe")
     add_option(recipe, "-b", "--batch-size", type=positive_int, default=32, role="recipe",
                help="global batch, divided over the processes under torchrun "
@@ -352,12 +352,14 @@ def add_checkpoint_options(parser):
                              "--classes-from-glove")
     vectors = parser.add_mutually_exclusive_group()
     vectors.add_argument("--embeddings", metavar="PATH",
-                         help="C x 300 class vectors (.npy or .pkl): of --classes, in their order; "
+                         help="C x d class vectors (.npy or .pkl), d the checkpoint's: of "
+                              "--classes, in their order; "
                               "or with --dataset, instead of the standard file (downloaded into "
                               "data/)")
     vectors.add_argument("--classes-from-glove", metavar="GLOVE",
-                         help="the vectors of --classes read from a GloVe 300-d text file (or its "
-                              ".zip), as make_embeddings.py makes them")
+                         help="the vectors of --classes read from a word-vector text file (GloVe, "
+                              "fastText .vec, word2vec text; or its .zip) of the checkpoint's "
+                              "width, as make_embeddings.py makes them")
     parser.add_argument("--image-size", type=positive_int,
                         help="input side (default: the checkpoint's, else 448)")
     parser.add_argument("--arch", action=ArchAction,
@@ -411,18 +413,21 @@ def report_parser():
 
 
 def embeddings_parser():
-    """The options of make_embeddings.py (class vectors from GloVe)."""
-    parser = ArgumentParser(description="Write the C x 300 class vectors of a class list from GloVe.")
+    """The options of make_embeddings.py (class vectors from word vectors: GloVe, fastText, word2vec)."""
+    parser = ArgumentParser(description="Write the C x d class vectors of a class list from word "
+                                        "vectors (GloVe, fastText .vec, word2vec text).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--classes", nargs="+", metavar="NAME",
                         help="class names in order, or one file with a name per line")
     source.add_argument("--csv", nargs="+", metavar="CSV",
                         help="label CSVs of main_custom.py: their labels, sorted, are the classes")
-    parser.add_argument("--glove", metavar="PATH",
-                        help="GloVe 300-d text file (or its .zip); default: glove.840B.300d.zip, "
-                             "downloaded into data/ when absent")
+    parser.add_argument("--vectors", "--glove", metavar="PATH", dest="vectors",
+                        help="word-vector text file of any width d: GloVe, fastText .vec or word2vec "
+                             "text format (plain, .zip or .gz); default: "
+                             "glove.840B.300d.zip (300-d, as the standard files and the released "
+                             "checkpoints), downloaded into data/ when absent")
     parser.add_argument("-o", "--output", default="embeddings.npy",
-                        help="where to write the C x 300 array, .npy or .pkl (default: %(default)s)")
+                        help="where to write the C x d array, .npy or .pkl (default: %(default)s)")
     return parser
 
 

@@ -71,14 +71,34 @@ def infer_arch(weights):
     return arch
 
 
-def label_vectors(args):
-    """The labels of `--classes` and their word vectors (C x 300, float32), from `--embeddings`
-    (rows in the order of the names) or read from GloVe (`--classes-from-glove`)."""
+def trained_width(checkpoint, weights):
+    """The width d of the class vectors a DSDL checkpoint was trained with (its W1 is d x 1024,
+    its semantics C x d), or None when it stores neither."""
+    if "W1" in weights:
+        return weights["W1"].shape[0]
+    semantics = checkpoint.get("semantics")
+    return None if semantics is None else semantics.shape[1]
+
+
+def check_width(vectors, width, source, path):
+    """Class vectors of another width than the checkpoint's are refused in one line, before the
+    model is built (W1 maps d-d vectors to the hidden layer: another d does not fit it)."""
+    if width is not None and vectors.shape[1] != width:
+        raise DSDLError(f"{path} was trained with {width}-d class vectors; {source} holds "
+                        f"{vectors.shape[1]}-d ones: give vectors of the kind it was trained with "
+                        f"(the authors' released checkpoints: 300-d GloVe)")
+
+
+def label_vectors(args, width=None):
+    """The labels of `--classes` and their word vectors (C x d, float32), from `--embeddings`
+    (rows in the order of the names) or read from a word-vector file (`--classes-from-glove`);
+    `width`: the d of the checkpoint (trained_width), required when given."""
     names = custom.parse_classes(args.classes)
     if args.classes_from_glove:
         vectors = torch.from_numpy(make_embeddings.class_vectors(names, args.classes_from_glove))
     else:
         vectors = load_embeddings(args.embeddings, num_classes=len(names))
+    check_width(vectors, width, args.classes_from_glove or args.embeddings, args.resume)
     return names, vectors
 
 
@@ -117,7 +137,7 @@ def load_model(args):
     if args.classes_from_glove and not args.classes:
         raise DSDLError("--classes-from-glove needs --classes NAME ...: the labels to look up")
     if args.classes and not (args.embeddings or args.classes_from_glove):
-        raise DSDLError("--classes needs the labels' word vectors: --embeddings FILE (C x 300, "
+        raise DSDLError("--classes needs the labels' word vectors: --embeddings FILE (C x d, "
                         "rows in the order of the names) or --classes-from-glove GLOVE_FILE")
     checkpoint = checkpoints.load_checkpoint(args.resume)
     weights = checkpoints.checkpoint_weights(checkpoint)
@@ -141,7 +161,7 @@ def load_model(args):
                         f"lambda: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} for DSDL "
                         f"checkpoints; leave {'it' if len(unused) == 1 else 'them'} out")
     if args.classes:
-        classes, semantics = label_vectors(args)
+        classes, semantics = label_vectors(args, trained_width(checkpoint, weights))
         warn_zero_shot(classes, trained, args.resume)
     else:
         classes, semantics = trained, checkpoint.get("semantics", weights.get("semantics"))
@@ -154,8 +174,9 @@ def load_model(args):
         if semantics is None and vectors:  # the release stores none: the dataset's standard ones
             if not (args.embeddings or known):
                 raise DSDLError(f"{args.resume} stores no class vectors; pass --embeddings or --dataset")
-            semantics = load_embeddings(args.embeddings or standard_embeddings(known.embeddings),
-                                        num_classes=len(classes))
+            path = args.embeddings or standard_embeddings(known.embeddings)
+            semantics = load_embeddings(path, num_classes=len(classes))
+            check_width(semantics, trained_width(checkpoint, weights), path, args.resume)
     lambd = (checkpoint_setting("--lambd", args.lambd, stored.get("lambd"))
              or (known.lambd if known else None))
     if lambd is None and vectors:

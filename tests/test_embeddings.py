@@ -118,3 +118,29 @@ def test_a_standard_embeddings_file_with_another_checksum_is_refused(tmp_path):
         pickle.dump(np.zeros((20, 300), np.float32), f)
     with pytest.raises(DSDLError, match=md5sum(str(path))):
         load_embeddings(str(path), num_classes=20)
+
+
+@pytest.mark.parametrize("width", [1, 5, 512])
+def test_class_vectors_of_any_width_are_accepted(width, tmp_path):
+    vectors = np.random.default_rng(width).standard_normal((4, width)).astype(np.float32)
+    np.save(tmp_path / "v.npy", vectors)
+    with open(tmp_path / "v.pkl", "wb") as f:
+        pickle.dump(vectors.astype(np.float64), f)
+    for name in ("v.npy", "v.pkl"):
+        loaded = load_embeddings(str(tmp_path / name), num_classes=4)
+        assert loaded.shape == (4, width) and loaded.dtype == torch.float32
+        np.testing.assert_array_equal(loaded.numpy(), vectors)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.ones(5, np.float32), r"shape \(5,\); expected \(4, d\)"),
+    (np.ones((4, 0), np.float32), r"shape \(4, 0\); expected \(4, d\)"),
+    (np.ones((3, 5), np.float32), r"shape \(3, 5\); expected \(4, 5\)"),
+    (np.array([[1.0] * 5, [np.nan] + [1.0] * 4, [1.0] * 5, [0.0] * 5]), r"row\(s\) 1, 3 are"),
+    (np.array([["a"] * 5] * 4), "hold <U1 values; expected numbers"),
+])
+def test_arrays_that_are_not_one_real_vector_per_class_are_refused_at_any_width(
+        array, message, tmp_path):
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(DSDLError, match=message):
+        load_embeddings(str(tmp_path / "bad.npy"), num_classes=4)
