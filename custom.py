@@ -156,7 +156,6 @@ def labels_of(paths, row_lists):
                     for name in checked + unchecked})
     if not names:
         raise DSDLError(f"no labels in {', '.join(paths)}")
-    warn_same_names(names, ", ".join(paths))
     return names
 
 
@@ -235,7 +234,9 @@ def load_splits(train_csv, test_csv, images_dir, classes=None, name="custom",
         parsed[path], found = read_label_csv(path)
         if not evaluate or path == test_csv:
             problems += found
-    classes = classes or labels_of(paths, [parsed[path] for path in paths])
+    if not classes:
+        classes = labels_of(paths, [parsed[path] for path in paths])
+        warn_same_names(classes, ", ".join(paths))
     for path in ([test_csv] if evaluate else list(parsed)):
         problems += check_rows(path, parsed[path], images_dir, classes, classes_from)
     if problems:

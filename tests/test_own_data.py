@@ -88,10 +88,15 @@ def test_labels_written_as_a_0_1_vector_are_refused_with_the_format(tmp_path, ca
 
 def test_class_names_differing_only_in_case_or_spacing_are_reported(tmp_path):
     import custom
+    os.makedirs(tmp_path / "images")
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "images" / name).write_bytes(b"")
     (tmp_path / "a.csv").write_text("image,labels\na.jpg,Dog;traffic light\nb.jpg,dog;traffic_light\n")
+    (tmp_path / "b.csv").write_text("image,labels\nb.jpg,dog\n")
     with pytest.warns(UserWarning, match="'Dog' and 'dog'; 'traffic light' and 'traffic_light'"):
-        assert custom.classes_from_csv(str(tmp_path / "a.csv")) == ["Dog", "dog", "traffic light",
-                                                                    "traffic_light"]
+        train, _, _ = custom.load_splits(str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
+                                         str(tmp_path / "images"))
+    assert train.classes == ["Dog", "dog", "traffic light", "traffic_light"]
 
 
 def test_a_missing_validation_csv_is_one_line(tmp_path, capsys, monkeypatch):
