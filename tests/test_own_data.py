@@ -195,3 +195,20 @@ def test_export_writes_the_thresholds_into_its_classes_json(with_val, tmp_path):
                         "-o", str(tmp_path / "m.pt")]) == 0
     described = json.loads((tmp_path / "m.pt.classes.json").read_text())
     assert described["classes"] == CLASSES and described["thresholds"] == best["thresholds"]
+
+
+def test_zero_shot_on_nuswide_scores_its_concepts_with_a_model_trained_on_other_labels(
+        with_val, tmp_path, capsys):
+    import main_nuswide
+    from test_nuswide import CONCEPTS, write_nuswide_tree
+    root, run_dir = with_val  # trained on cat, dog, red car
+    write_nuswide_tree(str(tmp_path / "nus"))
+    np.save(tmp_path / "concepts.npy", np.random.default_rng(3).standard_normal((4, 300)).astype(np.float32))
+    capsys.readouterr()
+    code = call_main(main_nuswide.main, [str(tmp_path / "nus"), "-e", "--zero-shot", "--resume",
+                                         str(run_dir / checkpoints.BEST), "--embeddings",
+                                         str(tmp_path / "concepts.npy"), "-j", "0", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    (record,) = [json.loads(line) for line in open(run_dir / "eval_test.jsonl")][-1:]
+    assert record["zero_shot"] and record["images"] == 5 and len(record["AP"]) == len(CONCEPTS)
+    assert "P@3" in record and "F1@5" in record
