@@ -13,7 +13,7 @@ import runs
 from conftest import call_main
 from report import read_metrics
 from test_custom import CLASSES, COMMON, write_dataset
-from util import DSDLError, compute_metrics, tune_thresholds
+
 
 
 @pytest.fixture(scope="module")
