@@ -121,6 +121,11 @@ def check_contents(checkpoint, path):
     weights = checkpoint.get("model", checkpoint.get("state_dict"))
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
         raise DSDLError(f"{damaged} its weights are not a dict of tensors; use another checkpoint")
+    width = weights.get("W1").shape[0] if torch.is_tensor(weights.get("W1")) else None
+    if semantics is not None and width is not None and semantics.shape[1] != width:
+        raise DSDLError(f"{damaged} its class vectors ('semantics') are {tuple(semantics.shape)}, "
+                        f"but its auto-encoder (W1, {tuple(weights['W1'].shape)}) takes {width}-d "
+                        f"vectors; use another checkpoint")
     broken = [key for key, value in weights.items()
               if value.is_floating_point() and not torch.isfinite(value).all()]
     if broken:

@@ -338,7 +338,9 @@ def run_command(run, args):
         INTERRUPTS.append(signum)
         # Workers that die of the same SIGTERM (a scheduler signals every process of a job)
         # must not be reported by the DataLoader's SIGCHLD handler: this signal stops the run.
-        child_handler.append(signal.signal(signal.SIGCHLD, signal.SIG_DFL))
+        # A no-op, not SIG_DFL: a SIGCHLD already pending would meet SIG_DFL in Python's
+        # handler table and raise "Signal 17 ignored due to race condition" mid-step.
+        child_handler.append(signal.signal(signal.SIGCHLD, lambda *_: None))
         raise KeyboardInterrupt
 
     child_handler = []  # the SIGCHLD handler (the DataLoader's) that a signal set aside

@@ -152,10 +152,10 @@ def test_cli_missing_resume_file_is_an_error_not_a_fresh_start(voc_root, random_
 def test_cli_embeddings_of_the_wrong_shape_are_an_error(voc_root, tmp_path, capsys):
     root, _ = voc_root
     path = tmp_path / "wrong.npy"
-    np.save(path, np.zeros((20, 299), np.float32))
+    np.save(path, np.ones((19, 300), np.float32))  # one row short (any width is fine)
     result = command(capsys, root, *SMALL, "--embeddings", str(path), "--checkpoint-dir", str(tmp_path / "ck"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "wrong.npy" in result.stderr and "(20, 299)" in result.stderr
+    assert "wrong.npy" in result.stderr and "(19, 300)" in result.stderr
 
 
 def test_cli_checkpoint_for_another_number_of_classes_is_an_error(voc_root, random_embeddings, tmp_path, capsys):

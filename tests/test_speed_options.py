@@ -395,3 +395,16 @@ def test_the_compile_fallback_covers_the_first_backward(monkeypatch):
 def copy_model(model):
     import copy
     return copy.deepcopy(model)
+
+
+def test_sync_bn_on_the_cpu_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    """SyncBatchNorm has no CPU implementation: two CPU processes with --sync-bn are refused."""
+    import main_voc2007
+    from conftest import call_main
+    monkeypatch.setattr(engine, "init_distributed", lambda device: (0, 2, torch.device("cpu")))
+    code = call_main(main_voc2007.main, [str(tmp_path), "--sync-bn", "--device", "cpu",
+                                         "--checkpoint-dir", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and lines == ["error: --sync-bn needs GPUs (SyncBatchNorm has no CPU "
+                                   "implementation); drop it on the CPU"]
+    assert not (tmp_path / "run").exists()

@@ -57,7 +57,7 @@ def test_a_torchvision_network_trains_maps_and_exports_as_a_trunk(arch, size, tm
         assert maps.shape[:2] == (2, CLASSES) and maps.shape[2] * maps.shape[3] > 1
         torch.testing.assert_close(maps.sum(dim=(2, 3)), scores, rtol=1e-4, atol=1e-4)
         # Export: the folded model, as export.py writes it (TorchScript), gives the same scores.
-        export.export_torchscript(model.folded(), str(tmp_path / "model.pt"))
+        (tmp_path / "model.pt").write_bytes(export.export_torchscript(model.folded()))
         exported = torch.jit.load(str(tmp_path / "model.pt"))
         torch.testing.assert_close(exported(images), scores, rtol=1e-4, atol=1e-4)
 

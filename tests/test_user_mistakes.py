@@ -626,6 +626,8 @@ def test_an_unreadable_image_is_found_at_start_up_and_said_to_be_permission_deni
 def edited(checkpoint, damage):
     if damage == "class vectors":
         checkpoint["semantics"] = checkpoint["semantics"][:, :299]
+    elif damage == "class count":
+        checkpoint["semantics"] = checkpoint["semantics"][:19]
     elif damage == "epoch":
         checkpoint["epoch"] = 2.5
     else:
@@ -634,8 +636,10 @@ def edited(checkpoint, damage):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("class vectors", "its class vectors ('semantics') are (20, 299), but it names 20 classes, "
-                      "each with one 300-d vector; use another checkpoint"),
+    ("class vectors", "its class vectors ('semantics') are (20, 299), but its auto-encoder (W1, "
+                      "(300, 1024)) takes 300-d vectors; use another checkpoint"),
+    ("class count", "its class vectors ('semantics') are (19, 300), but it names 20 classes, "
+                    "each with one class vector; use another checkpoint"),
     ("epoch", "its epoch is 2.5, not a number of finished epochs; use another checkpoint"),
     ("NaN weights", "1 of its weights hold NaN or infinite values (features.0.weight); it cannot "
                     "be trained on or evaluated. Use an earlier checkpoint of the run (its "
