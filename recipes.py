@@ -23,7 +23,8 @@ def check_recipe(args):
     asl = [f"--{key.replace('_', '-')}" for key in ("asl_gamma_neg", "asl_gamma_pos", "asl_clip")
            if key in args.given]
     if asl and args.cls_loss != "asl":
-        raise DSDLError(f"{' and '.join(asl)} only apply with --cls-loss asl; add it, or drop them")
+        raise DSDLError(f"{' and '.join(asl)} {'apply' if len(asl) > 1 else 'applies'} only with "
+                        f"--cls-loss asl; add it, or drop {'them' if len(asl) > 1 else 'it'}")
     if "momentum" in args.given and (args.optimizer == "adamw" or args.schedule == "onecycle"):
         user = "--optimizer adamw" if args.optimizer == "adamw" else "--schedule onecycle"
         raise DSDLError(f"--momentum is not used with {user} (AdamW has betas 0.9, 0.999; "

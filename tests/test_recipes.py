@@ -50,7 +50,9 @@ def test_every_recipe_option_is_recipe_and_defaults_to_the_release():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--asl-gamma-neg", "2"], "--asl-gamma-neg only apply with --cls-loss asl"),
+    (["--asl-gamma-neg", "2"], "--asl-gamma-neg applies only with --cls-loss asl; add it, or drop it"),
+    (["--asl-clip", "0", "--asl-gamma-pos", "1"],
+     "--asl-gamma-pos and --asl-clip apply only with --cls-loss asl; add it, or drop them"),
     (["--optimizer", "adamw", "--momentum", "0.8"], "--momentum is not used with --optimizer adamw"),
     (["--schedule", "cosine", "--epoch_step", "3"], "--epoch_step is the step schedule's"),
     (["--warmup-epochs", "5", "--epochs", "5"], "leaves no epoch after the warm-up"),
