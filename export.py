@@ -28,7 +28,8 @@ import warnings
 import torch
 
 from predict import check_writable, load_model
-from util import IMAGENET_MEAN, IMAGENET_STD, DSDLError, atomic_write, out_of_memory, user_message
+from util import (IMAGENET_MEAN, IMAGENET_STD, DSDLError, atomic_write, out_of_memory,
+                  out_of_memory_advice, user_message)
 
 ONNX_OPSET = 20  # what onnxruntime 1.32 runs; the README states it
 ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export (torch.export based) imports
@@ -108,8 +109,7 @@ def main(argv=None):
     except (RuntimeError, MemoryError) as error:
         if not out_of_memory(error):
             raise
-        print(f"error: out of memory ({str(error).splitlines()[0][:200]}); lower --image-size "
-              f"(now {image_size})", file=sys.stderr)
+        print(f"error: {out_of_memory_advice(error, image_size=image_size)}", file=sys.stderr)
         return 1
     print(f"wrote {args.output} ({args.format}: images B x 3 x {image_size} x {image_size} -> "
           f"scores B x {len(classes)}, logits) and {sidecar(args.output)} (class names)")

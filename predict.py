@@ -40,7 +40,7 @@ from distributed import resolve_device
 from embeddings import check_same_vectors, load_embeddings, standard_embeddings
 from report import save_figure
 from util import (DSDLError, atomic_write, eval_transform, load_image, out_of_memory,
-                  user_message, write_error)
+                  out_of_memory_advice, user_message, write_error)
 from coco import COCO_CLASSES
 from voc import VOC_CLASSES
 
@@ -409,8 +409,7 @@ def main(argv=None):
     except (RuntimeError, MemoryError) as error:
         if not out_of_memory(error):
             raise
-        print(f"error: out of memory ({str(error).splitlines()[0][:200]}); lower -b/--batch-size "
-              f"(now {args.batch_size}) or --image-size (now {image_size})", file=sys.stderr)
+        print(f"error: {out_of_memory_advice(error, args.batch_size, image_size)}", file=sys.stderr)
         return 1
     except OSError as error:  # a class map that did not fit on the disk
         if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

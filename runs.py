@@ -19,8 +19,8 @@ import options
 from checkpoints import BEST, CHECKPOINT, load_checkpoint, resume_advice, split_change
 from distributed import resolve_device
 from report import METRICS_LOG
-from util import (MADE_FOLDERS, DSDLError, make_folders, out_of_memory, remove_made_folders,
-                  user_message, write_error)
+from util import (MADE_FOLDERS, DSDLError, make_folders, out_of_memory, out_of_memory_advice,
+                  remove_made_folders, user_message, write_error)
 
 LOCK = "run.lock"                   # the pid of the run writing into the folder
 RUN_FILES = (CHECKPOINT, BEST, METRICS_LOG)
@@ -311,9 +311,7 @@ def failure_message(error, args):
                 f"complete still are. Free disk space there (or pass a --checkpoint-dir on "
                 f"another disk), then {way_on(args)}")
     if out_of_memory(error):
-        return (f"out of memory ({str(error).splitlines()[0][:200]}); lower -b/--batch-size "
-                f"(now {args.batch_size}) or --image-size (now {args.image_size}), then "
-                f"{way_on(args)}")
+        return f"{out_of_memory_advice(error, args.batch_size, args.image_size)}, then {way_on(args)}"
     return None
 
 

@@ -526,3 +526,10 @@ def out_of_memory(error):
     """Whether `error` says that the CPU's or a GPU's memory ran out."""
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
         isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def out_of_memory_advice(error, batch_size=None, image_size=None):
+    """What an out-of-memory `error` says, and which of the settings given to lower."""
+    settings = ([f"-b/--batch-size (now {batch_size})"] if batch_size is not None else []) + (
+        [f"--image-size (now {image_size})"] if image_size is not None else [])
+    return f"out of memory ({str(error).splitlines()[0][:200]}); lower {' or '.join(settings)}"
