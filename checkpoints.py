@@ -200,26 +200,28 @@ def split_change(record, dataset, name=None):
     return None
 
 
-def checkpoint_bytes(optimizer):
-    """About how large a checkpoint of this run is: the weights and the optimizer's momentum
-    (one value per weight each); BatchNorm statistics and class vectors are small beside them."""
+def checkpoint_bytes(optimizer, averaged=False):
+    """About how large a checkpoint of this run is: the weights, the optimizer's state (SGD's
+    momentum: one value per weight; AdamW's two moments: two) and with --ema (`averaged`) the
+    trained weights beside their average; BatchNorm statistics and class vectors are small."""
     weights = sum(p.numel() * p.element_size() for group in optimizer.param_groups
                   for p in group["params"])
-    return 2 * weights
+    state = 2 if isinstance(optimizer, torch.optim.AdamW) else 1
+    return (1 + state + int(averaged)) * weights
 
 
-def check_free_space(folder, optimizer):
+def check_free_space(folder, optimizer, averaged=False):
     """Refuse a run whose folder cannot take what its next epoch writes: a checkpoint file, and
     the first time two (model_best.pth.tar and checkpoint.pth.tar), beside the old ones while
     they are written; plus the log, tables and plots (taken as 1 MB)."""
-    size = checkpoint_bytes(optimizer)
+    size = checkpoint_bytes(optimizer, averaged)
     both_there = all(os.path.isfile(os.path.join(folder, name)) for name in (BEST, CHECKPOINT))
     needed = size * (1 if both_there else 2) + 2 ** 20
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise DSDLError(f"{folder} has {free / 2 ** 20:.0f} MB free, but an epoch of this run "
                         f"writes about {needed / 2 ** 20:.0f} MB (checkpoints of about "
-                        f"{size / 2 ** 20:.0f} MB each: the weights and the optimizer's momentum). "
+                        f"{size / 2 ** 20:.0f} MB each: the weights and the optimizer's state). "
                         f"Free disk space there, or pass a --checkpoint-dir on another disk")
 
 
@@ -229,9 +231,15 @@ def restore_training(args, checkpoint, optimizer, scaler):
     whose model_best is the best of its own epochs. The run folder must have room for an epoch."""
     with rank_zero_first():  # before the first epoch, not when its checkpoint fails to fit
         if is_main_process():  # which writes the checkpoints; its refusal stops every rank
-            check_free_space(args.checkpoint_dir, optimizer)
+            check_free_space(args.checkpoint_dir, optimizer, bool(getattr(args, "ema", 0)))
     if not args.resume:
         return 0, -math.inf, uuid.uuid4().hex
+    trained_with = (checkpoint.get("args") or {}).get("optimizer", "sgd")
+    if "optimizer" in checkpoint and trained_with != getattr(args, "optimizer", "sgd"):
+        raise DSDLError(f"{args.resume} was trained with --optimizer {trained_with}, whose state "
+                        f"--resume continues: keep --optimizer {trained_with}, or start a new run "
+                        f"from its weights with --init-from {args.resume} --optimizer "
+                        f"{args.optimizer} --checkpoint-dir NEW_FOLDER")
     if "optimizer" in checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])  # the momentum buffers
         if scaler is not None and "scaler" in checkpoint:

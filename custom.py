@@ -73,26 +73,30 @@ def read_label_csv(path):
                     problems.append(f"{path}, line {line}: empty image path")
                     continue
                 fields = [name.strip() for name in labels.split(";") if name.strip()]
+                if any(name[1:].strip() == "" for name in fields if name.startswith(UNCHECKED)):
+                    problems.append(f"{path}, line {line}: '{UNCHECKED}' without a class name "
+                                    f"(write '{UNCHECKED}name' for a label nobody checked)")
+                    continue
                 unchecked = list(dict.fromkeys(name[1:].strip() for name in fields
                                                if name.startswith(UNCHECKED)))
                 names = list(dict.fromkeys(name for name in fields if not name.startswith(UNCHECKED)))
                 rows.append((line, image, names, [name for name in unchecked if name not in names]))
     except UnicodeDecodeError as error:
         raise DSDLError(f"{path} is not UTF-8 text ({error}); save it as \"CSV UTF-8\"") from error
-    check_not_a_vector(path, rows)
     return rows, problems
 
 
 def check_not_a_vector(path, rows):
     """Refuse labels written as a 0/1 vector (`a.jpg,1;0;1`): they would be read as two classes
-    named "0" and "1", and train to a plausible mAP on nothing."""
+    named "0" and "1", and train to a plausible mAP on nothing. (Classes really named "0" and
+    "1" are read as such when --classes names them.)"""
     names = {name for row in rows for name in row[2] + row[3]}
     if names and names <= {"0", "1"} and any(len(row[2]) + len(row[3]) > 1 for row in rows):
         line, image = rows[0][0], rows[0][1]
         raise DSDLError(f"{path}: the labels look like a 0/1 vector (line {line}: {image}), not "
                         f"class names. Write the names of the classes present, separated by "
-                        f"';', e.g. '{image},dog;person' (with --classes giving the class list "
-                        f"in the order of the vector's columns)")
+                        f"';', e.g. '{image},dog;person' (if your classes are named 0 and 1, "
+                        f"say so with --classes 0 1)")
 
 
 def same_name_groups(names):
@@ -148,6 +152,8 @@ def classes_from_csv(*paths):
     problems = [problem for _, found in parsed for problem in found]
     if problems:
         raise problems_error(problems)
+    for path, (rows, _) in zip(paths, parsed):
+        check_not_a_vector(path, rows)
     return labels_of(paths, [rows for rows, _ in parsed])
 
 
@@ -235,6 +241,8 @@ def load_splits(train_csv, test_csv, images_dir, classes=None, name="custom",
         if not evaluate or path == test_csv:
             problems += found
     if not classes:
+        for path in parsed:
+            check_not_a_vector(path, parsed[path])
         classes = labels_of(paths, [parsed[path] for path in paths])
         warn_same_names(classes, ", ".join(paths))
     for path in ([test_csv] if evaluate else list(parsed)):

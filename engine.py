@@ -31,8 +31,8 @@ from embeddings import class_vectors, load_embeddings
 from runs import (METRICS_LOG, NonFiniteLoss, RunLock, check_datasets, claim_run_folder,
                   ignore_interrupts, non_finite_loss_advice, run_command, start_from,
                   stop_if_interrupted)
-from util import (UNKNOWN, DSDLError, compute_metrics, normalize_on_device, top_k_metrics,
-                  tune_thresholds)
+from util import (UNKNOWN, DSDLError, compute_metrics, normalize_on_device, out_of_memory,
+                  top_k_metrics, tune_thresholds)
 
 
 class Datasets(NamedTuple):
@@ -61,6 +61,10 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"{args.resume} has already trained {done} epoch{'s' * (done != 1)}, and "
                   f"--epochs is {args.epochs}: nothing to do. Pass a larger --epochs to train on.")
+            if "thresholds" in checkpoint:  # a --val run: its test split is scored at the end
+                best = os.path.join(os.path.dirname(args.resume), BEST)
+                print(f"If its test split was not scored at the end (no eval_<split>.jsonl beside "
+                      f"it), score it with -e --resume {best}")
         return None
     rank, world_size, device = init_distributed(args.device)
     if args.sync_bn and world_size > 1 and device.type != "cuda":
@@ -147,6 +151,12 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
     train_loader = make_loader(datasets.train, args.batch_size, args.workers, args.seed, device,
                                shuffle=True, drop_last=args.compile)  # one shape to compile
     schedule = recipes.Schedule(optimizer, model, args, start_epoch, len(train_loader))
+    trained_compiled = ((checkpoint or {}).get("args") or {}).get("compile", args.compile)
+    if args.resume and schedule.per_step and trained_compiled != args.compile:
+        warnings.warn(f"--compile {'on' if args.compile else 'off'} here but not when "
+                      f"{args.resume} was trained: it drops each epoch's last partial batch, so "
+                      f"an epoch has another number of steps and the per-step learning-rate curve "
+                      f"is not the uninterrupted one's", stacklevel=2)
     average = recipes.weight_average(model, args, checkpoint)  # --ema; None without
     if average is not None and args.compile:
         compile_trunk(average.model.trunk)
@@ -562,6 +572,7 @@ def compile_trunk(trunk):
     eager = trunk.forward
     compiled = torch.compile(eager)
     batch = []  # the batch size of the first call
+    forward_done = []  # a compiled forward has run: later errors of the forward are real ones
 
     def padded(images):
         size = images.shape[0]
@@ -571,19 +582,30 @@ def compile_trunk(trunk):
         filler = images[-1:].expand(batch[0] - size, *images.shape[1:])
         return compiled(torch.cat([images, filler]))[:size]
 
+    def fall_back(error, images):
+        warnings.warn(f"--compile does not work here ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0] if str(error) else ''}); running without it")
+        trunk.forward = eager
+        return eager(images)
+
     def checked(images):
         try:
             output = padded(images)
-            if torch.is_grad_enabled() and output.requires_grad:
+        except Exception as error:  # torch._dynamo / inductor raise many types
+            if forward_done or out_of_memory(error):
+                raise
+            return fall_back(error, images)
+        forward_done.append(True)
+        if torch.is_grad_enabled() and output.requires_grad:
+            try:
                 trained = [p for p in trunk.parameters() if p.requires_grad]
                 torch.autograd.grad(output.float().sum(), trained, retain_graph=True,
                                     allow_unused=True)  # compiles the backward, touches no .grad
-                trunk.forward = padded  # forward and backward compiled: no more checks
-        except Exception as error:  # torch._dynamo / inductor raise many types
-            warnings.warn(f"--compile does not work here ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); running without it")
-            trunk.forward = eager
-            return eager(images)
+            except Exception as error:
+                if out_of_memory(error):
+                    raise
+                return fall_back(error, images)
+            trunk.forward = padded  # forward and backward compiled: no more checks
         return output
 
     trunk.forward = checked

@@ -51,7 +51,8 @@ def datasets(args):
         args.train_csv or os.path.join(args.data, "train.csv"), test_csv,
         args.images or os.path.join(args.data, "images"), classes=classes,
         classes_from=("--classes" if args.classes else test_csv if args.zero_shot
-                      else f"the class list of {args.resume}"),
+                      else f"the class list of {args.resume}" if args.checkpoint_classes
+                      else "the labels of the train and test CSVs"),
         name=os.path.basename(os.path.abspath(args.data)),
         train_transform=train_transform_of(args),
         test_transform=eval_transform(args.image_size, args.fast_pipeline),

@@ -422,12 +422,13 @@ class AsymmetricLoss(nn.Module):
             log_not = torch.log1p(-shifted)                               # 1 - p_m >= clip
         else:
             shifted, log_not = torch.sigmoid(scores), F.logsigmoid(-scores)
+        # The bases are kept off 0, where x ** gamma with gamma < 1 has an infinite derivative.
         positive = targets * log_p
         if self.gamma_pos:
-            positive = positive * (1 - torch.sigmoid(scores)) ** self.gamma_pos
+            positive = positive * (1 - torch.sigmoid(scores)).clamp(min=1e-12) ** self.gamma_pos
         negative = (1 - targets) * log_not
         if self.gamma_neg:
-            negative = negative * shifted ** self.gamma_neg
+            negative = negative * shifted.clamp(min=1e-12) ** self.gamma_neg
         return -known_mean(positive + negative, known)
 
     def extra_repr(self):

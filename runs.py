@@ -229,7 +229,15 @@ def check_same_splits(trained_on, datasets, resume):
     evaluation split, and a score on other images is not comparable (refused); other training
     images are the user's choice (a warning)."""
     selection = datasets.val if getattr(datasets, "val", None) is not None else datasets.test
-    change = split_change(trained_on, selection, trained_on.get("evaluated"))
+    evaluated = trained_on.get("evaluated")
+    if evaluated and evaluated != selection.split and (trained_on.get("sizes") or {}).get(evaluated):
+        given = "is not given now: pass it again with --val" if evaluated != datasets.test.split \
+            else "was not given then: --val cannot be added to a run"
+        raise DSDLError(f"{resume} chose its best model on the split {evaluated!r}, and now "
+                        f"{selection.split!r} would choose it; the validation CSV {given} (or "
+                        f"start a new run from its weights with --init-from {resume} "
+                        f"--checkpoint-dir NEW_FOLDER)")
+    change = split_change(trained_on, selection, evaluated)
     if change:
         raise DSDLError(f"the evaluation split differs from the one {resume} was selected on "
                         f"({change}): its best mAP is no longer comparable, so --resume cannot "

@@ -212,3 +212,42 @@ def test_zero_shot_on_nuswide_scores_its_concepts_with_a_model_trained_on_other_
     (record,) = [json.loads(line) for line in open(run_dir / "eval_test.jsonl")][-1:]
     assert record["zero_shot"] and record["images"] == 5 and len(record["AP"]) == len(CONCEPTS)
     assert "P@3" in record and "F1@5" in record
+
+
+def test_resuming_a_validation_run_without_its_validation_csv_says_to_pass_it(with_val, capsys):
+    root, run_dir = with_val
+    code = call_main(main_custom.main, [str(root), "--resume", str(run_dir / checkpoints.CHECKPOINT),
+                                        "--epochs", "3", "-j", "0", "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(lines) == 1
+    assert "chose its best model on the split 'val'" in lines[0] and "pass it again with --val" in lines[0]
+
+
+def test_changing_the_optimizer_on_resume_is_refused_pointing_to_init_from(with_val, capsys):
+    root, run_dir = with_val
+    code = call_main(main_custom.main, [str(root), "--resume", str(run_dir / checkpoints.CHECKPOINT),
+                                        "--val", str(root / "val.csv"), "--optimizer", "adamw",
+                                        "--epochs", "3", "-j", "0", "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error")]
+    assert code == 1 and len(lines) == 1
+    assert "was trained with --optimizer sgd" in lines[0] and "--init-from" in lines[0]
+
+
+def test_a_question_mark_without_a_name_is_a_problem_with_its_line(tmp_path):
+    import custom
+    (tmp_path / "a.csv").write_text("image,labels\na.jpg,dog;?\n")
+    rows, problems = custom.read_label_csv(str(tmp_path / "a.csv"))
+    assert rows == [] and problems == [f"{tmp_path / 'a.csv'}, line 2: '?' without a class name "
+                                       f"(write '?name' for a label nobody checked)"]
+
+
+def test_classes_really_named_0_and_1_are_read_when_classes_names_them(tmp_path):
+    import custom
+    os.makedirs(tmp_path / "images")
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "images" / name).write_bytes(b"")
+    (tmp_path / "train.csv").write_text("image,labels\na.jpg,0;1\nb.jpg,1\n")
+    (tmp_path / "test.csv").write_text("image,labels\nb.jpg,0\n")
+    train, _, _ = custom.load_splits(str(tmp_path / "train.csv"), str(tmp_path / "test.csv"),
+                                     str(tmp_path / "images"), classes=["0", "1"])
+    assert train.labels.tolist() == [[1, 1], [-1, 1]]

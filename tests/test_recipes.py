@@ -425,3 +425,21 @@ def test_tensorboard_events_hold_the_logged_numbers_and_learning_rates(everythin
         assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(name)] == logged
     head = [e.value for e in events.Scalars("learning_rate/head")]
     assert head == pytest.approx([0.001 / 2, 0.001])  # epoch 1 starts warming up; epoch 2 at the top
+
+
+@pytest.mark.parametrize("gamma_neg, gamma_pos, clip", [(0.5, 0.0, 0.0), (4.0, 0.5, 0.05)])
+def test_fractional_focusing_exponents_keep_the_gradient_finite_on_saturated_scores(gamma_neg, gamma_pos,
+                                                                                   clip):
+    scores = torch.tensor([[40.0, -200.0, 3.0]], requires_grad=True)  # p = 1 and p = 0 in float32
+    AsymmetricLoss(gamma_neg, gamma_pos, clip)(scores, torch.tensor([[1.0, 0.0, 0.0]])).backward()
+    assert torch.isfinite(scores.grad).all()
+
+
+def test_the_free_space_estimate_counts_adamws_moments_and_the_trained_weights_beside_the_ema(
+        everything_runs):
+    folder, _, _ = everything_runs
+    model = small_model(num_classes=20)
+    optimizer = recipes.build_optimizer(model, parse("--optimizer", "adamw"))
+    estimate = checkpoints.checkpoint_bytes(optimizer, averaged=True)
+    actual = os.path.getsize(folder / "straight" / checkpoints.CHECKPOINT)
+    assert abs(estimate - actual) / actual < 0.05

@@ -408,3 +408,24 @@ def test_sync_bn_on_the_cpu_is_one_line_not_a_traceback(monkeypatch, capsys, tmp
     assert code == 1 and lines == ["error: --sync-bn needs GPUs (SyncBatchNorm has no CPU "
                                    "implementation); drop it on the CPU"]
     assert not (tmp_path / "run").exists()
+
+
+def test_after_a_compiled_forward_has_run_a_later_error_is_raised_not_taken_for_no_compiler(monkeypatch):
+    calls = []
+
+    def flaky_compile(function):
+        def call(images):
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return function(images)
+        return call
+
+    monkeypatch.setattr(torch, "compile", flaky_compile)
+    torch.manual_seed(0)
+    model = DSDL(5, torch.randn(5, 300), 10.0, arch="resnet18", pretrained=False).eval()
+    engine.compile_trunk(model.trunk)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))  # compiled, in evaluation (no backward to check)
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            model(torch.randn(2, 3, 32, 32))
