@@ -276,7 +276,9 @@ def get_args_parser(description, run_folder, **defaults):
     add_option(speed, "--channels-last", action="store_true", role="runtime",
                help="channels-last memory layout")
     add_option(speed, "--compile", action="store_true", role="runtime",
-               help="torch.compile the trunk (falls back to eager with a warning)")
+               help="torch.compile the trunk (falls back to eager with a warning); to keep one "
+                    "shape, training drops each epoch's last partial batch and evaluation pads "
+                    "its own")
     add_option(speed, "--fast-pipeline", action="store_true", role="runtime",
                help="JPEGs decoded by torchvision and the release's resizes, crop and flip "
                     "done on uint8 tensors, batches normalised on the device: the same "
