@@ -497,7 +497,7 @@ def test_a_folder_without_room_for_an_epoch_is_refused_with_the_figures_before_i
     figures = re.fullmatch(
         rf"error: {re.escape(str(run_folder))} has 5 MB free, but an epoch of this run writes "
         rf"about (\d+) MB \(checkpoints of about (\d+) MB each: the weights and the optimizer's "
-        rf"momentum\)\. Free disk space there, or pass a --checkpoint-dir on another disk\n", err)
+        rf"state\)\. Free disk space there, or pass a --checkpoint-dir on another disk\n", err)
     needed, each = map(int, figures.groups())
     assert each == pytest.approx(os.path.getsize(checkpoint) / 2 ** 20, rel=0.02)  # the estimate
     assert needed == each + 1  # both files there: one at a time beside its old self, and the log
