@@ -167,8 +167,9 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
     classes = [str(name) for name in selection.classes]
     say(f"training on {len(datasets.train)} {datasets.train.split} images, evaluating on "
         f"{len(selection)} {selection.split} images; {recipes.learning_rates(optimizer, model)}")
-    if selection_note(datasets):
-        say(selection_note(datasets))
+    note = selection_note(datasets)
+    if note:
+        say(note)
     metrics = None
     for epoch in range(start_epoch, args.epochs):
         started = time.perf_counter()
