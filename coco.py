@@ -2,7 +2,6 @@
 import json
 import os
 import warnings
-import zipfile
 
 import numpy as np
 import torch
@@ -10,7 +9,7 @@ from torch.utils.data import Dataset
 
 from downloads import fetch, interrupted_extraction
 
-from util import DSDLError, atomic_write, check_images_exist, read_image
+from util import DSDLError, cached_arrays, check_images_exist, read_image
 
 COCO_SITE = "http://images.cocodataset.org/"
 # archive -> (path on the COCO site, md5)
@@ -20,7 +19,7 @@ COCO2014_ARCHIVES = {
     "annotations_trainval2014.zip": ("annotations/annotations_trainval2014.zip",
                                      "0a379cfc70b0e71301e0f377548639bd"),
 }
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: util.cached_arrays' layout
 
 # The 80 COCO category names in the model's order: sorted alphabetically (spec section 5), the
 # row order of coco_glove_word2vec.pkl. The dataset reads them from the annotations; this list
@@ -78,39 +77,17 @@ def read_instance_labels(path):
     return classes, image_ids, file_names, labels
 
 
-def _source_stamp(path):
-    """Size and modification time of the annotation file: a cache built from another is stale."""
-    stat = os.stat(path)
-    return np.array([CACHE_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
-
-
 def load_labels_cached(annotation_file, cache_file):
-    """`read_instance_labels`, kept in `cache_file` (.npz) so that later starts skip the json.
+    """`read_instance_labels`, kept in `cache_file` (util.cached_arrays) so that later starts
+    skip the json."""
+    def build():
+        classes, image_ids, file_names, labels = read_instance_labels(annotation_file)
+        return {"classes": np.array(classes, dtype=str), "image_ids": image_ids,
+                "file_names": file_names, "labels": labels}
 
-    The cache is rebuilt when the annotation file's size or mtime changes, and written to a
-    temporary file first, so that an interrupted write never leaves a cache that looks valid.
-    """
-    stamp = _source_stamp(annotation_file)
-    try:
-        with np.load(cache_file, allow_pickle=False) as cache:
-            if np.array_equal(cache["source"], stamp):
-                return (cache["classes"].tolist(), cache["image_ids"], cache["file_names"],
-                        cache["labels"])
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-        warnings.warn(f"ignoring the unreadable label cache {cache_file} ({error}); rebuilding it",
-                      stacklevel=2)
-    print(f"reading {annotation_file} (once; the labels are cached in {cache_file})")
-    classes, image_ids, file_names, labels = read_instance_labels(annotation_file)
-    try:
-        with atomic_write(cache_file) as f:
-            np.savez(f, source=stamp, classes=np.array(classes, dtype=str), image_ids=image_ids,
-                     file_names=file_names, labels=labels)
-    except OSError as error:  # a read-only dataset folder: work without the cache
-        warnings.warn(f"could not write the label cache {cache_file} ({error}); the annotations "
-                      f"will be read again at the next start", stacklevel=2)
-    return classes, image_ids, file_names, labels
+    arrays = cached_arrays(cache_file, annotation_file, build, CACHE_VERSION)
+    return (arrays["classes"].tolist(), arrays["image_ids"], arrays["file_names"],
+            arrays["labels"])
 
 
 class COCO2014(Dataset):

@@ -21,13 +21,12 @@ import hashlib
 import os
 import re
 import warnings
-import zipfile
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util import ABSENT, PRESENT, UNKNOWN, DSDLError, atomic_write, read_image
+from util import ABSENT, PRESENT, UNKNOWN, DSDLError, cached_arrays, read_image
 
 OPEN_IMAGES_PAGE = "https://storage.googleapis.com/openimages/web/download_v7.html"
 # The class descriptions, first found wins: the full lists (V7, V6, V4/V5), then the boxable ones.
@@ -45,7 +44,7 @@ ANNOTATIONS = {
 }
 ANNOTATIONS_HEADER = b"ImageID,Source,LabelName,Confidence"
 CONFIDENCE = {b"1": PRESENT, b"1.0": PRESENT, b"0": ABSENT, b"0.0": ABSENT}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: util.cached_arrays' layout
 MAX_PROBLEMS_SHOWN = 10
 
 
@@ -194,27 +193,11 @@ def read_image_labels(path, mids):
 def load_labels_cached(path, mids, cache_file):
     """`read_image_labels`, kept in `cache_file` (.npz): later starts skip the CSV (gigabytes
     for train) until it changes (size, mtime) or the classes do."""
-    stat = os.stat(path)
-    source = np.array([CACHE_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
-    try:
-        with np.load(cache_file, allow_pickle=False) as cache:
-            if np.array_equal(cache["source"], source) and cache["mids"].tolist() == list(mids):
-                return cache["image_ids"], cache["indptr"], cache["columns"], cache["values"]
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-        warnings.warn(f"ignoring the unreadable label cache {cache_file} ({error}); rebuilding it",
-                      stacklevel=2)
-    print(f"reading {path} (once for these classes; the labels are cached in {cache_file})")
-    labels = read_image_labels(path, mids)
-    try:
-        with atomic_write(cache_file) as f:
-            np.savez(f, source=source, mids=np.array(mids, dtype=str), image_ids=labels[0],
-                     indptr=labels[1], columns=labels[2], values=labels[3])
-    except OSError as error:  # a read-only dataset folder: work without the cache
-        warnings.warn(f"could not write the label cache {cache_file} ({error}); the labels will "
-                      f"be read again at the next start", stacklevel=2)
-    return labels
+    names = ("image_ids", "indptr", "columns", "values")
+    arrays = cached_arrays(cache_file, path,
+                           lambda: dict(zip(names, read_image_labels(path, mids))),
+                           CACHE_VERSION, key=mids, when="once for these classes")
+    return tuple(arrays[name] for name in names)
 
 
 class OpenImages(Dataset):

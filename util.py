@@ -6,6 +6,8 @@ import functools
 import io
 import os
 import tempfile
+import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -473,6 +475,37 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(OSError):
             os.remove(temporary)
         raise
+
+
+def cached_arrays(cache_file, source, build, version, key=(), when="once"):
+    """The arrays (a dict of numpy arrays) that `build()` reads from the file `source`, kept in
+    `cache_file` (.npz) so that later starts skip reading it. The cache serves while `source`
+    keeps its size and modification time, `version` (of the cache's layout) and `key` (e.g. the
+    class list the arrays are for); else it is rebuilt, and written whole or not at all
+    (atomic_write). An unreadable cache is rebuilt and a folder that cannot take one (read-only
+    data) is read each time, each with a warning. `when` says, in the message, when `source` is
+    read."""
+    stat = os.stat(source)
+    stamp = np.array([version, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
+    key = np.array(list(key), dtype=str)
+    try:
+        with np.load(cache_file, allow_pickle=False) as cache:
+            if np.array_equal(cache["source"], stamp) and np.array_equal(cache["key"], key):
+                return {name: cache[name] for name in cache.files if name not in ("source", "key")}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        warnings.warn(f"ignoring the unreadable label cache {cache_file} ({error}); rebuilding it",
+                      stacklevel=3)
+    print(f"reading {source} ({when}; the labels are cached in {cache_file})")
+    arrays = build()
+    try:
+        with atomic_write(cache_file) as f:
+            np.savez(f, source=stamp, key=key, **arrays)
+    except OSError as error:  # a read-only dataset folder: work without the cache
+        warnings.warn(f"could not write the label cache {cache_file} ({error}); {source} will be "
+                      f"read again at the next start", stacklevel=3)
+    return arrays
 
 
 def write_error(folder):
