@@ -48,6 +48,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 import engine
 import models
+import speed
 import trunks
 from distributed import gpu_problem, resolve_device
 from util import (DSDLError, atomic_write, load_image, load_image_tensor, normalize_on_device,
@@ -116,7 +117,9 @@ def synchronize(device):
 
 def synthetic_model(settings, num_classes, device):
     """The model of `settings` (random class vectors for DSDL) and its loss, on `device`."""
-    model = models.build_model(settings, num_classes, torch.randn(num_classes, 300), pretrained=False)
+    context = models.ModelContext([f"class {c}" for c in range(num_classes)],
+                                  settings.image_size, torch.randn(num_classes, 300))
+    model = models.build_model(settings, context, pretrained=False)
     return model.to(device), models.build_loss(settings)
 
 
@@ -142,11 +145,11 @@ def measure_model(device, settings, image_size, batch_size, num_classes, steps, 
     only ever slows a pass down."""
     torch.manual_seed(0)
     model, loss_fn = synthetic_model(settings, num_classes, device)
-    amp_dtype, scaler = engine.mixed_precision(device, fast)
+    amp_dtype, scaler = speed.mixed_precision(device, fast)
     if fast:
         model.to(memory_format=torch.channels_last)
         if compile:
-            engine.compile_trunk(model.trunk)
+            speed.compile_trunk(model.trunk)
     optimizer = torch.optim.SGD(model.parameter_groups(0.01, 0.1), lr=0.01, momentum=0.9)
 
     def loader(batches):
@@ -165,9 +168,9 @@ def measure_model(device, settings, image_size, batch_size, num_classes, steps, 
     def inference(network):
         def run(batches):
             network.eval()
-            with torch.no_grad(), engine.autocast(device, amp_dtype):
+            with torch.no_grad(), speed.autocast(device, amp_dtype):
                 for images, _, _ in batches:
-                    network(engine.prepare_images(images, device, channels_last=fast))
+                    network(speed.prepare_images(images, device, channels_last=fast))
         return run
 
     peak_memory = 0
@@ -471,14 +474,16 @@ def report(figures, args, names, gpu, image_size):
 def main():
     args = options.bench_parser(__doc__).parse_args()
     try:
+        models.model_entry(args.model)  # an unknown --model is one line
         device, arch, figures = setting_up(args)
     except DSDLError as error:
         sys.exit(f"error: {error}")
     except OSError as error:
         sys.exit(f"error: cannot write --json {args.json}: {error.strerror or error}")
     gpu = device.type == "cuda"
-    settings = argparse.Namespace(model=args.model, arch=arch, pool="max", lambd=10.0, beta=1e-4)
     image_size = args.image_size or (448 if gpu else 224)
+    settings = argparse.Namespace(model=args.model, arch=arch, pool="max", lambd=10.0, beta=1e-4,
+                                  image_size=image_size)
     batch_size = args.batch_size or (32 if gpu else 8)
     steps, warmup = args.steps or (20 if gpu else 3), args.warmup or (5 if gpu else 1)
     if gpu:

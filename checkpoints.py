@@ -135,6 +135,22 @@ def check_contents(checkpoint, path):
                         f"model_best.pth.tar, or a copy)")
 
 
+# (blocks in layer3, bottleneck blocks) -> arch: tells the release's checkpoints apart.
+ARCH_BY_LAYER3 = {(2, False): "resnet18", (6, False): "resnet34", (6, True): "resnet50",
+                  (23, True): "resnet101", (36, True): "resnet152"}
+
+
+def infer_arch(weights):
+    """The ResNet of a state dict, from the blocks of layer3 (features.6) and their type (the
+    authors' released checkpoints do not name their trunk)."""
+    blocks = {key.split(".")[2] for key in weights if key.startswith("features.6.")}
+    bottleneck = any(key.startswith("features.6.0.conv3.") for key in weights)
+    arch = ARCH_BY_LAYER3.get((len(blocks), bottleneck))
+    if arch is None:
+        raise DSDLError("cannot tell the ResNet of this checkpoint from its weights; pass --arch")
+    return arch
+
+
 def checkpoint_weights(checkpoint, training=False):
     """The model's state dict from this project's format or the release's (spec section 9).
     `training`: the weights that training continues from; with --ema they are kept apart, as
@@ -152,6 +168,26 @@ def load_weights(model, checkpoint, path, class_independent_only=False, training
     from. Returns what was loaded, in words."""
     return model.load_weights(checkpoint_weights(checkpoint, training), path,
                               class_independent_only)
+
+
+def checkpoint_state(model, run, args, epoch, best_score, datasets, provenance, seconds,
+                     thresholds=None):
+    """The checkpoint of a run (engine.Training `run`) after `epoch`: everything --resume
+    continues from, and what rebuilds the model (`model_settings`, `classes`, the model's own
+    entries such as DSDL's class vectors: models.from_checkpoint)."""
+    state = {"model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "lr_scheduler": run.schedule.state_dict(), "epoch": epoch, "best_score": best_score,
+             "args": vars(args), "model_settings": model.settings(), "classes": list(model.classes),
+             **model.checkpoint_extras(), "dataset": dataset_record(datasets),
+             "run_id": run.run_id, "provenance": provenance, "epoch_seconds": seconds}
+    if run.scaler is not None:
+        state["scaler"] = run.scaler.state_dict()
+    if run.average is not None:  # the average is what is evaluated and selected
+        state.update(model=run.average.model.state_dict(), training_model=model.state_dict(),
+                     ema=run.average.state())
+    if thresholds is not None:
+        state["thresholds"] = thresholds
+    return state
 
 
 def save_epoch(state, folder, is_best):

@@ -4,12 +4,11 @@ import os
 import warnings
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from downloads import fetch, interrupted_extraction
 
-from util import DSDLError, cached_arrays, check_images_exist, read_image
+from dataset import MultiLabelDataset
+from util import DSDLError, cached_arrays, check_images_exist
 
 COCO_SITE = "http://images.cocodataset.org/"
 # archive -> (path on the COCO site, md5)
@@ -90,7 +89,7 @@ def load_labels_cached(annotation_file, cache_file):
             arrays["labels"])
 
 
-class COCO2014(Dataset):
+class COCO2014(MultiLabelDataset):
     """MS-COCO 2014 `train` or `val` for multi-label classification.
 
     `root` is laid out as the official zips extract: `train2014/`, `val2014/` and
@@ -141,10 +140,11 @@ class COCO2014(Dataset):
         if not os.path.exists(expected):
             raise DSDLError(f"{archive} did not contain {expected}; is it the right archive?")
 
-    def __len__(self):
-        return len(self.image_ids)
+    def image_path(self, index):
+        return os.path.join(self.image_folder, str(self.file_names[index]))
 
-    def __getitem__(self, index):
-        image = read_image(os.path.join(self.image_folder, str(self.file_names[index])), self.transform)
-        labels = torch.from_numpy(self.labels[index].astype(np.int64))
-        return image, labels, int(self.image_ids[index])
+    def label_vector(self, index):
+        return self.labels[index].astype(np.int64)  # the cache keeps them small
+
+    def image_id(self, index):
+        return int(self.image_ids[index])

@@ -15,10 +15,9 @@ import os
 import warnings
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from util import ABSENT, PRESENT, UNKNOWN, DSDLError, read_image
+from dataset import MultiLabelDataset
+from util import ABSENT, PRESENT, UNKNOWN, DSDLError
 
 HEADER = ["image", "labels"]
 MAX_PROBLEMS_SHOWN = 50
@@ -182,14 +181,13 @@ def warn_duplicates(parsed):
                       f"also trained on inflates the test mAP:" + listing(notes), stacklevel=2)
 
 
-class LabelCSV(Dataset):
+class LabelCSV(MultiLabelDataset):
     """A split given as a label CSV. `dataset[i]` is `(image, labels, image path)`, labels an
     int vector of 1 (present), -1 (absent) and -2 (unchecked: `?name`), in the order of
     `classes`; `partial` says whether any label is unchecked. The split is named after the file
     (test.csv: "test")."""
 
-    labelled = True
-    benchmark = None  # not one of the paper's
+    upright = True  # own photos: as the camera held them
 
     def __init__(self, rows, csv_path, images_dir, classes, name, transform=None):
         if not rows:
@@ -208,13 +206,8 @@ class LabelCSV(Dataset):
             self.labels[i, [column[name] for name in names]] = PRESENT
         self.partial = bool((self.labels == UNKNOWN).any())
 
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        image = read_image(os.path.join(self.images_dir, self.images[index]), self.transform,
-                           upright=True)
-        return image, torch.from_numpy(self.labels[index]), self.images[index]
+    def image_path(self, index):
+        return os.path.join(self.images_dir, self.images[index])
 
 
 def load_splits(train_csv, test_csv, images_dir, classes=None, name="custom",

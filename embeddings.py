@@ -105,6 +105,24 @@ def class_vectors(args, classes, checkpoint, default_embeddings):
     return load_embeddings(path, num_classes=len(classes))
 
 
+def trained_width(checkpoint, weights):
+    """The width d of the class vectors a DSDL checkpoint was trained with (its W1 is d x 1024,
+    its semantics C x d), or None when it stores neither."""
+    if "W1" in weights:
+        return weights["W1"].shape[0]
+    semantics = checkpoint.get("semantics")
+    return None if semantics is None else semantics.shape[1]
+
+
+def check_width(vectors, width, source, path):
+    """Class vectors of another width than the checkpoint's are refused in one line, before the
+    model is built (W1 maps d-d vectors to the hidden layer: another d does not fit it)."""
+    if width is not None and vectors.shape[1] != width:
+        raise DSDLError(f"{path} was trained with {width}-d class vectors; {source} holds "
+                        f"{vectors.shape[1]}-d ones: give vectors of the kind it was trained with "
+                        f"(the authors' released checkpoints: 300-d GloVe)")
+
+
 def check_same_vectors(path, semantics, checkpoint_path, way_on):
     """--embeddings beside a checkpoint that has its class vectors (--resume, -e, predict.py):
     the same vectors are welcome; other ones are refused, since the checkpoint's dictionary was

@@ -5,38 +5,38 @@ defaults, models.py builds the model and its loss).
 from, claim the run folder, build the data and the model, then `train`: for each epoch train,
 step the schedule, evaluate, report and save. `-e` evaluates once and writes only
 eval_<split>.* files. Checkpoints are written and read in checkpoints.py, the run folder and
-the scripts' errors are runs.py's.
+the scripts' errors are runs.py's, data loading is dataset.py's and the speed options speed.py's.
 """
 import contextlib
 import math
 import os
 import time
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import models
 import recipes
 import report
-from checkpoints import (BEST, dataset_record, load_checkpoint, load_weights, restore_training,
-                         save_epoch)
+from checkpoints import BEST, checkpoint_state, load_checkpoint, load_weights, restore_training, save_epoch
+from dataset import has_partial_labels, make_loader, set_epoch, split_of
 from distributed import (gather_shares, init_distributed, is_main_process, mean_over_processes,
                          rank_zero_first, share_rank_zero_buffers)
 from embeddings import class_vectors, load_embeddings
-from runs import (METRICS_LOG, NonFiniteLoss, RunLock, check_datasets, claim_run_folder,
-                  ignore_interrupts, non_finite_loss_advice, run_command, start_from,
-                  stop_if_interrupted)
-from util import (UNKNOWN, DSDLError, compute_metrics, normalize_on_device, out_of_memory,
-                  top_k_metrics, tune_thresholds)
+from runs import (METRICS_LOG, NonFiniteLoss, RunLock, check_datasets, check_zero_shot,
+                  claim_run_folder, non_finite_loss_advice, nothing_left_to_train, run_command,
+                  start_from, stop_if_interrupted)
+from speed import autocast, compile_trunk, mixed_precision, numerics, prepare_images
+from util import UNKNOWN, compute_metrics, top_k_metrics, tune_thresholds
 
 
 class Datasets(NamedTuple):
-    """What an entry script gives the engine."""
+    """What an entry script gives the engine (each a dataset.MultiLabelDataset)."""
     train: Dataset            # None with -e
     test: Dataset             # labelled; evaluated after every epoch, selects model_best
     submission: Dataset = None  # unlabelled, scored by the best model at the end (VOC 2012 test)
@@ -56,20 +56,9 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
     checkpoint = start_from(args)
     recipes.check_recipe(args)
     check_zero_shot(args)
-    if args.resume and not args.evaluate and checkpoint.get("epoch", 0) >= args.epochs:
-        done = checkpoint.get("epoch", 0)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{args.resume} has already trained {done} epoch{'s' * (done != 1)}, and "
-                  f"--epochs is {args.epochs}: nothing to do. Pass a larger --epochs to train on.")
-            if "thresholds" in checkpoint:  # a --val run: its test split is scored at the end
-                best = os.path.join(os.path.dirname(args.resume), BEST)
-                print(f"If its test split was not scored at the end (no eval_<split>.jsonl beside "
-                      f"it), score it with -e --resume {best}")
+    if nothing_left_to_train(args, checkpoint):
         return None
     rank, world_size, device = init_distributed(args.device)
-    if args.sync_bn and world_size > 1 and device.type != "cuda":
-        raise DSDLError("--sync-bn needs GPUs (SyncBatchNorm has no CPU implementation); "
-                        "drop it on the CPU")
     lock = RunLock(args.checkpoint_dir)
     try:
         with rank_zero_first():  # an error found by rank 0 stops every process
@@ -79,9 +68,8 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
             datasets = Datasets(*datasets_fn(args))
         # Zero-shot: the split's classes are not the checkpoint's, by design.
         check_datasets(datasets, None if args.zero_shot else checkpoint, args)
-        classes = [str(name) for name in datasets.test.classes]
         with numerics(device, args.tf32, args.deterministic):
-            model = build_model(args, classes, checkpoint, default_embeddings, device, world_size)
+            model = build_model(args, datasets, checkpoint, default_embeddings, device, world_size)
             if args.evaluate:
                 return evaluate_checkpoint(args, model, datasets, checkpoint, device, world_size,
                                            write_submission)
@@ -90,36 +78,29 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
         lock.release()
 
 
-def check_zero_shot(args):
-    if not args.zero_shot:
-        return
-    if not (args.evaluate and args.resume):
-        raise DSDLError("--zero-shot evaluates a trained checkpoint: add -e --resume CHECKPOINT")
-    if args.model != "dsdl":
-        raise DSDLError(f"--zero-shot needs DSDL, which scores any class from its vector; "
-                        f"--model {args.model} has one output per trained class")
-    if not args.embeddings:
-        raise DSDLError("--zero-shot scores the split's classes from their vectors: pass "
-                        "--embeddings PATH, one row per class in the split's class order "
-                        "(make_embeddings.py writes it)")
-
-
-def build_model(args, classes, checkpoint, default_embeddings, device, world_size):
-    """The model on its device, with the checkpoint's weights and the speed options."""
+def build_model(args, datasets, checkpoint, default_embeddings, device, world_size):
+    """The model on its device, with the speed options: the checkpoint's with --resume and -e
+    (models.from_checkpoint), else a new one (with --init-from, that run's class-independent
+    weights); its constructor sees the training split and the input size (models.ModelContext)."""
     torch.manual_seed(args.seed)
+    classes = [str(name) for name in datasets.test.classes]
     with rank_zero_first():  # downloads (class vectors, ImageNet weights) happen once
         if args.zero_shot:  # the vectors of the split's classes, not the checkpoint's
             semantics = load_embeddings(args.embeddings, num_classes=len(classes))
         else:
             semantics = (class_vectors(args, classes, checkpoint, default_embeddings)
                          if models.needs_class_vectors(args.model) else None)
-        model = models.build_model(args, len(classes), semantics,
-                                   pretrained=not args.no_pretrained and checkpoint is None)
-    if checkpoint is not None:
-        loaded = load_weights(model, checkpoint, args.resume or args.init_from,
-                              class_independent_only=bool(args.init_from or args.zero_shot),
-                              training=bool(args.resume) and not args.evaluate)
-        if args.init_from and is_main_process():
+        if args.resume:
+            model = models.from_checkpoint(checkpoint, args.resume, args, classes, semantics,
+                                           datasets.train, class_independent_only=args.zero_shot,
+                                           training=not args.evaluate)
+        else:
+            context = models.ModelContext(classes, args.image_size, semantics, datasets.train)
+            model = models.build_model(args, context,
+                                       pretrained=not args.no_pretrained and checkpoint is None)
+    if args.init_from:
+        loaded = load_weights(model, checkpoint, args.init_from, class_independent_only=True)
+        if is_main_process():
             print(f"starting from the {loaded} weights of {args.init_from}")
     model.to(device)
     if world_size > 1 and args.sync_bn:
@@ -131,21 +112,31 @@ def build_model(args, classes, checkpoint, default_embeddings, device, world_siz
     return model
 
 
-def train(args, model, datasets, checkpoint, device, world_size, write_submission):
-    """The release's training: each epoch trains, steps the schedule, evaluates the selection
-    split (the test split, as the release did; the validation split when there is one), reports
-    and saves (model_best when its mAP improves); then the best model scores the test split once
-    (with a validation split) and the submission split (if there is one). With --ema the
-    weights' average is evaluated too, and it is what model_best selects and holds."""
-    main_process = is_main_process()
-    say = print if main_process else (lambda *_, **__: None)  # only rank 0 prints and writes
-    folder = args.checkpoint_dir
-    selection = datasets.val if datasets.val is not None else datasets.test
+class Training(NamedTuple):
+    """What the epochs of a run use, made once by `set_up_training`."""
+    loss_fn: Any
+    step_model: Any      # what the training step calls: the model, DDP-wrapped under torchrun
+    optimizer: Any
+    amp_dtype: Any       # --amp's autocast dtype, or None
+    scaler: Any          # fp16's gradient scaler, or None
+    schedule: Any        # recipes.Schedule
+    average: Any         # recipes.WeightAverage (--ema), or None
+    train_loader: Any
+    selection_loader: Any
+    start_epoch: int
+    best_score: float
+    run_id: str
+    board: Any           # report.TensorBoardLog (--tensorboard, rank 0), or None
+
+
+def set_up_training(args, model, datasets, selection, checkpoint, device):
+    """The loss, optimizer, schedule, weight average and loaders of a run, restored from
+    --resume's checkpoint where it continues one."""
     amp_dtype, scaler = mixed_precision(device, args.amp)
     loss_fn = models.build_loss(args)
-    train_model = model  # what the training step calls: DDP-wrapped under torchrun
+    step_model = model
     if torch.distributed.is_initialized():
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = recipes.build_optimizer(model, args)
     start_epoch, best_score, run_id = restore_training(args, checkpoint, optimizer, scaler)
     train_loader = make_loader(datasets.train, args.batch_size, args.workers, args.seed, device,
@@ -156,37 +147,53 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
         warnings.warn(f"--compile {'on' if args.compile else 'off'} here but not when "
                       f"{args.resume} was trained: it drops each epoch's last partial batch, so "
                       f"an epoch has another number of steps and the per-step learning-rate curve "
-                      f"is not the uninterrupted one's", stacklevel=2)
+                      f"is not the uninterrupted one's", stacklevel=3)
     average = recipes.weight_average(model, args, checkpoint)  # --ema; None without
     if average is not None and args.compile:
         compile_trunk(average.model.trunk)
-    board = report.TensorBoardLog(folder, start_epoch) if args.tensorboard and main_process else None
+    board = (report.TensorBoardLog(args.checkpoint_dir, start_epoch)
+             if args.tensorboard and is_main_process() else None)
     selection_loader = make_loader(selection, args.batch_size, args.workers, args.seed, device,
                                    shuffle=False)
+    return Training(loss_fn, step_model, optimizer, amp_dtype, scaler, schedule, average,
+                    train_loader, selection_loader, start_epoch, best_score, run_id, board)
+
+
+def train(args, model, datasets, checkpoint, device, world_size, write_submission):
+    """The release's training: each epoch trains, steps the schedule, evaluates the selection
+    split (the test split, as the release did; the validation split when there is one), reports
+    and saves (model_best when its mAP improves); then the best model scores the test split once
+    (with a validation split) and the submission split (if there is one). With --ema the
+    weights' average is evaluated too, and it is what model_best selects and holds."""
+    main_process = is_main_process()
+    say = print if main_process else (lambda *_, **__: None)  # only rank 0 prints and writes
+    selection = datasets.val if datasets.val is not None else datasets.test
+    run = set_up_training(args, model, datasets, selection, checkpoint, device)
     described = report.describe_run(args, selection, world_size, device) if main_process else {}
-    classes = [str(name) for name in selection.classes]
     say(f"training on {len(datasets.train)} {datasets.train.split} images, evaluating on "
-        f"{len(selection)} {selection.split} images; {recipes.learning_rates(optimizer, model)}")
+        f"{len(selection)} {selection.split} images; {recipes.learning_rates(run.optimizer, model)}")
     note = selection_note(datasets)
     if note:
         say(note)
-    metrics = None
-    for epoch in range(start_epoch, args.epochs):
+    metrics, best_score = None, run.best_score
+    for epoch in range(run.start_epoch, args.epochs):
         started = time.perf_counter()
-        set_epoch(train_loader, epoch, args.seed)  # a resumed run draws the same batches and crops
-        rates = {"trunk": optimizer.param_groups[0]["lr"], "head": optimizer.param_groups[-1]["lr"]}
+        set_epoch(run.train_loader, epoch, args.seed)  # a resumed run draws the same batches and crops
+        rates = {"trunk": run.optimizer.param_groups[0]["lr"],
+                 "head": run.optimizer.param_groups[-1]["lr"]}
         counts = {}
         try:
-            train_loss = train_one_epoch(train_model, loss_fn, optimizer, train_loader, device,
-                                         epoch, args.max_grad_norm, amp_dtype, scaler,
-                                         args.channels_last, schedule=schedule, average=average,
-                                         accumulate=args.accumulate, counts=counts)
+            train_loss = train_one_epoch(run.step_model, run.loss_fn, run.optimizer, run.train_loader,
+                                         device, epoch, args.max_grad_norm, run.amp_dtype,
+                                         run.scaler, args.channels_last, schedule=run.schedule,
+                                         average=run.average, accumulate=args.accumulate,
+                                         counts=counts)
         except NonFiniteLoss as error:
-            raise non_finite_loss_advice(error, folder) from error
-        schedule.after_epoch()
-        result, extra = evaluate_epoch(model, average, loss_fn, selection_loader, device,
-                                       amp_dtype, args.channels_last)
-        if scaler is not None:
+            raise non_finite_loss_advice(error, args.checkpoint_dir) from error
+        run.schedule.after_epoch()
+        result, extra = evaluate_epoch(model, run.average, run.loss_fn, run.selection_loader,
+                                       device, run.amp_dtype, args.channels_last)
+        if run.scaler is not None:
             extra["skipped_fp16_steps"] = counts["skipped_steps"]
         # Per-class thresholds are tuned on a validation split only: never on the test split.
         thresholds = (tune_thresholds(result.scores, result.labels)
@@ -198,48 +205,49 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
         if main_process:
             record = {"epoch": epoch + 1, "split": selection.split, "loss": result.loss,
                       "train_loss": train_loss, "epoch_seconds": seconds, **metrics, **extra,
-                      "classes": classes, **described}
-            log = report.report_split(args, selection, metrics, record, "this run", METRICS_LOG,
-                                      f"results_{selection.split}.md")
-            report.plot_curves(log, folder, classes)
-            if board is not None:
-                board.write(record, rates)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "lr_scheduler": schedule.state_dict(), "epoch": epoch + 1,
-                     "best_score": best_score, "args": vars(args),
-                     "classes": classes, **model.checkpoint_extras(),
-                     "dataset": dataset_record(datasets), "run_id": run_id,
-                     "provenance": described["run"], "epoch_seconds": seconds}
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            if average is not None:
-                state.update(model=average.model.state_dict(), training_model=model.state_dict(),
-                             ema=average.state())
-            if thresholds is not None:
-                state["thresholds"] = thresholds
-            save_epoch(state, folder, is_best)
+                      "classes": [str(name) for name in selection.classes], **described}
+            log_epoch(args, selection, metrics, record, run.board, rates)
+            save_epoch(checkpoint_state(model, run, args, epoch + 1, best_score, datasets,
+                                        described["run"], seconds, thresholds),
+                       args.checkpoint_dir, is_best)
         say(report.epoch_line(epoch + 1, args.epochs, train_loss, selection.split, metrics["mAP"],
                               best_score, seconds, is_best, extra.get("raw_mAP")))
         if extra.get("skipped_fp16_steps"):
             say(f"the fp16 gradient scaler skipped {extra['skipped_fp16_steps']} of "
-                f"{len(train_loader)} steps of this epoch (gradients out of fp16's range)")
-        if not schedule.per_step and epoch + 1 in args.epoch_step and epoch + 1 < args.epochs:
-            say(f"from epoch {epoch + 2}: {recipes.learning_rates(optimizer, model)}")
-    if board is not None:
-        board.close()
-    if datasets.val is not None or datasets.submission is not None:
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every process reads the best model once rank 0 wrote it
-        best_path = os.path.join(folder, BEST)
-        best = load_checkpoint(best_path) if os.path.isfile(best_path) else None
-        if best is not None:  # the final numbers come from the best model, not the last
-            load_weights(model, best, best_path)
-        if datasets.val is not None:
-            score_test_once(args, model, loss_fn, datasets, best, device, amp_dtype, world_size)
-        if datasets.submission is not None:
-            score_submission(model, loss_fn, datasets.submission, args, device, write_submission,
-                             amp_dtype, folder)
+                f"{len(run.train_loader)} steps of this epoch (gradients out of fp16's range)")
+        if not run.schedule.per_step and epoch + 1 in args.epoch_step and epoch + 1 < args.epochs:
+            say(f"from epoch {epoch + 2}: {recipes.learning_rates(run.optimizer, model)}")
+    if run.board is not None:
+        run.board.close()
+    score_with_best_model(args, model, run, datasets, device, world_size, write_submission)
     return metrics
+
+
+def log_epoch(args, selection, metrics, record, board, rates):
+    """An epoch's printout, its record in metrics.jsonl, its table, the curves and TensorBoard."""
+    log = report.report_split(args, selection, metrics, record, "this run", METRICS_LOG,
+                              f"results_{selection.split}.md")
+    report.plot_curves(log, args.checkpoint_dir, record["classes"])
+    if board is not None:
+        board.write(record, rates)
+
+
+def score_with_best_model(args, model, run, datasets, device, world_size, write_submission):
+    """After the last epoch, with a validation split or a submission split: the best model
+    (loaded into `model`) scores the test split once, and the submission split."""
+    if datasets.val is None and datasets.submission is None:
+        return
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every process reads the best model once rank 0 wrote it
+    best_path = os.path.join(args.checkpoint_dir, BEST)
+    best = load_checkpoint(best_path) if os.path.isfile(best_path) else None
+    if best is not None:  # the final numbers come from the best model, not the last
+        load_weights(model, best, best_path)
+    if datasets.val is not None:
+        score_test_once(args, model, run.loss_fn, datasets, best, device, run.amp_dtype, world_size)
+    if datasets.submission is not None:
+        score_submission(model, run.loss_fn, datasets.submission, args, device, write_submission,
+                         run.amp_dtype, args.checkpoint_dir)
 
 
 def selection_note(datasets):
@@ -339,14 +347,6 @@ def training_targets(labels):
     return (labels >= 0).float()
 
 
-def has_partial_labels(loader):
-    """Whether the split of `loader` may have unknown labels (its dataset's `partial`)."""
-    dataset = getattr(loader, "dataset", None)
-    while isinstance(dataset, (EpochSeeded, Subset)):
-        dataset = dataset.dataset
-    return bool(getattr(dataset, "partial", False))
-
-
 def labelled_loss(loss_fn, output, labels, partial):
     """The loss of `output` against `labels` (on the device); with partial labels only the known
     image-class pairs count in its classification term."""
@@ -354,15 +354,6 @@ def labelled_loss(loss_fn, output, labels, partial):
     if partial:
         return loss_fn(output, targets, labels != UNKNOWN)
     return loss_fn(output, targets)
-
-
-def prepare_images(images, device, channels_last=False):
-    """Move a batch to the device; uint8 batches (--fast-pipeline) are normalised there."""
-    images = images.to(device, non_blocking=True)
-    if images.dtype == torch.uint8:
-        images = normalize_on_device(images)
-    return images.contiguous(memory_format=torch.channels_last if channels_last
-                             else torch.contiguous_format)
 
 
 READ_EVERY = 10  # training steps between two readings of the loss (each makes the host wait)
@@ -465,7 +456,7 @@ def evaluate(model, loss_fn, loader, device, amp_dtype=None, channels_last=False
     gathered back into the dataset's order, so every image counts exactly once.
     """
     model.eval()
-    dataset = loader.dataset.dataset if isinstance(loader.dataset, Subset) else loader.dataset
+    dataset = split_of(loader)
     partial = has_partial_labels(loader)
     scores, labels, ids = [], [], []
     total, count = 0.0, 0
@@ -497,175 +488,3 @@ def read_evaluation(loader, scores, labels, ids, total, count, labelled):
         scores, labels, ids, total, count = gather_shares(
             list(loader.dataset.indices), scores, labels, ids, total, count)
     return Evaluation(scores, labels, ids, total / max(count, 1) if labelled else math.nan)
-
-
-# --------------------------------------------------------------------------------------------
-# Data loading
-# --------------------------------------------------------------------------------------------
-
-class EpochSeeded(Dataset):
-    """The training set with reproducible augmentation: image i in epoch e is transformed with
-    the random numbers of the seed (seed, e, i), whichever worker loads it and however many
-    workers or processes there are. A run resumed at epoch e thus draws the crops and flips an
-    uninterrupted run draws, with persistent workers too. The epoch is a tensor in shared memory,
-    set by the main process (`set_epoch`) and read by the workers."""
-
-    def __init__(self, dataset, seed):
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        seed = np.random.SeedSequence([self.seed, int(self.epoch), index]).generate_state(1)[0]
-        torch.default_generator.manual_seed(int(seed))  # what the transforms draw from
-        return self.dataset[index]
-
-
-def make_loader(dataset, batch_size, workers, seed, device, shuffle, drop_last=False):
-    """Training loader (shuffled) or evaluation loader; under torchrun each process loads its share.
-
-    The training share comes from a DistributedSampler; the evaluation share is every
-    world_size-th image, without the sampler's padding. Call `set_epoch` before each epoch.
-    `drop_last` (training under --compile): no smaller last batch, unless there is no full one.
-    """
-    distributed = torch.distributed.is_initialized()
-    world_size = torch.distributed.get_world_size() if distributed else 1
-    sampler = None
-    if shuffle:
-        dataset = EpochSeeded(dataset, seed)
-        sampler = (DistributedSampler(dataset, shuffle=True, seed=seed) if distributed
-                   else RandomSampler(dataset, generator=torch.Generator()))
-    elif distributed:
-        dataset = Subset(dataset, range(torch.distributed.get_rank(), len(dataset), world_size))
-    drop_last = drop_last and len(dataset) // world_size >= batch_size // world_size
-    return DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
-                      drop_last=drop_last, num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, worker_init_fn=ignore_interrupts)
-
-
-def set_epoch(loader, epoch, seed):
-    """Make the training loader's order and augmentation those of `epoch` (seeded from it)."""
-    loader.dataset.epoch.fill_(epoch)
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)  # shuffles with seed + epoch, the same on every process
-    else:
-        loader.sampler.generator.manual_seed(seed + epoch)
-
-
-# --------------------------------------------------------------------------------------------
-# Speed options
-# --------------------------------------------------------------------------------------------
-
-def compile_trunk(trunk):
-    """torch.compile the trunk's forward in place (state-dict keys unchanged).
-
-    If compiling fails (no compiler, unsupported platform) it warns and runs the trunk eagerly
-    from then on; the first training call also runs the compiled backward once (torch compiles
-    it at its first use), so that a failure there falls back too. Later errors (out of memory
-    ...) are raised as they are. In evaluation a smaller last batch is padded to the size of the
-    first (BatchNorm uses its running statistics there, so padding changes no image's scores),
-    and training drops its last partial batch (`make_loader`): every call has one shape, and
-    nothing is compiled again for another one.
-    """
-    eager = trunk.forward
-    compiled = torch.compile(eager)
-    batch = []  # the batch size of the first call
-    forward_done = []  # a compiled forward has run: later errors of the forward are real ones
-
-    def padded(images):
-        size = images.shape[0]
-        batch[:] = batch or [size]
-        if trunk.training or size >= batch[0]:
-            return compiled(images)
-        filler = images[-1:].expand(batch[0] - size, *images.shape[1:])
-        return compiled(torch.cat([images, filler]))[:size]
-
-    def fall_back(error, images):
-        warnings.warn(f"--compile does not work here ({type(error).__name__}: "
-                      f"{str(error).splitlines()[0] if str(error) else ''}); running without it")
-        trunk.forward = eager
-        return eager(images)
-
-    def checked(images):
-        try:
-            output = padded(images)
-        except Exception as error:  # torch._dynamo / inductor raise many types
-            if forward_done or out_of_memory(error):
-                raise
-            return fall_back(error, images)
-        forward_done.append(True)
-        if torch.is_grad_enabled() and output.requires_grad:
-            try:
-                trained = [p for p in trunk.parameters() if p.requires_grad]
-                torch.autograd.grad(output.float().sum(), trained, retain_graph=True,
-                                    allow_unused=True)  # compiles the backward, touches no .grad
-            except Exception as error:
-                if out_of_memory(error):
-                    raise
-                return fall_back(error, images)
-            trunk.forward = padded  # forward and backward compiled: no more checks
-        return output
-
-    trunk.forward = checked
-
-
-def mixed_precision(device, enabled):
-    """(autocast dtype or None, GradScaler or None) for --amp on this device.
-
-    GPUs: bf16 where the GPU computes in it (`native_bf16`), else fp16 with loss scaling. CPUs: float32 with a warning, as
-    --help says: bf16 is only fast on CPUs with bf16 units, and PyTorch offers no public way to
-    ask whether this one has them (on one without, bf16 was 23x slower than float32).
-    """
-    if not enabled:
-        return None, None
-    if device.type == "cuda":
-        if native_bf16(device):
-            return torch.bfloat16, None
-        return torch.float16, torch.amp.GradScaler("cuda")
-    warnings.warn("--amp has no effect on the CPU; running in float32")
-    return None, None
-
-
-def autocast(device, amp_dtype):
-    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-
-def native_bf16(device):
-    """Whether this GPU has bf16 units (compute capability 8.0, Ampere, and newer).
-    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (V100, T4), slowly."""
-    return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-@contextlib.contextmanager
-def numerics(device, tf32, deterministic):
-    """The process-wide float32 and algorithm settings of a run (restored afterwards).
-
-    --tf32 off (the default): float32 convolutions and matrix products in full float32, the
-    arithmetic the release trained with (its GPUs had no TF32), where cuDNN would otherwise run
-    convolutions in TF32 on Ampere and newer GPUs. --tf32 on: TF32 for both (faster; 10 bits of
-    mantissa for their products). --deterministic: deterministic algorithms and no cuDNN
-    autotuning, so that a resumed run and -j do not change the weights on a GPU either (slower).
-    """
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-             torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled())
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32 == "on"
-        torch.backends.cudnn.benchmark = not deterministic  # autotuning picks kernels by timing
-    if deterministic:
-        # cuBLAS is deterministic only with a fixed workspace, set before its first use.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = True
-        # warn_only: torch flags adaptive max pooling's CUDA backward, which with one window
-        # per channel (global pooling) adds one gradient per position: deterministic in fact.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = saved[:4]
-        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])

@@ -27,9 +27,9 @@ import warnings
 
 import torch
 
-from predict import check_writable, load_model
-from util import (IMAGENET_MEAN, IMAGENET_STD, DSDLError, atomic_write, out_of_memory,
-                  out_of_memory_advice, user_message)
+from inference import load_model
+from util import (IMAGENET_MEAN, IMAGENET_STD, DSDLError, atomic_write, check_writable,
+                  out_of_memory, out_of_memory_advice, user_message)
 
 ONNX_OPSET = 20  # what onnxruntime 1.32 runs; the README states it
 ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export (torch.export based) imports
@@ -87,7 +87,8 @@ def main(argv=None):
                             f"pip install -r requirements-export.txt")
         check_writable("-o", args.output)
         check_writable("-o", sidecar(args.output))
-        model, classes, image_size, thresholds = load_model(args)
+        model = load_model(args)
+        classes, image_size, thresholds = model.classes, model.image_size, model.thresholds
     except DSDLError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 1
@@ -98,7 +99,7 @@ def main(argv=None):
                            else export_torchscript(folded))
         write_export(args.output, model_bytes, {
             "classes": classes, "image_size": image_size, "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD, **model.settings(),
+            "std": IMAGENET_STD, **model.settings(),  # what rebuilds it, its input size too
             # tuned per class on a validation split: predict class c when sigmoid(score) >= it
             **({"thresholds": thresholds} if thresholds is not None else {})})
     except OSError as error:

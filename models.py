@@ -3,17 +3,31 @@
 Zhou, Huang, Xing, "Deep Semantic Dictionary Learning for Multi-label Image Classification",
 AAAI 2021. The method (semantic auto-encoder, closed-form coefficients, loss) is `DSDL` and
 `DSDLLoss`; `Baseline` is the paper's ResNet-101 baseline row (one linear layer on the pooled
-features). `MODELS` maps a model's name to its network and its loss; `build_model` and
-`build_loss` are what the engine, predict.py, export.py, hubconf.py and bench.py call. Adding a
-model is a class and a line in `MODELS`. The trunk is any network of trunks.py, by its name.
+features). The trunk is any network of trunks.py, by its name.
+
+Two tables name everything that can be trained, and nothing else keeps a list of them:
+`MODELS` maps a model's name (--model) to its network and its loss, `LOSSES` a classification
+loss's name (--cls-loss) to its class. Adding a model is a class and a line in `MODELS`; adding
+a loss, a class `(scores, targets, known=None) -> loss` and a line in `LOSSES`. Everything else
+receives the built object: `build_model` (a new run), `from_checkpoint` (--resume, -e,
+predict.py, export.py, torch.hub) and `build_loss`.
+
+A network's constructor gets what it sees of the data by the names of its arguments
+(`ModelContext`: num_classes, classes, semantics, image_size, train_labels) and its settings by
+theirs (the command line's options of those names, and --model-args); it keeps each setting as an
+attribute of that name, so that `settings()` can rebuild it from a checkpoint. What it derives
+from the data (e.g. label co-occurrences) it keeps in buffers, saved with its weights.
 """
-from typing import NamedTuple
+import inspect
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
 
-from options import PAPER_ARCH
+from checkpoints import checkpoint_weights, infer_arch
+from options import PAPER_ARCH, PAPER_IMAGE_SIZE
 from trunks import load_trunk
 from util import DSDLError
 
@@ -26,6 +40,28 @@ HIDDEN_DIM = 1024    # width of the auto-encoder's hidden layer (W1 is d_s x 102
 # --------------------------------------------------------------------------------------------
 
 POOLING = {"max": nn.AdaptiveMaxPool2d, "avg": nn.AdaptiveAvgPool2d}
+
+
+class ModelContext(NamedTuple):
+    """What a model sees of the data when it is built: a constructor argument of one of these
+    names gets its value (`build_model`)."""
+    classes: list                 # C class names, in the order of the scores
+    image_size: int = PAPER_IMAGE_SIZE  # the input side it is trained and evaluated at
+    semantics: Any = None         # C x d class vectors (models that need them), a tensor
+    train_split: Any = None       # the training dataset; None when rebuilt from a checkpoint
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+    @property
+    def train_labels(self):
+        """The training labels, N x C in {1, 0, -1, -2} (dataset.py), or None (rebuilt from a
+        checkpoint, or -e): a model keeps what it derives from them in buffers."""
+        return None if self.train_split is None else self.train_split.labels
+
+
+CONTEXT = ("num_classes", "classes", "image_size", "semantics", "train_labels")
 
 
 class ClassMaps(NamedTuple):
@@ -53,14 +89,15 @@ class PooledModel(nn.Module):
     shared = "trunk"  # what --init-from takes: the weights that do not depend on the class list
     head_name = "head"  # what learns at --lr, in the printout
 
-    def __init__(self, num_classes, arch, pretrained, pool):
+    def __init__(self, num_classes, arch, pretrained, pool, image_size=None):
         super().__init__()
         if pool not in POOLING:
             raise ValueError(f"pool must be one of {', '.join(POOLING)}, got {pool!r}")
         self.num_classes, self.arch, self.pool = num_classes, arch, pool
+        self.image_size = image_size  # None: any (the trunk is checked at a small size)
         # The trunk is stored as `features` so that the state-dict keys are the release's
         # (features.0 ...); the code calls it `trunk`, and "features" means the pooled F.
-        self.features, self.feature_dim = load_trunk(arch, pretrained)
+        self.features, self.feature_dim = load_trunk(arch, pretrained, image_size)
         # The release used a fixed 14x14 max pool, i.e. global max pooling at 448 px.
         self.pooling = POOLING[pool](1)
 
@@ -72,9 +109,29 @@ class PooledModel(nn.Module):
     def pooled(self, images):
         return self.pooling(self.trunk(images)).flatten(1)  # B x d_f
 
+    @classmethod
+    def setting_names(cls):
+        """The constructor's arguments that are settings: not the context, not `pretrained`."""
+        return [name for name in inspect.signature(cls.__init__).parameters
+                if name not in ("self", "pretrained", *CONTEXT)]
+
+    @classmethod
+    def from_settings(cls, settings, context, pretrained=False):
+        """This network, each constructor argument by its name from `context` (ModelContext)
+        or from `settings` (a dict; absent or None: the argument's default)."""
+        given = {name: settings[name] for name in cls.setting_names()
+                 if settings.get(name) is not None}
+        seen = {name: getattr(context, name) for name in CONTEXT
+                if name in inspect.signature(cls.__init__).parameters}
+        model = cls(pretrained=pretrained, **seen, **given)
+        model.classes = list(context.classes)
+        return model
+
     def settings(self):
-        """What rebuilds this network (besides its class vectors): export.py's classes.json."""
-        return {"model": self.name, "arch": self.arch, "pool": self.pool}
+        """What rebuilds this network with its checkpoint's classes and vectors (`from_checkpoint`,
+        export.py's classes.json): its name, input size and constructor settings."""
+        return {"model": self.name, "image_size": self.image_size,
+                **{name: getattr(self, name) for name in self.setting_names()}}
 
     def parameter_groups(self, lr, lrp):
         """The release's two groups: the CNN trunk at lr * lrp, the head at lr."""
@@ -235,12 +292,15 @@ class DSDL(PooledModel):
     shared = "trunk and auto-encoder"
     head_name = "dictionary"
 
-    def __init__(self, num_classes, semantics, lambd, arch=PAPER_ARCH, pretrained=True, pool="max"):
+    def __init__(self, num_classes, semantics, lambd=10.0, arch=PAPER_ARCH, pretrained=True,
+                 pool="max", image_size=None):
+        if semantics is None:
+            raise DSDLError("DSDL needs class vectors (C x d_s): pass --embeddings")
         semantics = torch.as_tensor(semantics, dtype=torch.float32)
         if semantics.ndim != 2 or semantics.shape[0] != num_classes or semantics.shape[1] < 1:
             raise ValueError(f"semantics must be {num_classes} x d_s (one class vector per "
                              f"class, e.g. 300-d GloVe), got {tuple(semantics.shape)}")
-        super().__init__(num_classes, arch, pretrained, pool)
+        super().__init__(num_classes, arch, pretrained, pool, image_size)
         self.lambd = lambd
         # Tied-weight auto-encoder: the encoder uses W1, W2, the decoder their transposes.
         self.W1 = nn.Parameter(torch.empty(semantics.shape[1], HIDDEN_DIM))  # d_s x 1024
@@ -250,10 +310,6 @@ class DSDL(PooledModel):
             nn.init.uniform_(weight, -bound, bound)
         # Fixed class-level semantics S, one copy for the model (saved with its weights).
         self.register_buffer("semantics", semantics)
-
-    @classmethod
-    def from_settings(cls, settings, num_classes, semantics, pretrained):
-        return cls(num_classes, semantics, settings.lambd, settings.arch, pretrained, settings.pool)
 
     def encode(self, semantics):
         """The semantic dictionary D = LeakyReLU(S W1) W2, C x d_f."""
@@ -279,9 +335,6 @@ class DSDL(PooledModel):
 
     def head_parameters(self):
         return [self.W1, self.W2]
-
-    def settings(self):
-        return {**super().settings(), "lambd": self.lambd}
 
     def checkpoint_extras(self):
         return {"semantics": self.semantics.cpu()}
@@ -312,26 +365,26 @@ class DSDL(PooledModel):
 class DSDLLoss(nn.Module):
     """(L_cls + beta (||A D - F||_F + lambd ||A||_F)) / mean_c cos(S_c, S_hat_c)  (spec section 3).
 
-    The norms are over the whole batch, neither squared nor averaged, as in the release.
+    The norms are over the whole batch, neither squared nor averaged, as in the release. L_cls
+    is the release's binary cross-entropy (MultiLabelSoftMarginLoss's formula), or --cls-loss.
     """
 
     def __init__(self, lambd, beta, classification=None):
         super().__init__()
         self.lambd = lambd
         self.beta = beta
-        # L_cls: the release's binary cross-entropy, or another (--cls-loss)
-        self.classification = classification or F.multilabel_soft_margin_loss
+        self.classification = classification or BinaryCrossEntropy(soft_margin=True)
 
     @classmethod
     def from_settings(cls, settings):
-        return cls(settings.lambd, settings.beta, classification_loss(settings))
+        return cls(settings["lambd"], settings["beta"],
+                   classification_loss(settings, soft_margin=True))
 
     def forward(self, output, targets, known=None):
         """`known` (B x C booleans, partial labels only): the pairs L_cls counts."""
         scores, dictionary, features, semantics, reconstructed = map(at_least_float32, (
             output.scores, output.dictionary, output.features, output.semantics, output.reconstruction))
-        classification = classification_term(self.classification, scores,
-                                             targets.to(scores.dtype), known)
+        classification = self.classification(scores, targets.to(scores.dtype), known)
         reconstruction = torch.linalg.norm(scores @ dictionary - features)
         sparsity = torch.linalg.norm(scores)
         cosine = F.cosine_similarity(semantics, reconstructed, dim=1).mean()
@@ -355,13 +408,9 @@ class Baseline(PooledModel):
     needs_class_vectors = False
     head_name = "linear layer"
 
-    def __init__(self, num_classes, arch=PAPER_ARCH, pretrained=True, pool="max"):
-        super().__init__(num_classes, arch, pretrained, pool)
+    def __init__(self, num_classes, arch=PAPER_ARCH, pretrained=True, pool="max", image_size=None):
+        super().__init__(num_classes, arch, pretrained, pool, image_size)
         self.fc = nn.Linear(self.feature_dim, num_classes)  # PyTorch's default initialisation
-
-    @classmethod
-    def from_settings(cls, settings, num_classes, semantics, pretrained):
-        return cls(num_classes, settings.arch, pretrained, settings.pool)
 
     def forward(self, images):
         features = self.pooled(images)                           # B x d_f
@@ -377,12 +426,12 @@ class Baseline(PooledModel):
 
 
 class BaselineLoss(nn.Module):
-    """Binary cross-entropy on the logits, the mean over classes and images (what the release's
-    MultiLabelSoftMarginLoss computes), or another classification loss (--cls-loss)."""
+    """The classification loss on the logits: binary cross-entropy, the mean over classes and
+    images (what the release's MultiLabelSoftMarginLoss computes), or --cls-loss."""
 
     def __init__(self, classification=None):
         super().__init__()
-        self.classification = classification or F.binary_cross_entropy_with_logits
+        self.classification = classification or BinaryCrossEntropy()
 
     @classmethod
     def from_settings(cls, settings):
@@ -390,12 +439,41 @@ class BaselineLoss(nn.Module):
 
     def forward(self, output, targets, known=None):
         scores = at_least_float32(output.scores)
-        return classification_term(self.classification, scores, targets.to(scores.dtype), known)
+        return self.classification(scores, targets.to(scores.dtype), known)
 
 
 # --------------------------------------------------------------------------------------------
-# Classification losses beyond the release's (--cls-loss)
+# Classification losses (--cls-loss): each is `(scores B x C, targets B x C in {0, 1},
+# known B x C booleans or None) -> loss`; with `known` (partial labels) only the known
+# image-class pairs count, averaged over them (`known_mean`).
 # --------------------------------------------------------------------------------------------
+
+def known_mean(values, known=None):
+    """The mean of B x C `values` over the pairs whose label is known (all without `known`)."""
+    if known is None:
+        return values.mean()
+    return (values * known).sum() / known.sum().clamp(min=1)
+
+
+class BinaryCrossEntropy(nn.Module):
+    """Binary cross-entropy on logits, the mean over images and classes: the release's L_cls.
+
+    `soft_margin`: computed as MultiLabelSoftMarginLoss computes it (the DSDL release's formula;
+    the same value up to rounding), so that a run's numbers are the release's bit for bit.
+    """
+
+    def __init__(self, soft_margin=False):
+        super().__init__()
+        self.soft_margin = soft_margin
+
+    def forward(self, scores, targets, known=None):
+        if known is not None:
+            return known_mean(F.binary_cross_entropy_with_logits(scores, targets, reduction="none"),
+                              known)
+        if self.soft_margin:
+            return F.multilabel_soft_margin_loss(scores, targets)
+        return F.binary_cross_entropy_with_logits(scores, targets)
+
 
 class AsymmetricLoss(nn.Module):
     """The asymmetric loss of Ridnik et al., "Asymmetric Loss For Multi-Label Classification"
@@ -408,8 +486,11 @@ class AsymmetricLoss(nn.Module):
     Averaged, not summed as in the paper's code, so that it takes the place of the binary
     cross-entropy at its scale (the learning rates need no change); with both exponents and the
     clip 0 it is the binary cross-entropy. The focusing weights are differentiated, as the
-    paper's loss is written.
+    paper's loss is written. Its settings are the options --asl-gamma-neg, --asl-gamma-pos and
+    --asl-clip (`option_prefix`).
     """
+
+    option_prefix = "asl_"
 
     def __init__(self, gamma_neg=4.0, gamma_pos=0.0, clip=0.05):
         super().__init__()
@@ -435,50 +516,60 @@ class AsymmetricLoss(nn.Module):
         return f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}"
 
 
-def known_mean(values, known=None):
-    """The mean of B x C `values` over the pairs whose label is known (all without `known`)."""
-    if known is None:
-        return values.mean()
-    return (values * known).sum() / known.sum().clamp(min=1)
+class FocalLoss(nn.Module):
+    """The sigmoid focal loss of Lin et al., "Focal Loss for Dense Object Detection" (ICCV 2017),
+    per image and class (torchvision.ops.sigmoid_focal_loss), averaged like the binary
+    cross-entropy it replaces: with p_t the probability of the true label,
 
+        L = -mean over images and classes of  alpha_t (1 - p_t)^gamma log(p_t),
 
-def classification_term(classification, scores, targets, known=None):
-    """L_cls of a model's loss: `classification(scores, targets)` as the release computes it;
-    with partial labels (`known`), averaged over the known image-class pairs only."""
-    if known is None:
-        return classification(scores, targets)
-    if isinstance(classification, AsymmetricLoss):
-        return classification(scores, targets, known)
-    return known_mean(F.binary_cross_entropy_with_logits(scores, targets, reduction="none"), known)
+    alpha_t = alpha for positives, 1 - alpha for negatives (alpha < 0: no weighting). With
+    gamma 0 and alpha -1 it is the binary cross-entropy. Settings: --loss-args gamma=G alpha=A.
+    """
 
+    def __init__(self, gamma=2.0, alpha=0.25):
+        super().__init__()
+        self.gamma, self.alpha = gamma, alpha
 
-def classification_loss(settings):
-    """The classification term of --cls-loss; None for bce, which each model's loss computes as
-    the release does."""
-    if getattr(settings, "cls_loss", "bce") == "asl":
-        return AsymmetricLoss(settings.asl_gamma_neg, settings.asl_gamma_pos, settings.asl_clip)
-    return None
+    def forward(self, scores, targets, known=None):
+        losses = sigmoid_focal_loss(scores, targets, alpha=self.alpha, gamma=self.gamma,
+                                    reduction="none")
+        return known_mean(losses, known)
+
+    def extra_repr(self):
+        return f"gamma={self.gamma}, alpha={self.alpha}"
 
 
 # --------------------------------------------------------------------------------------------
-# The table of models, and the builders everything else calls
+# The tables, and the builders everything else calls
 # --------------------------------------------------------------------------------------------
+
+LOSSES = {  # --cls-loss: the classification term of every model's loss
+    "bce": BinaryCrossEntropy,
+    "asl": AsymmetricLoss,
+    "focal": FocalLoss,
+}
+
 
 class ModelEntry(NamedTuple):
-    network: type  # built by its `from_settings(settings, num_classes, semantics, pretrained)`
+    network: type  # built by its `from_settings(settings, context, pretrained)`
     loss: type     # built by its `from_settings(settings)`
 
 
-MODELS = {
+MODELS = {  # --model
     "dsdl": ModelEntry(DSDL, DSDLLoss),
     "baseline": ModelEntry(Baseline, BaselineLoss),
 }
 
 
+def table_entry(table, name, option):
+    if name not in table:
+        raise DSDLError(f"unknown {option} {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
 def model_entry(name):
-    if name not in MODELS:
-        raise DSDLError(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name]
+    return table_entry(MODELS, name, "--model")
 
 
 def model_title(name):
@@ -490,13 +581,104 @@ def needs_class_vectors(name):
     return model_entry(name).network.needs_class_vectors
 
 
-def build_model(settings, num_classes, semantics=None, pretrained=False):
-    """The network `settings.model` (`settings`: the options of the command line, or any object
-    with the attributes model, arch, pool and the model's own, e.g. lambd)."""
-    return model_entry(settings.model).network.from_settings(settings, num_classes, semantics,
-                                                             pretrained)
+def as_settings(settings):
+    """Settings as a dict: the command line's options (a Namespace), or a dict already."""
+    return dict(settings) if isinstance(settings, dict) else dict(vars(settings))
+
+
+def keyword_arguments(kind, names, given, option):
+    """`given` (--model-args or --loss-args, a dict), refused when it names an argument that
+    `kind` does not take."""
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise DSDLError(f"{option} {', '.join(unknown)}: {kind} takes "
+                        f"{', '.join(names) or 'no settings'}")
+    return dict(given)
+
+
+def classification_loss(settings, **release):
+    """The classification term of --cls-loss (settings["cls_loss"], default bce), built with
+    its settings: the options `<option_prefix><argument>` it has (asl: --asl-gamma-neg ...),
+    then --loss-args. `release`: how the model's release computed the term, for the arguments
+    the loss takes (DSDL: `soft_margin=True`)."""
+    settings = as_settings(settings)
+    name = settings.get("cls_loss") or "bce"
+    loss = table_entry(LOSSES, name, "--cls-loss")
+    names = [name for name in inspect.signature(loss.__init__).parameters if name != "self"]
+    prefix = getattr(loss, "option_prefix", None)
+    kwargs = {key: value for key, value in release.items() if key in names}
+    if prefix:
+        kwargs.update({key: settings[prefix + key] for key in names
+                       if settings.get(prefix + key) is not None})
+    kwargs.update(keyword_arguments(f"--cls-loss {name}", names, settings.get("loss_args") or {},
+                                    "--loss-args"))
+    return loss(**kwargs)
+
+
+def check_settings(settings):
+    """--model, --model-args, --cls-loss and --loss-args name what the tables hold and what
+    their constructors take: one error now, before any data is read."""
+    settings = as_settings(settings)
+    network = model_entry(settings.get("model") or "dsdl").network
+    keyword_arguments(f"--model {network.name}", network.setting_names(),
+                      settings.get("model_args") or {}, "--model-args")
+    classification_loss(settings)
+
+
+def build_model(settings, context, pretrained=False):
+    """The network `settings["model"]` for `context` (ModelContext: what it sees of the data).
+    `settings`: the command line's options (or a dict); --model-args add to them."""
+    settings = as_settings(settings)
+    network = model_entry(settings.get("model") or "dsdl").network
+    settings.update(keyword_arguments(f"--model {network.name}", network.setting_names(),
+                                      settings.get("model_args") or {}, "--model-args"))
+    return network.from_settings(settings, context, pretrained)
 
 
 def build_loss(settings):
-    """The training loss of `settings.model`."""
-    return model_entry(settings.model).loss.from_settings(settings)
+    """The training loss of `settings["model"]`."""
+    settings = as_settings(settings)
+    return model_entry(settings.get("model") or "dsdl").loss.from_settings(settings)
+
+
+def stored_settings(checkpoint, infer=True):
+    """What rebuilds the model of `checkpoint`: its `model_settings` (PooledModel.settings), or
+    for an earlier checkpoint of this project the same read from its options, or for the
+    authors' release (which records neither) the ResNet its weights show (with `infer`)."""
+    if checkpoint.get("model_settings"):
+        return dict(checkpoint["model_settings"])
+    options = checkpoint.get("args") or {}
+    settings = {key: options[key] for key in ("model", "arch", "pool", "lambd", "image_size")
+                if options.get(key) is not None}
+    settings.setdefault("model", "dsdl")
+    if "arch" not in settings and checkpoint.get("arch"):
+        settings["arch"] = checkpoint["arch"]
+    if "arch" not in settings and infer:
+        settings["arch"] = infer_arch(checkpoint_weights(checkpoint))
+    return settings
+
+
+def from_checkpoint(checkpoint, path, settings=None, classes=None, semantics=None,
+                    train_split=None, class_independent_only=False, training=False):
+    """The model of a checkpoint (read from `path`), rebuilt and with its weights: what -e,
+    --resume, predict.py, export.py and torch.hub use.
+
+    The model, its input size and settings are the checkpoint's (`stored_settings`), except
+    where `settings` gives a value; its classes and class vectors too, unless `classes` and
+    `semantics` are given (scoring other labels: then only the class-independent weights load,
+    `class_independent_only`). `training` (--resume): the weights training continues from.
+    The model built by `build_model` has `classes` (names in the order of its scores).
+    """
+    given = {key: value for key, value in as_settings(settings or {}).items() if value is not None}
+    settings = {**stored_settings(checkpoint, infer="arch" not in given), **given}
+    classes = list(classes if classes is not None else checkpoint.get("classes") or [])
+    if not classes:
+        raise DSDLError(f"{path} stores no class names (a checkpoint of the authors' release?): "
+                        f"say which dataset it was trained on")
+    if semantics is None:
+        semantics = checkpoint.get("semantics", checkpoint_weights(checkpoint).get("semantics"))
+    context = ModelContext(classes, settings.get("image_size") or PAPER_IMAGE_SIZE, semantics,
+                           train_split)
+    model = build_model(settings, context)
+    model.load_weights(checkpoint_weights(checkpoint, training), path, class_independent_only)
+    return model

@@ -15,10 +15,9 @@ import re
 import warnings
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from util import ABSENT, PRESENT, DSDLError, read_image
+from dataset import MultiLabelDataset
+from util import ABSENT, PRESENT, DSDLError
 
 NUS_WIDE_PAGE = "https://lms.comp.nus.edu.sg/wp-content/uploads/2019/research/nuswide/NUS-WIDE.html"
 SPLITS = {"train": ("TrainImagelist.txt", "Train"), "test": ("TestImagelist.txt", "Test")}
@@ -59,7 +58,7 @@ def read_flags(path, count, list_path):
     return np.array([value == "1" for value in values])
 
 
-class NUSWIDE(Dataset):
+class NUSWIDE(MultiLabelDataset):
     """NUS-WIDE `train` or `test` (its TrainImagelist / TestImagelist) with the 81 concepts.
 
     `dataset[i]` is `(image, labels, image id)`, labels an int vector of 1 (present) and -1
@@ -68,9 +67,7 @@ class NUSWIDE(Dataset):
     """
 
     name = "NUS-WIDE"
-    benchmark = None  # not one of the paper's
-    labelled = True
-    partial = False  # every image is labelled for every concept
+    upright = True  # Flickr photos
 
     def __init__(self, root, split, transform=None):
         if split not in SPLITS:
@@ -118,10 +115,5 @@ class NUSWIDE(Dataset):
         self.image_ids = self.images
         self.labels = np.where(present[found], PRESENT, ABSENT).astype(np.int64)  # N x C
 
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        image = read_image(os.path.join(self.image_folder, self.images[index]), self.transform,
-                           upright=True)
-        return image, torch.from_numpy(self.labels[index]), self.images[index]
+    def image_path(self, index):
+        return os.path.join(self.image_folder, self.images[index])

@@ -23,10 +23,9 @@ import re
 import warnings
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from util import ABSENT, PRESENT, UNKNOWN, DSDLError, cached_arrays, read_image
+from dataset import MultiLabelDataset
+from util import ABSENT, PRESENT, UNKNOWN, DSDLError, cached_arrays
 
 OPEN_IMAGES_PAGE = "https://storage.googleapis.com/openimages/web/download_v7.html"
 # The class descriptions, first found wins: the full lists (V7, V6, V4/V5), then the boxable ones.
@@ -200,7 +199,7 @@ def load_labels_cached(path, mids, cache_file):
     return tuple(arrays[name] for name in names)
 
 
-class OpenImages(Dataset):
+class OpenImages(MultiLabelDataset):
     """Open Images `train`, `validation` or `test` with the verified labels of `classes`.
 
     `classes`: MIDs or display names (or one file listing them, e.g. class-descriptions-boxable.csv
@@ -210,9 +209,8 @@ class OpenImages(Dataset):
     """
 
     name = "Open Images"
-    benchmark = None  # not one of the paper's
-    labelled = True
     partial = True  # UNKNOWN labels occur: the engine leaves them out of the loss and the metrics
+    upright = True
     splits = tuple(ANNOTATIONS)
 
     def __init__(self, root, split, classes, transform=None):
@@ -275,14 +273,24 @@ class OpenImages(Dataset):
         labels[self.columns[start:end]] = self.values[start:end]
         return labels
 
+    @property
+    def labels(self):
+        """N x C labels (int8), made from the verified pairs on each call: the loader reads one
+        image's (`label_vector`); this is for what needs them all (a model's context)."""
+        labels = np.full((len(self.rows), len(self.mids)), UNKNOWN, dtype=np.int8)
+        for index, row in enumerate(self.rows):
+            start, end = self.indptr[row], self.indptr[row + 1]
+            labels[index, self.columns[start:end]] = self.values[start:end]
+        return labels
+
+    def image_path(self, index):
+        return os.path.join(self.image_folder, self.ids[index].decode() + ".jpg")
+
     def __len__(self):
         return len(self.rows)
 
-    def __getitem__(self, index):
-        image_id = self.ids[index].decode()
-        image = read_image(os.path.join(self.image_folder, image_id + ".jpg"), self.transform,
-                           upright=True)
-        return image, torch.from_numpy(self.label_vector(index)), image_id
+    def image_id(self, index):
+        return self.ids[index].decode()  # one: image_ids decodes them all
 
 
 def main(argv=None):

@@ -4,12 +4,12 @@ Importing torch takes a second or two, so the scripts parse their arguments firs
 typo or a value out of range is answered at once, before torch, the data or the model load.
 """
 import argparse
+import ast
 import os
 import warnings
 
 # The paper's setting: the defaults where no checkpoint says otherwise, and where its numbers hold.
 PAPER_ARCH, PAPER_IMAGE_SIZE = "resnet101", 448
-MODEL_NAMES = ("dsdl", "baseline")  # models.MODELS, named here so that --help needs no torch
 DEVICES = ("cuda", "cpu")
 
 # Every option of the entry scripts declares its role where it is defined (`add_option`);
@@ -18,13 +18,15 @@ ROLES = {
     "trunk": "the trunk and its input (--resume, -e and --init-from take the checkpoint's)",
     "scores": "the rest of what changes the scores of given weights (--resume and -e take the "
               "checkpoint's)",
+    "loss": "the training loss (--resume and -e take the checkpoint's: -e reports the loss the "
+            "run trained with)",
     "recipe": "how training goes (--resume takes the checkpoint's)",
     "files": "where things are read and written (never taken from a checkpoint)",
     "runtime": "speed and what this command does (never taken; recorded)",
 }
-TAKEN = {"resume": ("trunk", "scores", "recipe"), "evaluate": ("trunk", "scores"),
+TAKEN = {"resume": ("trunk", "scores", "loss", "recipe"), "evaluate": ("trunk", "scores", "loss"),
          "init_from": ("trunk",)}
-RECORDED = ("trunk", "scores", "recipe", "runtime")  # a run's settings in its checkpoints and logs
+RECORDED = ("trunk", "scores", "loss", "recipe", "runtime")  # a run's settings in its checkpoints and logs
 OPTION_ROLES = {}  # option (its dest) -> role, filled by add_option
 
 
@@ -103,13 +105,30 @@ def device(text):
     return text
 
 
+class KeywordArguments(argparse.Action):
+    """KEY=VALUE ... into a dict; a VALUE is read as a Python number, bool or None where it is
+    one (`gamma=2` is 2), else kept as text."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = {}
+        for item in values:
+            key, equals, text = item.partition("=")
+            if not equals or not key.isidentifier():
+                parser.error(f"argument {option_string}: {item!r} is not KEY=VALUE")
+            try:
+                given[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                given[key] = text
+        setattr(namespace, self.dest, given)
+
+
 class ArchAction(argparse.Action):
     """--arch NAME; `--arch list` prints the trunks there are and exits, like --help."""
 
     def __call__(self, parser, namespace, value, option_string=None):
         if value == "list":
             import trunks  # torch loads only for the list
-            print(trunks.describe_archs())
+            print(f"{trunks.describe_archs()}\ndefault: {PAPER_ARCH}, the paper's")
             parser.exit(0)
         setattr(namespace, self.dest, value)
 
@@ -141,10 +160,15 @@ def get_args_parser(description, run_folder, **defaults):
     add_option(parser, "data", role="files",
                help="dataset root; the dataset is downloaded there when absent")
     model = parser.add_argument_group("model", "what is trained (the defaults are the release's)")
-    add_option(model, "--model", choices=MODEL_NAMES, default=None, role="scores",
-               help="dsdl: the paper's method, as released; baseline: the paper's baseline row, "
-                    "one linear layer (with bias) on the pooled features, trained with binary "
-                    "cross-entropy (default: the checkpoint's with -e or --resume, else dsdl)")
+    add_option(model, "--model", default=None, metavar="NAME", role="scores",
+               help="a model of models.MODELS by its name: dsdl, the paper's method, as "
+                    "released; baseline, the paper's baseline row, one linear layer (with bias) "
+                    "on the pooled features, trained with binary cross-entropy (default: the "
+                    "checkpoint's with -e or --resume, else dsdl)")
+    add_option(model, "--model-args", nargs="+", action=KeywordArguments, default=None,
+               metavar="KEY=VALUE", role="scores",
+               help="settings of the model's constructor that have no option of their own, by "
+                    "their names (default: the constructor's defaults)")
     add_option(model, "--arch", default=None, action=ArchAction, role="trunk",
                help="the trunk: any torchvision classification network by name (resnet101, "
                     "convnext_tiny, efficientnet_v2_s, swin_t, vit_b_16, ...) or timm/<name> "
@@ -159,7 +183,7 @@ def get_args_parser(description, run_folder, **defaults):
     add_option(model, "--lambd", type=positive_float, default=10.0, role="scores",
                help="DSDL: ridge regulariser of the coefficients, also the weight of ||A|| "
                     "(default: %(default)s)")
-    add_option(model, "--beta", type=non_negative_float, default=1e-4, role="scores",
+    add_option(model, "--beta", type=non_negative_float, default=1e-4, role="loss",
                help="DSDL: weight of the reconstruction and sparsity terms of the loss "
                     "(default: %(default)s)")
     add_option(model, "--no-pretrained", action="store_true", role="recipe",
@@ -197,16 +221,21 @@ def get_args_parser(description, run_folder, **defaults):
     more = parser.add_argument_group(
         "recipes", "beyond the release (docs/training.md#recipes): the defaults keep the "
         "release's recipe; each is restored by --resume")
-    add_option(more, "--cls-loss", choices=("bce", "asl"), default="bce", role="recipe",
-               help="the classification term of the loss: bce, the release's binary "
-                    "cross-entropy; asl, the asymmetric loss of Ridnik et al. (ICCV 2021), "
-                    "averaged like bce (default: %(default)s)")
-    add_option(more, "--asl-gamma-neg", type=non_negative_float, default=4.0, role="recipe",
+    add_option(more, "--cls-loss", default="bce", metavar="NAME", role="loss",
+               help="the classification term of the loss, a loss of models.LOSSES by its name: "
+                    "bce, the release's binary cross-entropy; asl, the asymmetric loss of "
+                    "Ridnik et al. (ICCV 2021); focal, the focal loss of Lin et al. (ICCV "
+                    "2017); each averaged like bce (default: %(default)s)")
+    add_option(more, "--asl-gamma-neg", type=non_negative_float, default=4.0, role="loss",
                help="asl: focusing exponent of the negatives (default: %(default)s)")
-    add_option(more, "--asl-gamma-pos", type=non_negative_float, default=0.0, role="recipe",
+    add_option(more, "--asl-gamma-pos", type=non_negative_float, default=0.0, role="loss",
                help="asl: focusing exponent of the positives (default: %(default)s)")
-    add_option(more, "--asl-clip", type=probability, default=0.05, role="recipe",
+    add_option(more, "--asl-clip", type=probability, default=0.05, role="loss",
                help="asl: probability margin shifted off the negatives (default: %(default)s)")
+    add_option(more, "--loss-args", nargs="+", action=KeywordArguments, default=None,
+               metavar="KEY=VALUE", role="loss",
+               help="settings of the --cls-loss by their names, e.g. focal: gamma=2 alpha=0.25 "
+                    "(default: the loss's defaults)")
     add_option(more, "--ema", type=decay, default=0.0, metavar="DECAY", role="recipe",
                help="keep an exponential moving average of the weights with this decay, "
                     "updated after every optimizer step (e.g. 0.9997); each epoch evaluates "
@@ -441,8 +470,8 @@ def bench_parser(description):
     parser.add_argument("--arch", default=None, action=ArchAction,
                         help="any --arch of the entry scripts (default: resnet101 on a GPU, "
                              "resnet18 on a CPU)")
-    parser.add_argument("--model", choices=MODEL_NAMES, default="dsdl",
-                        help="the model timed (default: %(default)s)")
+    parser.add_argument("--model", default="dsdl", metavar="NAME",
+                        help="the model timed, by its name in models.MODELS (default: %(default)s)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="default: 448 on a GPU, 224 on a CPU")
     parser.add_argument("-b", "--batch-size", type=positive_int, default=None,

@@ -18,13 +18,11 @@ import options
 if __name__ == "__main__":  # parse before importing torch: --help and bad options answer at once
     options.predict_parser().parse_args()
 
-import argparse
 import collections
 import csv
 import errno
 import json
 import os
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,168 +30,11 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import custom
-import checkpoints
-import make_embeddings
-import models
 from distributed import resolve_device
-from embeddings import check_same_vectors, load_embeddings, standard_embeddings
+from inference import load_model
 from report import save_figure
-from util import (DSDLError, atomic_write, eval_transform, load_image, out_of_memory,
-                  out_of_memory_advice, user_message, write_error)
-from coco import COCO_CLASSES
-from voc import VOC_CLASSES
-
-
-class KnownDataset(NamedTuple):
-    classes: list
-    embeddings: str  # the standard GloVe file (util.STANDARD_EMBEDDINGS)
-    lambd: float
-
-
-DATASETS = {
-    "voc": KnownDataset(list(VOC_CLASSES), "voc_glove_word2vec.pkl", 10.0),
-    "coco": KnownDataset(COCO_CLASSES, "coco_glove_word2vec.pkl", 0.1),
-}
-# (blocks in layer3, bottleneck blocks) -> arch: tells the release's checkpoints apart.
-ARCH_BY_LAYER3 = {(2, False): "resnet18", (6, False): "resnet34", (6, True): "resnet50",
-                  (23, True): "resnet101", (36, True): "resnet152"}
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def infer_arch(weights):
-    """The ResNet of a state dict, from the blocks of layer3 (features.6) and their type."""
-    blocks = {key.split(".")[2] for key in weights if key.startswith("features.6.")}
-    bottleneck = any(key.startswith("features.6.0.conv3.") for key in weights)
-    arch = ARCH_BY_LAYER3.get((len(blocks), bottleneck))
-    if arch is None:
-        raise DSDLError("cannot tell the ResNet of this checkpoint from its weights; pass --arch")
-    return arch
-
-
-def trained_width(checkpoint, weights):
-    """The width d of the class vectors a DSDL checkpoint was trained with (its W1 is d x 1024,
-    its semantics C x d), or None when it stores neither."""
-    if "W1" in weights:
-        return weights["W1"].shape[0]
-    semantics = checkpoint.get("semantics")
-    return None if semantics is None else semantics.shape[1]
-
-
-def check_width(vectors, width, source, path):
-    """Class vectors of another width than the checkpoint's are refused in one line, before the
-    model is built (W1 maps d-d vectors to the hidden layer: another d does not fit it)."""
-    if width is not None and vectors.shape[1] != width:
-        raise DSDLError(f"{path} was trained with {width}-d class vectors; {source} holds "
-                        f"{vectors.shape[1]}-d ones: give vectors of the kind it was trained with "
-                        f"(the authors' released checkpoints: 300-d GloVe)")
-
-
-def label_vectors(args, width=None):
-    """The labels of `--classes` and their word vectors (C x d, float32), from `--embeddings`
-    (rows in the order of the names) or read from a word-vector file (`--classes-from-glove`);
-    `width`: the d of the checkpoint (trained_width), required when given."""
-    names = custom.parse_classes(args.classes)
-    if args.classes_from_glove:
-        vectors = torch.from_numpy(make_embeddings.class_vectors(names, args.classes_from_glove))
-    else:
-        vectors = load_embeddings(args.embeddings, num_classes=len(names))
-    check_width(vectors, width, args.classes_from_glove or args.embeddings, args.resume)
-    return names, vectors
-
-
-def warn_zero_shot(labels, trained, path):
-    """One line on stderr naming the labels the checkpoint was not trained on."""
-    note = ("scored zero-shot, from their word vectors alone; the accuracy of zero-shot labels "
-            "has not been measured in this project")
-    if trained is None:
-        print(f"warning: {path} does not list its training classes: those of --classes it was "
-              f"not trained on are {note}", file=sys.stderr)
-        return
-    unseen = [label for label in labels if label not in trained]
-    if unseen:
-        shown = ", ".join(unseen[:10]) + (", ..." if len(unseen) > 10 else "")
-        print(f"warning: {len(unseen)} label(s) the checkpoint was not trained on ({shown}) are "
-              f"{note}", file=sys.stderr)
-
-
-def checkpoint_setting(option, given, recorded):
-    """The value the user gave (with a warning when the checkpoint records another), else the
-    checkpoint's (None when it records none)."""
-    if given is not None and recorded is not None and given != recorded:
-        print(f"warning: {option} {given} differs from the checkpoint's {recorded}; using {given}",
-              file=sys.stderr)
-    return recorded if given is None else given
-
-
-def load_model(args):
-    """The model of `--resume`, its class names and its input size.
-
-    With `--classes`, the model scores those labels instead of its training classes: their
-    word vectors become the semantics S, the trained auto-encoder turns them into the dictionary
-    D = encode(S), and the coefficients are the ridge solve over that D. The trunk and W1, W2 are
-    the checkpoint's; labels it was not trained on are scored zero-shot.
-    """
-    if args.classes_from_glove and not args.classes:
-        raise DSDLError("--classes-from-glove needs --classes NAME ...: the labels to look up")
-    if args.classes and not (args.embeddings or args.classes_from_glove):
-        raise DSDLError("--classes needs the labels' word vectors: --embeddings FILE (C x d, "
-                        "rows in the order of the names) or --classes-from-glove GLOVE_FILE")
-    checkpoint = checkpoints.load_checkpoint(args.resume)
-    weights = checkpoints.checkpoint_weights(checkpoint)
-    stored = checkpoint.get("args") or {}
-    known = DATASETS.get(args.dataset)
-    if known and checkpoint.get("classes") and list(checkpoint["classes"]) != known.classes:
-        raise DSDLError(f"--dataset {args.dataset} names other classes than the "
-                        f"{len(checkpoint['classes'])} {args.resume} was trained on "
-                        f"({', '.join(checkpoint['classes'][:4])}, ...); leave out --dataset, "
-                        f"which is for checkpoints that store no class names")
-    trained = checkpoint.get("classes") or (known.classes if known else None)
-    model_name = stored.get("model") or "dsdl"
-    vectors = models.needs_class_vectors(model_name)
-    if args.classes and not vectors:
-        raise DSDLError(f"{args.resume} is a {model_name} model, which scores its training classes "
-                        f"only: --classes needs a DSDL checkpoint (its labels come from word vectors)")
-    unused = [option for option, value in (("--lambd", args.lambd), ("--embeddings", args.embeddings))
-              if value is not None]
-    if unused and not vectors:  # refused rather than ignored
-        raise DSDLError(f"{args.resume} is a {model_name} model, which has no class vectors and no "
-                        f"lambda: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} for DSDL "
-                        f"checkpoints; leave {'it' if len(unused) == 1 else 'them'} out")
-    if args.classes:
-        classes, semantics = label_vectors(args, trained_width(checkpoint, weights))
-        warn_zero_shot(classes, trained, args.resume)
-    else:
-        classes, semantics = trained, checkpoint.get("semantics", weights.get("semantics"))
-        if not classes:
-            raise DSDLError(f"{args.resume} stores no class names (a checkpoint of the authors' "
-                            f"release?); pass --dataset voc or --dataset coco")
-        if semantics is not None and args.embeddings:
-            check_same_vectors(args.embeddings, semantics, args.resume,
-                               "to score labels from other vectors, name them with --classes")
-        if semantics is None and vectors:  # the release stores none: the dataset's standard ones
-            if not (args.embeddings or known):
-                raise DSDLError(f"{args.resume} stores no class vectors; pass --embeddings or --dataset")
-            path = args.embeddings or standard_embeddings(known.embeddings)
-            semantics = load_embeddings(path, num_classes=len(classes))
-            check_width(semantics, trained_width(checkpoint, weights), path, args.resume)
-    lambd = (checkpoint_setting("--lambd", args.lambd, stored.get("lambd"))
-             or (known.lambd if known else None))
-    if lambd is None and vectors:
-        raise DSDLError(f"{args.resume} does not say its lambda; pass --lambd or --dataset")
-    arch = (checkpoint_setting("--arch", args.arch, stored.get("arch") or checkpoint.get("arch"))
-            or infer_arch(weights))
-    image_size = (checkpoint_setting("--image-size", args.image_size, stored.get("image_size"))
-                  or options.PAPER_IMAGE_SIZE)
-    settings = argparse.Namespace(model=model_name, arch=arch, pool=stored.get("pool") or "max",
-                                  lambd=lambd)
-    model = models.build_model(settings, len(classes), semantics, pretrained=False)
-    # With --classes, only the trunk and W1, W2 load: the semantics are the new labels' vectors.
-    checkpoints.load_weights(model, checkpoint, args.resume, class_independent_only=bool(args.classes))
-    # Per-class thresholds tuned on a validation split (main_custom.py --val): of the training
-    # classes, so not for labels given with --classes.
-    thresholds = None if args.classes else checkpoint.get("thresholds")
-    return model, list(classes), image_size, thresholds
+from util import (IMAGE_EXTENSIONS, DSDLError, atomic_write, check_writable, eval_transform,
+                  load_image, out_of_memory, out_of_memory_advice, user_message)
 
 
 def find_images(inputs):
@@ -365,24 +206,6 @@ def write_csv(results, path):
                 writer.writerow([result["image"], p["label"], p["probability"], p["score"]])
 
 
-def check_writable(option, path, folder=False):
-    """An output that cannot be written is an error now, before the model loads or an image is
-    scored: a file option given a folder (or the reverse), a missing or read-only folder."""
-    if folder and os.path.exists(path) and not os.path.isdir(path):
-        raise DSDLError(f"{option} {path} is a file; {option} takes a folder (made if absent)")
-    if not folder and os.path.isdir(path):
-        raise DSDLError(f"{option} {path} is a folder; {option} takes a file name")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise DSDLError(f"{option} {path}: the folder {parent} does not exist")
-    where = path if os.path.isdir(path) else parent
-    error = write_error(where)
-    if error is not None:
-        raise DSDLError(f"{option} {path} cannot be written ({error.strerror}: {where})") from error
-    if os.path.isfile(path) and not os.access(path, os.W_OK):
-        raise DSDLError(f"{option} {path} cannot be written: the file is read-only")
-
-
 def main(argv=None):
     """Returns the exit status: 0, or 1 when something (an image, the checkpoint) failed."""
     args = options.predict_parser().parse_args(argv)
@@ -392,7 +215,8 @@ def main(argv=None):
         for option, path in (("--json", args.json), ("--csv", args.csv), ("--cam", args.cam)):
             if path:
                 check_writable(option, path, folder=option == "--cam")
-        model, classes, image_size, thresholds = load_model(args)
+        model = load_model(args)
+        classes, image_size, thresholds = model.classes, model.image_size, model.thresholds
         if thresholds is not None and args.top_k is None and args.threshold is None:
             print(f"labels: each class's own threshold, tuned on the validation split of "
                   f"{args.resume} (--threshold P sets one for all)", file=sys.stderr)

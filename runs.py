@@ -14,8 +14,9 @@ import warnings
 
 import torch
 
-import trunks
+import models
 import options
+import trunks
 from checkpoints import BEST, CHECKPOINT, load_checkpoint, resume_advice, split_change
 from distributed import resolve_device
 from report import METRICS_LOG
@@ -171,6 +172,36 @@ def check_args(args):
                         f"batch (BatchNorm statistics)")
 
 
+def check_zero_shot(args):
+    if not args.zero_shot:
+        return
+    if not (args.evaluate and args.resume):
+        raise DSDLError("--zero-shot evaluates a trained checkpoint: add -e --resume CHECKPOINT")
+    if args.model != "dsdl":
+        raise DSDLError(f"--zero-shot needs DSDL, which scores any class from its vector; "
+                        f"--model {args.model} has one output per trained class")
+    if not args.embeddings:
+        raise DSDLError("--zero-shot scores the split's classes from their vectors: pass "
+                        "--embeddings PATH, one row per class in the split's class order "
+                        "(make_embeddings.py writes it)")
+
+
+def nothing_left_to_train(args, checkpoint):
+    """--resume of a run that has trained --epochs already: says so (and how to score a --val
+    run's test split), and there is nothing to do."""
+    done = (checkpoint or {}).get("epoch", 0)
+    if not args.resume or args.evaluate or done < args.epochs:
+        return False
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{args.resume} has already trained {done} epoch{'s' * (done != 1)}, and "
+              f"--epochs is {args.epochs}: nothing to do. Pass a larger --epochs to train on.")
+        if "thresholds" in checkpoint:  # a --val run: its test split is scored at the end
+            best = os.path.join(os.path.dirname(args.resume), BEST)
+            print(f"If its test split was not scored at the end (no eval_<split>.jsonl beside "
+                  f"it), score it with -e --resume {best}")
+    return True
+
+
 def start_from(args):
     """Check the command line, read the checkpoint the run starts from (--resume, --init-from)
     and fill in what the command line left open from it (options.take_from_checkpoint); returns
@@ -182,6 +213,7 @@ def start_from(args):
     # The class list a checkpoint was trained on: a CSV dataset evaluated or resumed uses it.
     args.checkpoint_classes = None if checkpoint is None or args.init_from else checkpoint.get("classes")
     trunks.check_arch(args.arch)
+    models.check_settings(args)  # --model, --model-args, --cls-loss, --loss-args
     processes = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
     if args.batch_size % processes:
         raise DSDLError(f"--batch-size {args.batch_size} (the global batch) does not divide over "

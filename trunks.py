@@ -14,7 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from options import PAPER_ARCH
 from util import DSDLError
 
 TIMM_PREFIX = "timm/"
@@ -178,7 +177,6 @@ def describe_archs():
     else:
         lines.append("with timm installed (pip install -r requirements-timm.txt), any timm model "
                      "as --arch timm/<name>")
-    lines.append(f"default: {PAPER_ARCH}, the paper's")
     return "\n".join(lines)
 
 
@@ -225,29 +223,21 @@ def download_advice(arch, weights, error):
         f"from random weights.")
 
 
-def load_trunk(arch, pretrained):
-    """The trunk of `arch` (with ImageNet weights when `pretrained`) and its feature size d_f.
+def load_trunk(arch, pretrained, image_size=None):
+    """The trunk of `arch` (with ImageNet weights when `pretrained`) for images of `image_size`
+    pixels (None: any), and its feature size d_f.
 
     A ResNet's trunk is conv1 .. layer4 in a Sequential whose indices (features.0 = conv1,
-    features.1 = bn1, features.4-7 = layer1-4) are the release's key names. d_f is read from the
-    network: the channels of the map it makes from a small image.
+    features.1 = bn1, features.4-7 = layer1-4) are the release's key names. A timm model built
+    for one input size (a ViT, a Swin) is built for `image_size` (timm's img_size) when it takes
+    one. d_f is read from the network: the channels of the map it makes of one image of
+    `image_size` (a small one when None), which also finds an input it cannot take (too small
+    for its pooling, not a multiple of its patch) before any data is read.
     """
     check_arch(arch)
     if arch.startswith(TIMM_PREFIX):
-        import timm
-        try:
-            network = timm.create_model(arch[len(TIMM_PREFIX):], pretrained=pretrained,
-                                        num_classes=0, global_pool="")
-        except OSError as error:  # huggingface_hub's errors when offline are OSErrors
-            config = timm.models.get_pretrained_cfg(arch[len(TIMM_PREFIX):])
-            where = getattr(config, "hf_hub_id", None) or "its weights"
-            raise DSDLError(f"could not download the ImageNet weights of {arch} ({error}).\n"
-                            f"Either fetch {where} from the Hugging Face hub on a machine with "
-                            f"internet (huggingface-cli download {where}) into the cache that "
-                            f"HF_HOME names (default ~/.cache/huggingface), or pass --no-pretrained "
-                            f"to start from random weights.") from error
+        network, probe = timm_network(arch[len(TIMM_PREFIX):], pretrained, image_size)
         trunk = TimmTrunk(network)
-        probe = network.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     else:
         weights = imagenet_weights(arch) if pretrained else None
         try:
@@ -256,15 +246,53 @@ def load_trunk(arch, pretrained):
             raise download_advice(arch, weights, error) from error
         trunk = TRUNKS[type(network).__name__](network)
         probe = 4 * getattr(network, "patch_size", 16)
-    return trunk, feature_size(trunk, probe)
+    return trunk, feature_size(trunk, image_size or probe, arch)
+
+
+def timm_network(name, pretrained, image_size):
+    """timm's model `name` without its classifier and pooling, and the side it was made for.
+    One made for a fixed input size is built for `image_size` where its constructor takes
+    img_size (timm resizes the position embeddings of its weights); one that does not is refused
+    at another size."""
+    import timm
+    config = timm.models.get_pretrained_cfg(name)
+    native = (getattr(config, "input_size", None) or (3, 224, 224))[-1]
+    fixed = bool(getattr(config, "fixed_input_size", False))
+    size = {"img_size": image_size} if fixed and image_size and image_size != native else {}
+    try:
+        network = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="",
+                                    **size)
+    except TypeError as error:
+        if not size:
+            raise
+        raise DSDLError(f"--arch timm/{name} is built for {native} x {native} images and cannot "
+                        f"be built for --image-size {image_size} ({error}); pass --image-size "
+                        f"{native}") from error
+    except OSError as error:  # huggingface_hub's errors when offline are OSErrors
+        where = getattr(config, "hf_hub_id", None) or "its weights"
+        raise DSDLError(f"could not download the ImageNet weights of timm/{name} ({error}).\n"
+                        f"Either fetch {where} from the Hugging Face hub on a machine with "
+                        f"internet (huggingface-cli download {where}) into the cache that "
+                        f"HF_HOME names (default ~/.cache/huggingface), or pass --no-pretrained "
+                        f"to start from random weights.") from error
+    return network, native
 
 
 @torch.no_grad()
-def feature_size(trunk, side):
-    """The channels of the trunk's map of one side x side image (in eval mode: no statistics change)."""
+def feature_size(trunk, side, arch="the trunk"):
+    """The channels of the trunk's map of one side x side image (in eval mode: no statistics
+    change); an input the trunk cannot take is one error naming --image-size."""
     mode = trunk.training
-    feature_map = trunk.eval()(torch.zeros(1, 3, side, side))
-    trunk.train(mode)
+    try:
+        feature_map = trunk.eval()(torch.zeros(1, 3, side, side))
+    except DSDLError:
+        raise
+    except (RuntimeError, ValueError, AssertionError) as error:  # too small for a pooling, ...
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DSDLError(f"--arch {arch} cannot take {side} x {side} images ({message}); pass "
+                        f"a larger --image-size (or one its patch size divides)") from error
+    finally:
+        trunk.train(mode)
     if feature_map.ndim != 4:
         raise DSDLError(f"the trunk makes a {feature_map.ndim}-d output, not a B x C x h x w map")
     return feature_map.shape[1]

@@ -3,12 +3,11 @@ import os
 import tarfile
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
+from dataset import MultiLabelDataset
 from downloads import fetch, interrupted_extraction
 
-from util import DSDLError, atomic_write, check_images_exist, read_image
+from util import DSDLError, atomic_write, check_images_exist
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -53,7 +52,7 @@ def read_split_labels(main_folder, split, classes):
     return ids, np.stack(columns, axis=1).astype(np.int64)  # N x C
 
 
-class VOC2007(Dataset):
+class VOC2007(MultiLabelDataset):
     """VOC 2007 for multi-label classification.
 
     `root` holds `VOCdevkit/VOC2007`. When the split's files are absent and `download` is true,
@@ -112,6 +111,9 @@ class VOC2007(Dataset):
     def _image_path(self, image_id):
         return os.path.join(self.folder, "JPEGImages", image_id + ".jpg")
 
+    def image_path(self, index):
+        return self._image_path(self.image_ids[index])
+
     def _download(self):
         filename, md5 = self.archives[self.split]
         archive = os.path.join(self.root, filename)
@@ -122,14 +124,6 @@ class VOC2007(Dataset):
         if len(self._missing_label_files()) == len(self._label_files()):
             raise DSDLError(f"{archive} did not contain the {self.split} files of "
                             f"{self.main_folder}; is it the right archive?")
-
-    def __len__(self):
-        return len(self.image_ids)
-
-    def __getitem__(self, index):
-        image_id = self.image_ids[index]
-        image = read_image(self._image_path(image_id), self.transform)
-        return image, torch.from_numpy(self.labels[index]), image_id
 
 
 # split -> (archive, md5) holding it (spec section 7); the test archive has no published md5.
