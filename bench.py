@@ -115,10 +115,11 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def synthetic_model(settings, num_classes, device):
-    """The model of `settings` (random class vectors for DSDL) and its loss, on `device`."""
-    context = models.ModelContext([f"class {c}" for c in range(num_classes)],
-                                  settings.image_size, torch.randn(num_classes, 300))
+def synthetic_model(settings, num_classes, device, image_size):
+    """The model of `settings` for images of `image_size` (random class vectors for DSDL) and
+    its loss, on `device`."""
+    context = models.ModelContext([f"class {c}" for c in range(num_classes)], image_size,
+                                  torch.randn(num_classes, 300))
     model = models.build_model(settings, context, pretrained=False)
     return model.to(device), models.build_loss(settings)
 
@@ -144,7 +145,7 @@ def measure_model(device, settings, image_size, batch_size, num_classes, steps, 
     writes it). Each figure is the best of `rounds` timed passes: other work on a shared machine
     only ever slows a pass down."""
     torch.manual_seed(0)
-    model, loss_fn = synthetic_model(settings, num_classes, device)
+    model, loss_fn = synthetic_model(settings, num_classes, device, image_size)
     amp_dtype, scaler = speed.mixed_precision(device, fast)
     if fast:
         model.to(memory_format=torch.channels_last)
@@ -321,7 +322,7 @@ def write_jpegs(folder, count, size=(500, 375)):
 
 def forward_flops(device, settings, image_size, num_classes):
     """FLOPs of one image's forward pass, counted by PyTorch (spec: about 62 G for ResNet-101 at 448)."""
-    model = synthetic_model(settings, num_classes, device)[0].eval()
+    model = synthetic_model(settings, num_classes, device, image_size)[0].eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(torch.randn(1, 3, image_size, image_size, device=device))
@@ -482,8 +483,7 @@ def main():
         sys.exit(f"error: cannot write --json {args.json}: {error.strerror or error}")
     gpu = device.type == "cuda"
     image_size = args.image_size or (448 if gpu else 224)
-    settings = argparse.Namespace(model=args.model, arch=arch, pool="max", lambd=10.0, beta=1e-4,
-                                  image_size=image_size)
+    settings = argparse.Namespace(model=args.model, arch=arch, pool="max", lambd=10.0, beta=1e-4)
     batch_size = args.batch_size or (32 if gpu else 8)
     steps, warmup = args.steps or (20 if gpu else 3), args.warmup or (5 if gpu else 1)
     if gpu:

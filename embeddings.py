@@ -91,7 +91,10 @@ def standard_embeddings(name, folder="data"):
 
 def class_vectors(args, classes, checkpoint, default_embeddings):
     """The C x d class vectors of a run: from our checkpoint (not with --init-from, whose
-    class list is another's), else --embeddings, else the dataset's standard file."""
+    class list is another's, nor with --zero-shot, which scores the split's classes from
+    theirs), else --embeddings, else the dataset's standard file."""
+    if getattr(args, "zero_shot", False):
+        return load_embeddings(args.embeddings, num_classes=len(classes))
     if checkpoint is not None and "semantics" in checkpoint and not args.init_from:
         if args.embeddings:
             check_same_vectors(args.embeddings, checkpoint["semantics"], args.resume,

@@ -11,7 +11,6 @@ import contextlib
 import math
 import os
 import time
-import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,11 +26,12 @@ from checkpoints import BEST, checkpoint_state, load_checkpoint, load_weights, r
 from dataset import has_partial_labels, make_loader, set_epoch, split_of
 from distributed import (gather_shares, init_distributed, is_main_process, mean_over_processes,
                          rank_zero_first, share_rank_zero_buffers)
-from embeddings import class_vectors, load_embeddings
-from runs import (METRICS_LOG, NonFiniteLoss, RunLock, check_datasets, check_zero_shot,
+from embeddings import class_vectors
+from runs import (NonFiniteLoss, RunLock, check_datasets, check_zero_shot,
                   claim_run_folder, non_finite_loss_advice, nothing_left_to_train, run_command,
                   start_from, stop_if_interrupted)
-from speed import autocast, compile_trunk, mixed_precision, numerics, prepare_images
+from speed import (autocast, compile_trunk, mixed_precision, numerics, prepare_images,
+                   warn_if_compile_changed)
 from util import UNKNOWN, compute_metrics, top_k_metrics, tune_thresholds
 
 
@@ -85,11 +85,8 @@ def build_model(args, datasets, checkpoint, default_embeddings, device, world_si
     torch.manual_seed(args.seed)
     classes = [str(name) for name in datasets.test.classes]
     with rank_zero_first():  # downloads (class vectors, ImageNet weights) happen once
-        if args.zero_shot:  # the vectors of the split's classes, not the checkpoint's
-            semantics = load_embeddings(args.embeddings, num_classes=len(classes))
-        else:
-            semantics = (class_vectors(args, classes, checkpoint, default_embeddings)
-                         if models.needs_class_vectors(args.model) else None)
+        semantics = (class_vectors(args, classes, checkpoint, default_embeddings)
+                     if models.needs_class_vectors(args.model) else None)
         if args.resume:
             model = models.from_checkpoint(checkpoint, args.resume, args, classes, semantics,
                                            datasets.train, class_independent_only=args.zero_shot,
@@ -142,12 +139,7 @@ def set_up_training(args, model, datasets, selection, checkpoint, device):
     train_loader = make_loader(datasets.train, args.batch_size, args.workers, args.seed, device,
                                shuffle=True, drop_last=args.compile)  # one shape to compile
     schedule = recipes.Schedule(optimizer, model, args, start_epoch, len(train_loader))
-    trained_compiled = ((checkpoint or {}).get("args") or {}).get("compile", args.compile)
-    if args.resume and schedule.per_step and trained_compiled != args.compile:
-        warnings.warn(f"--compile {'on' if args.compile else 'off'} here but not when "
-                      f"{args.resume} was trained: it drops each epoch's last partial batch, so "
-                      f"an epoch has another number of steps and the per-step learning-rate curve "
-                      f"is not the uninterrupted one's", stacklevel=3)
+    warn_if_compile_changed(args, checkpoint, schedule.per_step)
     average = recipes.weight_average(model, args, checkpoint)  # --ema; None without
     if average is not None and args.compile:
         compile_trunk(average.model.trunk)
@@ -172,7 +164,7 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
     described = report.describe_run(args, selection, world_size, device) if main_process else {}
     say(f"training on {len(datasets.train)} {datasets.train.split} images, evaluating on "
         f"{len(selection)} {selection.split} images; {recipes.learning_rates(run.optimizer, model)}")
-    note = selection_note(datasets)
+    note = report.selection_note(datasets)
     if note:
         say(note)
     metrics, best_score = None, run.best_score
@@ -206,7 +198,7 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
             record = {"epoch": epoch + 1, "split": selection.split, "loss": result.loss,
                       "train_loss": train_loss, "epoch_seconds": seconds, **metrics, **extra,
                       "classes": [str(name) for name in selection.classes], **described}
-            log_epoch(args, selection, metrics, record, run.board, rates)
+            report.log_epoch(args, selection, metrics, record, run.board, rates)
             save_epoch(checkpoint_state(model, run, args, epoch + 1, best_score, datasets,
                                         described["run"], seconds, thresholds),
                        args.checkpoint_dir, is_best)
@@ -221,15 +213,6 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
         run.board.close()
     score_with_best_model(args, model, run, datasets, device, world_size, write_submission)
     return metrics
-
-
-def log_epoch(args, selection, metrics, record, board, rates):
-    """An epoch's printout, its record in metrics.jsonl, its table, the curves and TensorBoard."""
-    log = report.report_split(args, selection, metrics, record, "this run", METRICS_LOG,
-                              f"results_{selection.split}.md")
-    report.plot_curves(log, args.checkpoint_dir, record["classes"])
-    if board is not None:
-        board.write(record, rates)
 
 
 def score_with_best_model(args, model, run, datasets, device, world_size, write_submission):
@@ -248,20 +231,6 @@ def score_with_best_model(args, model, run, datasets, device, world_size, write_
     if datasets.submission is not None:
         score_submission(model, run.loss_fn, datasets.submission, args, device, write_submission,
                          run.amp_dtype, args.checkpoint_dir)
-
-
-def selection_note(datasets):
-    """What the run says at its start about the split model_best is chosen on."""
-    test = datasets.test
-    if datasets.val is not None:
-        return (f"model_best is chosen on {datasets.val.split} ({len(datasets.val)} images), where "
-                f"the per-class thresholds are tuned too; the best model scores {test.split} "
-                f"once, at the end (eval_{test.split}.jsonl)")
-    if test.benchmark is None:  # own data: the paper's benchmarks did select on test
-        return (f"model_best is chosen on {test.split}, the split its numbers are measured on "
-                f"(as on the paper's benchmarks); pass --val VAL.csv to choose on a validation "
-                f"split and score {test.split} once")
-    return ""
 
 
 def evaluate_epoch(model, average, loss_fn, loader, device, amp_dtype, channels_last):

@@ -369,7 +369,7 @@ def probability(text):
 
 
 def add_checkpoint_options(parser):
-    """Which model a trained checkpoint makes (predict.load_model): shared by predict.py and
+    """Which model a trained checkpoint makes (inference.load_model): shared by predict.py and
     export.py. The authors' released checkpoints store no class names, vectors, lambda or
     input size; `--dataset` supplies the first three."""
     parser.add_argument("--resume", required=True, metavar="PATH", help="the trained checkpoint")

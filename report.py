@@ -209,6 +209,29 @@ def report_split(args, test_set, metrics, record, source, log, table):
     return log
 
 
+def log_epoch(args, selection, metrics, record, board, rates):
+    """An epoch's printout, its record in metrics.jsonl, its table, the curves and TensorBoard."""
+    log = report_split(args, selection, metrics, record, "this run", METRICS_LOG,
+                       f"results_{selection.split}.md")
+    plot_curves(log, args.checkpoint_dir, record["classes"])
+    if board is not None:
+        board.write(record, rates)
+
+
+def selection_note(datasets):
+    """What the run says at its start about the split model_best is chosen on."""
+    test = datasets.test
+    if datasets.val is not None:
+        return (f"model_best is chosen on {datasets.val.split} ({len(datasets.val)} images), where "
+                f"the per-class thresholds are tuned too; the best model scores {test.split} "
+                f"once, at the end (eval_{test.split}.jsonl)")
+    if test.benchmark is None:  # own data: the paper's benchmarks did select on test
+        return (f"model_best is chosen on {test.split}, the split its numbers are measured on "
+                f"(as on the paper's benchmarks); pass --val VAL.csv to choose on a validation "
+                f"split and score {test.split} once")
+    return ""
+
+
 # --------------------------------------------------------------------------------------------
 # The metrics log (metrics.jsonl, eval_<split>.jsonl) and its pictures
 # --------------------------------------------------------------------------------------------

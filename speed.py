@@ -20,6 +20,17 @@ def prepare_images(images, device, channels_last=False):
                              else torch.contiguous_format)
 
 
+def warn_if_compile_changed(args, checkpoint, per_step):
+    """--compile toggled on --resume under a per-step schedule: the epochs' numbers of steps
+    differ (it drops each epoch's last partial batch), and so does the learning-rate curve."""
+    trained_compiled = ((checkpoint or {}).get("args") or {}).get("compile", args.compile)
+    if args.resume and per_step and trained_compiled != args.compile:
+        warnings.warn(f"--compile {'on' if args.compile else 'off'} here but not when "
+                      f"{args.resume} was trained: it drops each epoch's last partial batch, so "
+                      f"an epoch has another number of steps and the per-step learning-rate curve "
+                      f"is not the uninterrupted one's", stacklevel=4)
+
+
 def compile_trunk(trunk):
     """torch.compile the trunk's forward in place (state-dict keys unchanged).
 

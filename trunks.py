@@ -290,7 +290,7 @@ def feature_size(trunk, side, arch="the trunk"):
     except (RuntimeError, ValueError, AssertionError) as error:  # too small for a pooling, ...
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DSDLError(f"--arch {arch} cannot take {side} x {side} images ({message}); pass "
-                        f"a larger --image-size (or one its patch size divides)") from error
+                        f"a larger --image-size") from error
     finally:
         trunk.train(mode)
     if feature_map.ndim != 4:

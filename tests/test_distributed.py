@@ -175,7 +175,8 @@ def test_rank_zero_downloads_may_take_longer_than_a_training_collective_waits(tm
 def dsdl_resnet18(seed=0):
     torch.manual_seed(seed)
     settings = argparse.Namespace(model="dsdl", arch="resnet18", pool="max", lambd=10.0, beta=1e-4)
-    return models.build_model(settings, 20, torch.randn(20, 300), pretrained=False)
+    context = models.ModelContext([f"class {c}" for c in range(20)], 64, torch.randn(20, 300))
+    return models.build_model(settings, context, pretrained=False)
 
 
 def test_sync_bn_converts_every_batch_norm_and_keeps_the_weights_and_their_names():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoints
+import dataset
 import runs
 import engine
 import main_voc2007
@@ -240,7 +241,7 @@ def test_epoch_seeded_augmentation_follows_the_epoch_and_the_image():
         def __getitem__(self, index):
             return torch.rand(2)
 
-    data = engine.EpochSeeded(Draws(), seed=7)
+    data = dataset.EpochSeeded(Draws(), seed=7)
     first = [data[i] for i in range(3)]
     assert torch.equal(torch.stack([data[i] for i in reversed(range(3))]), torch.stack(first[::-1]))
     data.epoch.fill_(1)
@@ -260,7 +261,7 @@ def test_unknown_labels_of_a_partial_split_get_no_gradient():
             return 4
 
     labels = torch.tensor([[1, -2, -1], [-2, 1, -1], [-1, -1, 1], [1, 1, -2]])
-    wrapped = torch.utils.data.Subset(engine.EpochSeeded(Partial(), 0), range(4))
+    wrapped = torch.utils.data.Subset(dataset.EpochSeeded(Partial(), 0), range(4))
     assert engine.has_partial_labels(torch.utils.data.DataLoader(wrapped))
     assert not engine.has_partial_labels(torch.utils.data.DataLoader(VOC2007.__new__(VOC2007)))
     # (DSDL with beta 0: its reconstruction and sparsity terms use no label)

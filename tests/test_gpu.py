@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import functional as F
 
 import checkpoints
 import engine
+import speed
 from conftest import ROOT, class_image, write_voc_tree
 from distributed import gpu_problem
 from models import DSDL, DSDLLoss
@@ -140,7 +141,7 @@ def trunk_gradient(model):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_a_training_step_matches_float32_with_the_solve_and_the_loss_in_float32(precision, monkeypatch):
     amp_dtype, scaled, tolerance, least_cosine, dictionary_tolerance = PRECISIONS[precision]
-    if amp_dtype is torch.bfloat16 and DEVICE.type == "cuda" and not engine.native_bf16(DEVICE):
+    if amp_dtype is torch.bfloat16 and DEVICE.type == "cuda" and not speed.native_bf16(DEVICE):
         pytest.skip("this GPU has no bf16 units")
     images, labels = generated_images(8, 64)
     loss_fn = DSDLLoss(10.0, 1e-4)

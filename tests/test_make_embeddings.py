@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hubconf
+import inference
 import make_embeddings
 import models
 import options
@@ -187,8 +188,8 @@ def test_labels_with_vectors_of_the_checkpoints_width_are_scored(five_d_checkpoi
     out = tmp_path / "out.json"
     assert run_predict([*argv, "--threshold", "0", "--json", str(out)], checkpoint, image) == 0
     assert {p["label"] for p in json.loads(out.read_text())[0]["predictions"]} == {"zebra", "kite"}
-    loaded = predict.load_model(
-        options.predict_parser().parse_args([*argv, "--resume", checkpoint, image]))[0]
+    loaded = inference.load_model(
+        options.predict_parser().parse_args([*argv, "--resume", checkpoint, image]))
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode(loaded.semantics),
                                    model.encode(torch.from_numpy(vectors)), rtol=0, atol=0)

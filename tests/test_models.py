@@ -7,8 +7,8 @@ import torch
 
 import options
 from util import DSDLError
-from models import (MODELS, DSDL, Baseline, BaselineLoss, DSDLLoss, DSDLOutput, build_loss, build_model,
-                    ridge_coefficients)
+from models import (MODELS, DSDL, Baseline, BaselineLoss, DSDLLoss, DSDLOutput, ModelContext,
+                    build_loss, build_model, ridge_coefficients)
 
 
 def small_model(num_classes=5, lambd=10.0, seed=0):
@@ -233,22 +233,26 @@ def test_dsdl_with_average_pooling_reads_mean_features_and_its_maps_sum_to_the_s
 def test_the_folded_model_gives_the_models_scores(name):
     torch.manual_seed(0)
     settings = types.SimpleNamespace(model=name, arch="resnet18", pool="max", lambd=10.0, beta=1e-4)
-    model = build_model(settings, 4, torch.randn(4, 300)).eval()
+    model = build_model(settings, context(4)).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.folded()(images), model(images).scores, rtol=1e-4, atol=1e-5)
     assert (model.folded().classifier.bias is not None) == (name == "baseline")
 
 
+def context(num_classes, image_size=None):
+    return ModelContext([f"class {c}" for c in range(num_classes)], image_size,
+                        torch.randn(num_classes, 300))
+
+
 def test_the_model_table_builds_each_model_and_its_loss_by_name():
-    assert options.MODEL_NAMES == tuple(MODELS)  # --model's choices, named without torch
     settings = types.SimpleNamespace(model=None, arch="resnet18", pool="max", lambd=0.5, beta=0.25)
     for name, entry in MODELS.items():
         settings.model = name
-        assert type(build_model(settings, 3, torch.randn(3, 300))) is entry.network
+        assert type(build_model(settings, context(3))) is entry.network
         assert type(build_loss(settings)) is entry.loss
     settings.model = "dsdl"
-    assert build_model(settings, 3, torch.randn(3, 300)).lambd == 0.5
+    assert build_model(settings, context(3)).lambd == 0.5
     assert (build_loss(settings).lambd, build_loss(settings).beta) == (0.5, 0.25)
 
 

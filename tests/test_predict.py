@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import checkpoints
+import inference
 import options
 import predict
 import torchvision
@@ -183,7 +184,7 @@ def test_release_arch_is_read_from_the_layer3_blocks():
         trunk = torch.nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
                                     resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
         weights = {f"features.{key}": None for key in trunk.state_dict()}
-        assert predict.infer_arch(weights) == arch
+        assert checkpoints.infer_arch(weights) == arch
 
 
 def test_folders_yield_common_image_files_only_and_no_images_is_an_error(trained, tmp_path, capsys):
@@ -404,9 +405,9 @@ def test_new_labels_are_scored_zero_shot_from_their_encoded_word_vectors(
         np.testing.assert_allclose([scores[name] for name in names],
                                    numpy_scores(model, vectors, features)[0], rtol=1e-4, atol=1e-5)
     # The dictionary of the loaded model: the trained encoder applied to the new vectors.
-    loaded, classes, _, _ = predict.load_model(
+    loaded = inference.load_model(
         options.predict_parser().parse_args([*argv, "--resume", checkpoint, images[0]]))
-    assert classes == names
+    assert loaded.classes == names
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode(loaded.semantics),
                                    model.encode(torch.from_numpy(vectors)), rtol=0, atol=0)

@@ -22,8 +22,9 @@ from models import AsymmetricLoss, DSDL, DSDLLoss, build_loss
 from report import read_metrics, reproduction_block
 from util import DSDLError, FastTrainTransform, train_transform
 
-RECIPE_OPTIONS = ("cls_loss", "asl_gamma_neg", "asl_gamma_pos", "asl_clip", "ema", "optimizer",
-                  "schedule", "warmup_epochs", "accumulate", "augment", "cutout", "tensorboard")
+RECIPE_OPTIONS = ("ema", "optimizer", "schedule", "warmup_epochs", "accumulate", "augment", "cutout",
+                  "tensorboard")
+LOSS_OPTIONS = ("cls_loss", "asl_gamma_neg", "asl_gamma_pos", "asl_clip", "loss_args")
 
 
 def parse(*argv):
@@ -42,11 +43,14 @@ def small_model(num_classes=4, seed=0):
 def test_every_recipe_option_is_recipe_and_defaults_to_the_release():
     args = parse()
     assert all(options.OPTION_ROLES[name] == "recipe" for name in RECIPE_OPTIONS)
+    assert all(options.OPTION_ROLES[name] == "loss" for name in LOSS_OPTIONS)  # -e takes them
     assert (args.cls_loss, args.ema, args.optimizer, args.schedule, args.warmup_epochs,
             args.accumulate, args.augment, args.cutout, args.tensorboard) == (
         "bce", 0.0, "sgd", "step", 0, 1, "release", 0.0, False)
     args.model = "dsdl"
-    assert build_loss(args).classification is F.multilabel_soft_margin_loss  # the release's term
+    term = build_loss(args).classification  # the release's: MultiLabelSoftMarginLoss's formula
+    scores, targets = torch.randn(4, 20, dtype=torch.float64), (torch.rand(4, 20) < 0.3).double()
+    assert torch.equal(term(scores, targets), F.multilabel_soft_margin_loss(scores, targets))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -26,9 +26,11 @@ def settings(model, arch, pool="max"):
     return argparse.Namespace(model=model, arch=arch, pool=pool, lambd=10.0, beta=1e-4)
 
 
-def build(model, arch, pool="max"):
+def build(model, arch, pool="max", image_size=None):
     torch.manual_seed(0)
-    return models.build_model(settings(model, arch, pool), CLASSES, torch.randn(CLASSES, 300))
+    context = models.ModelContext([f"class {c}" for c in range(CLASSES)], image_size,
+                                  torch.randn(CLASSES, 300))
+    return models.build_model(settings(model, arch, pool), context)
 
 
 @pytest.mark.parametrize("arch,size", FAMILIES)
