@@ -32,7 +32,7 @@ from runs import (NonFiniteLoss, RunLock, check_datasets, check_zero_shot,
                   start_from, stop_if_interrupted)
 from speed import (autocast, compile_trunk, mixed_precision, numerics, prepare_images,
                    warn_if_compile_changed)
-from util import UNKNOWN, compute_metrics, top_k_metrics, tune_thresholds
+from util import UNKNOWN, DSDLError, compute_metrics, top_k_metrics, tune_thresholds
 
 
 class Datasets(NamedTuple):
@@ -59,6 +59,9 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
     if nothing_left_to_train(args, checkpoint):
         return None
     rank, world_size, device = init_distributed(args.device)
+    if args.sync_bn and world_size > 1 and device.type != "cuda":
+        raise DSDLError("--sync-bn needs GPUs (SyncBatchNorm has no CPU implementation); "
+                        "drop it on the CPU")
     lock = RunLock(args.checkpoint_dir)
     try:
         with rank_zero_first():  # an error found by rank 0 stops every process
