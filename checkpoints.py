@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import uuid
+import zipfile
 
 import torch
 
@@ -54,9 +55,34 @@ def describe_non_checkpoint(head):
         return "a git-lfs pointer, not the file itself: fetch it with `git lfs pull`"
     if text.startswith(b"<"):
         return "an HTML or XML page (a failed download?)"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy array (.npy: class vectors go to --embeddings)"
+    if head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head.lower()):
+        return "an ONNX model (what export.py writes), which cannot be trained or evaluated here"
     if all(byte in b"\t\n\r" or 32 <= byte < 127 for byte in head):
-        return "a text file"
+        return "a text file" + (" (a CSV: label files go to the entry script)" if b"," in head else "")
     return "neither a zip archive nor a pickle"
+
+
+def describe_file(path):
+    """What the file at `path` is, in words: a PyTorch checkpoint, a TorchScript model, an ONNX
+    model, a NumPy array, a text file ..., for a message about a file given in the wrong place."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return "a damaged zip archive"
+        if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+            return "a TorchScript model (what export.py writes), which cannot be trained or evaluated here"
+        if any(name.endswith("/data.pkl") for name in names):
+            return "a PyTorch checkpoint"
+        return "a zip archive"
+    if head.startswith(b"\x80"):
+        return "a pickle (a checkpoint of PyTorch < 1.6, or class vectors)"
+    return describe_non_checkpoint(head) if head else "empty"
 
 
 def load_checkpoint(path, option="--resume"):
@@ -72,9 +98,11 @@ def load_checkpoint(path, option="--resume"):
     if not head:
         raise DSDLError(f"{option} {path} is empty (0 bytes): not a PyTorch checkpoint")
     # torch.save writes a zip archive (PK); PyTorch < 1.6 and the release wrote a pickle (0x80).
-    if not head.startswith((b"PK\x03\x04", b"\x80")):
-        raise DSDLError(f"{option} {path} is not a PyTorch checkpoint: it is "
-                        f"{describe_non_checkpoint(head)}")
+    what = describe_file(path)
+    if not head.startswith((b"PK\x03\x04", b"\x80")) or "TorchScript" in what:
+        raise DSDLError(f"{option} {path} is not a PyTorch checkpoint: it is {what}. Pass a run's "
+                        f"checkpoint.pth.tar or model_best.pth.tar (or a checkpoint of the "
+                        f"authors' release)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -26,6 +26,10 @@ UNCHECKED = "?"  # before a label name: nobody checked that label of that image
 
 def parse_classes(names):
     """The class list of `--classes`: names, or one file listing one name per line."""
+    if len(names) == 1 and not os.path.isfile(names[0]) and (
+            os.sep in names[0] or names[0].lower().endswith((".txt", ".csv", ".lst"))):
+        raise DSDLError(f"--classes {names[0]}: no such file (a file with a class name per line; "
+                        f"or give the class names themselves)")
     if len(names) == 1 and os.path.isfile(names[0]):
         with open(names[0], encoding="utf-8-sig") as f:
             try:
@@ -75,6 +79,13 @@ def read_label_csv(path):
                 if any(name[1:].strip() == "" for name in fields if name.startswith(UNCHECKED)):
                     problems.append(f"{path}, line {line}: '{UNCHECKED}' without a class name "
                                     f"(write '{UNCHECKED}name' for a label nobody checked)")
+                    continue
+                doubled = [name for name in fields if name[1:].lstrip().startswith(UNCHECKED)
+                           and name.startswith(UNCHECKED)]
+                if doubled:
+                    problems.append(f"{path}, line {line}: {doubled[0]!r} has more than one "
+                                    f"'{UNCHECKED}' (write '{UNCHECKED}name' for a label nobody "
+                                    f"checked)")
                     continue
                 unchecked = list(dict.fromkeys(name[1:].strip() for name in fields
                                                if name.startswith(UNCHECKED)))

@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import torch
 
+from checkpoints import describe_file
 from downloads import download, md5sum
 from util import DSDLError
 
@@ -56,8 +57,12 @@ def load_embeddings(path, num_classes=None):
             with open(path, "rb") as f:
                 array = _NumpyOnlyUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, ValueError, EOFError, OSError) as error:
-        raise DSDLError(f"cannot load label embeddings {path}: {error}. Expected a pickled "
-                        f"numpy array or a .npy file of shape C x d (e.g. 300-d GloVe).") from error
+        what = describe_file(path)
+        found = (f"it is {what}" if not what.startswith(("neither", "a pickle", "a NumPy"))
+                 else f"{str(error).splitlines()[0]}")
+        raise DSDLError(f"cannot load label embeddings {path}: {found}. Expected the class "
+                        f"vectors: a pickled numpy array or a .npy file of shape C x d (e.g. "
+                        f"300-d GloVe; make_embeddings.py writes one)") from error
     if not isinstance(array, np.ndarray) or array.ndim != 2 or array.shape[1] < 1 or (
             num_classes is not None and array.shape[0] != num_classes):
         shape = getattr(array, "shape", type(array).__name__)

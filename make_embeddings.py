@@ -103,6 +103,8 @@ def read_vectors(path, words, enough=None):
     with stream, tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
         for number, line in enumerate(stream, 1):
             bar.update(len(line))
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
             if width is None:
                 fields = line.rstrip(b" \r\n").split(b" ")
                 width = header_width(fields)
@@ -130,6 +132,9 @@ def read_vectors(path, words, enough=None):
             except ValueError as error:
                 raise DSDLError(f"{path}, line {number}: not a word and {width} numbers, the "
                                 f"width of this file ({error})") from error
+            if not np.isfinite(found[word]).all():
+                raise DSDLError(f"{path}, line {number}: the vector of {word!r} holds NaN or "
+                                f"infinite values; repair or re-download the file")
             if enough <= found.keys():
                 break
     if width is None:

@@ -85,6 +85,10 @@ class NUSWIDE(MultiLabelDataset):
         self.classes = read_lines(concepts, "Concepts81.txt (the concept list)")
         if not self.classes:
             raise DSDLError(f"{concepts} names no concept; restore it from {NUS_WIDE_PAGE}")
+        repeated = sorted({name for name in self.classes if self.classes.count(name) > 1})
+        if repeated:  # two columns of one name: its labels and its class vector would be ambiguous
+            raise DSDLError(f"{concepts} names {', '.join(repeated[:5])} more than once; each "
+                            f"concept must be listed once (restore the file from {NUS_WIDE_PAGE})")
         list_path = os.path.join(root, "ImageList", list_name)
         listed = [relative_image_path(entry) for entry in read_lines(list_path, "ImageList/")]
         if not listed:

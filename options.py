@@ -64,6 +64,14 @@ def number(kind, text):
         raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
 
 
+def seed(text):
+    """A seed numpy and torch take: 0 to 2^64 - 1."""
+    value = non_negative_int(text)
+    if value >= 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be below 2^64 (18446744073709551616), got {value}")
+    return value
+
+
 def positive_int(text):
     value = number(int, text)
     if value < 1:
@@ -215,7 +223,7 @@ def get_args_parser(description, run_folder, **defaults):
     add_option(recipe, "--max-grad-norm", type=positive_float, default=10.0, role="recipe",
                help="the total gradient norm is clipped to this before each step "
                     "(default: %(default)s)")
-    add_option(recipe, "--seed", type=non_negative_int, default=0, role="recipe",
+    add_option(recipe, "--seed", type=seed, default=0, role="recipe",
                help="seeds the initialisation, and per epoch the order of the images and "
                     "each image's crop and flip (default: %(default)s)")
     more = parser.add_argument_group(

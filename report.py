@@ -153,6 +153,7 @@ def results_table(metrics, classes, benchmark=None, setting=(None, None, None, N
         if split == known["split"]:
             rows.append(["difference", *cells(np.subtract(ours, row(paper)), "+")])
     lines = [title, ""] if title else []
+    headers = [markdown_cell(header) for header in headers]
     lines.append("| | " + " | ".join(headers) + " |")
     lines.append("|---|" + "---:|" * len(headers))
     lines.extend("| " + " | ".join(entries) + " |" for entries in rows)
@@ -162,6 +163,11 @@ def results_table(metrics, classes, benchmark=None, setting=(None, None, None, N
         if split != known["split"]:
             lines[-1] += f" Ours is on {split}: no difference is shown."
     return "\n".join(lines)
+
+
+def markdown_cell(text):
+    """A table cell's text: a '|' in it would end the cell (a class named 'cat|dog')."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|")
 
 
 def write_table(path, table):

@@ -1,0 +1,129 @@
+"""What an adversarial user met and what it does now: nothing a user owns is overwritten, no
+label change goes unseen, and each mistake is one `error:` line (issue 25's cases, one test or
+more each)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import custom
+import main_voc2007
+import options
+import report
+from conftest import SMALL, call_main
+from util import DSDLError
+
+
+def error_line(capsys):
+    """The one `error:` line a command ended with (and nothing after it)."""
+    err = capsys.readouterr().err.splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and errors == err[-1:], err
+    return errors[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Small refusals
+# --------------------------------------------------------------------------------------------
+
+def test_a_seed_numpy_and_torch_cannot_take_is_refused_by_the_parser(capsys):
+    parser = main_voc2007.get_args_parser()
+    assert options.parse_args(parser, ["data", "--seed", str(2 ** 64 - 1)]).seed == 2 ** 64 - 1
+    with pytest.raises(SystemExit) as stopped:
+        options.parse_args(parser, ["data", "--seed", str(2 ** 64)])
+    assert stopped.value.code == 1
+    assert "argument --seed: must be below 2^64" in capsys.readouterr().err
+
+
+def test_a_repeated_nuswide_concept_is_refused_like_a_repeated_class(tmp_path):
+    from test_nuswide import write_nuswide_tree
+    from nuswide import NUSWIDE
+    root = str(tmp_path / "nuswide")
+    write_nuswide_tree(root)
+    with open(os.path.join(root, "Concepts81.txt"), "a", newline="") as f:
+        f.write("car\r\n")
+    with pytest.raises(DSDLError, match=r"Concepts81.txt names car more than once"):
+        NUSWIDE(root, "test")
+
+
+def test_a_doubled_question_mark_is_a_problem_with_its_line(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("image,labels\na.jpg,dog;??cat\nb.jpg,?dog\n")
+    rows, problems = custom.read_label_csv(str(path))
+    assert problems == [f"{path}, line 2: '??cat' has more than one '?' (write '?name' for a "
+                        f"label nobody checked)"]
+    assert [(line, names, unchecked) for line, _, names, unchecked in rows] == [(3, [], ["dog"])]
+
+
+def test_a_class_name_with_a_bar_keeps_the_markdown_table_whole():
+    classes = ["cat|dog", "bird"]
+    table = report.results_table({"AP": [50.0, 25.0], "mAP": 37.5}, classes)
+    header, rule, ours = table.splitlines()
+    # Markdown splits a row at the bars that are not escaped: as many cells as columns
+    cells = [len([part for part in line.replace("\\|", "").split("|")[1:-1]]) for line in (header, rule, ours)]
+    assert cells == [4, 4, 4]
+    assert "cat\\|dog" in header
+
+
+def test_make_embeddings_strips_a_byte_order_mark_and_refuses_non_finite_vectors(tmp_path, capsys):
+    import make_embeddings
+    glove = tmp_path / "glove.txt"
+    glove.write_bytes(b"\xef\xbb\xbfcat 0.5 1.0 -2.0\ndog 1.5 2.0 0.0\n")
+    out = tmp_path / "vectors.npy"
+    make_embeddings.main(["--classes", "cat", "dog", "--vectors", str(glove), "-o", str(out)])
+    np.testing.assert_array_equal(np.load(out), np.array([[0.5, 1.0, -2.0], [1.5, 2.0, 0.0]], np.float32))
+    glove.write_text("cat 0.5 nan -2.0\ndog 1.5 inf 0.0\n")
+    with pytest.raises(SystemExit):
+        make_embeddings.main(["--classes", "cat", "dog", "--vectors", str(glove), "-o", str(out)])
+    assert error_line(capsys) == (f"error: {glove}, line 1: the vector of 'cat' holds NaN or "
+                                  f"infinite values; repair or re-download the file")
+    np.testing.assert_array_equal(np.load(out)[0], [0.5, 1.0, -2.0])  # the earlier file stays
+
+
+def test_a_classes_file_that_does_not_exist_is_named_not_taken_for_a_class(tmp_path, capsys):
+    import make_embeddings
+    missing = str(tmp_path / "classes.txt")
+    with pytest.raises(SystemExit):
+        make_embeddings.main(["--classes", missing, "--vectors", str(tmp_path / "g.txt")])
+    assert error_line(capsys) == (f"error: --classes {missing}: no such file (a file with a "
+                                  f"class name per line; or give the class names themselves)")
+
+
+# --------------------------------------------------------------------------------------------
+# A file given in the wrong place says what it is and which file is expected
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wrong_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wrong")
+    with torch.no_grad():
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(folder / "model.pt"))
+    torch.save({"model": torch.nn.Linear(2, 2).state_dict()}, folder / "checkpoint.pth.tar")
+    (folder / "model.onnx").write_bytes(b"\x08\x08\x12\x07pytorch\x1a\x032.9" + bytes(64))
+    (folder / "train.csv").write_text("image,labels\na.jpg,cat\n")
+    return folder
+
+
+@pytest.mark.parametrize("name, what", [
+    ("model.pt", "a TorchScript model (what export.py writes)"),
+    ("model.onnx", "an ONNX model (what export.py writes)"),
+    ("train.csv", "a text file (a CSV: label files go to the entry script)")])
+def test_a_file_given_as_resume_says_what_it_is_and_what_is_expected(name, what, wrong_files, capsys):
+    path = str(wrong_files / name)
+    assert call_main(main_voc2007.main, ["data", "--device", "cpu", "-e", "--resume", path]) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"error: --resume {path} is not a PyTorch checkpoint: it is {what}")
+    assert "checkpoint.pth.tar or model_best.pth.tar" in line and "weights_only" not in line
+
+
+@pytest.mark.parametrize("name, what", [("model.pt", "a TorchScript model"),
+                                        ("checkpoint.pth.tar", "a PyTorch checkpoint"),
+                                        ("train.csv", "a text file (a CSV")])
+def test_a_file_given_as_embeddings_says_what_it_is_and_what_is_expected(name, what, wrong_files):
+    from embeddings import load_embeddings
+    with pytest.raises(DSDLError) as raised:
+        load_embeddings(str(wrong_files / name))
+    message = str(raised.value)
+    assert f"{name}: it is {what}" in message and "make_embeddings.py writes one" in message
+    assert "persistent" not in message and "MARK" not in message
