@@ -235,32 +235,44 @@ def image_fingerprint(dataset):
     return hashlib.sha256("\n".join(sorted(str(i) for i in ids)).encode()).hexdigest()
 
 
+def label_fingerprint(dataset):
+    """sha256 of a split's labels (dataset.MultiLabelDataset.label_fingerprint), or None."""
+    fingerprint = getattr(dataset, "label_fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
+
+
 def dataset_record(datasets):
-    """What a checkpoint says of the data it was trained on: its name, classes, and the size and
-    image fingerprint of each split (the evaluated one is `evaluated`)."""
+    """What a checkpoint says of the data it was trained on: its name, classes, and of each
+    split, by its role (train, val, test; the evaluated one is `evaluated`), its name, size and
+    the fingerprints of its images and of their labels."""
     test = datasets.test
     val = getattr(datasets, "val", None)  # with a validation split, it is the one evaluated
-    splits = [split for split in (datasets.train, val, test) if split is not None]
+    splits = {role: split for role, split in (("train", datasets.train), ("val", val), ("test", test))
+              if split is not None}
     return {"name": test.name, "benchmark": test.benchmark,
-            "evaluated": (val if val is not None else test).split,
-            "sizes": {split.split: len(split) for split in splits},
-            "fingerprints": {split.split: image_fingerprint(split) for split in splits},
+            "evaluated": "val" if val is not None else "test",
+            "roles": {role: split.split for role, split in splits.items()},
+            "sizes": {role: len(split) for role, split in splits.items()},
+            "fingerprints": {role: image_fingerprint(split) for role, split in splits.items()},
+            "label_fingerprints": {role: label_fingerprint(split) for role, split in splits.items()},
             "classes": [str(name) for name in test.classes]}  # plain str: loads weights_only
 
 
-def split_change(record, dataset, name=None):
-    """How `dataset` differs from the split `name` (by default its own) that the checkpoint's
-    `record` (dataset_record) describes, in words, or None when it is the same (or not
-    recorded)."""
-    name = name or dataset.split
-    size = (record.get("sizes") or {}).get(name)
-    fingerprint = (record.get("fingerprints") or {}).get(name)
+def split_change(record, dataset, key):
+    """How `dataset` differs from the split that the checkpoint's `record` (dataset_record)
+    describes under `key` (its role; in a checkpoint of before roles, its name), in words, or
+    None when it is the same (or not recorded)."""
+    size = (record.get("sizes") or {}).get(key)
+    fingerprint = (record.get("fingerprints") or {}).get(key)
+    labels = (record.get("label_fingerprints") or {}).get(key)
     if size is None:
         return None
     if size != len(dataset):
         return f"{size} images then, {len(dataset)} now"
     if fingerprint is not None and fingerprint != image_fingerprint(dataset):
         return f"{size} images then and now, but not the same ones"
+    if labels is not None and labels != label_fingerprint(dataset):
+        return f"the same {size} images, but their labels changed"
     return None
 
 
@@ -275,12 +287,13 @@ def checkpoint_bytes(optimizer, averaged=False):
 
 
 def check_free_space(folder, optimizer, averaged=False):
-    """Refuse a run whose folder cannot take what its next epoch writes: a checkpoint file, and
-    the first time two (model_best.pth.tar and checkpoint.pth.tar), beside the old ones while
-    they are written; plus the log, tables and plots (taken as 1 MB)."""
+    """Refuse a run whose folder cannot take what its epochs write: each of model_best.pth.tar
+    and checkpoint.pth.tar not there yet, and the temporary copy (util.atomic_write) that a
+    checkpoint is written to beside the old one before it replaces it (one at a time: the
+    epoch after the first needs it); plus the log, tables and plots (taken as 1 MB)."""
     size = checkpoint_bytes(optimizer, averaged)
-    both_there = all(os.path.isfile(os.path.join(folder, name)) for name in (BEST, CHECKPOINT))
-    needed = size * (1 if both_there else 2) + 2 ** 20
+    missing = sum(not os.path.isfile(os.path.join(folder, name)) for name in (BEST, CHECKPOINT))
+    needed = size * (missing + 1) + 2 ** 20
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise DSDLError(f"{folder} has {free / 2 ** 20:.0f} MB free, but an epoch of this run "

@@ -200,14 +200,14 @@ class LabelCSV(MultiLabelDataset):
 
     upright = True  # own photos: as the camera held them
 
-    def __init__(self, rows, csv_path, images_dir, classes, name, transform=None):
+    def __init__(self, rows, csv_path, images_dir, classes, name, transform=None, split=None):
         if not rows:
             raise DSDLError(f"{csv_path} lists no images")
         self.label_source = csv_path
         self.images_dir = images_dir
         self.classes = list(classes)
         self.name = name
-        self.split = os.path.splitext(os.path.basename(csv_path))[0]
+        self.split = split or os.path.splitext(os.path.basename(csv_path))[0]
         self.transform = transform
         self.images = self.image_ids = [image for _, image, *_ in rows]  # what dataset[i] names
         column = {name: c for c, name in enumerate(self.classes)}
@@ -254,7 +254,20 @@ def load_splits(train_csv, test_csv, images_dir, classes=None, name="custom",
     if problems:
         raise problems_error(problems)
     warn_duplicates(parsed if not evaluate else {test_csv: parsed[test_csv]})
+    split = split_names([train_csv, test_csv] + ([val_csv] if val_csv else []))
     train = None if evaluate else LabelCSV(parsed[train_csv], train_csv, images_dir, classes, name,
-                                           train_transform)
-    val = LabelCSV(parsed[val_csv], val_csv, images_dir, classes, name, test_transform) if val_csv else None
-    return train, LabelCSV(parsed[test_csv], test_csv, images_dir, classes, name, test_transform), val
+                                           train_transform, split[train_csv])
+    val = (LabelCSV(parsed[val_csv], val_csv, images_dir, classes, name, test_transform,
+                    split[val_csv]) if val_csv else None)
+    return train, LabelCSV(parsed[test_csv], test_csv, images_dir, classes, name, test_transform,
+                           split[test_csv]), val
+
+
+def split_names(paths):
+    """A split name per CSV: its file's name without .csv, or where two files share one
+    (train/labels.csv, test/labels.csv) their folder's name before it (train-labels,
+    test-labels), so that the splits' records and files stay apart."""
+    stems = {path: os.path.splitext(os.path.basename(path))[0] for path in paths}
+    shared = {stem for stem in stems.values() if list(stems.values()).count(stem) > 1}
+    return {path: (f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}-{stem}"
+                   if stem in shared else stem) for path, stem in stems.items()}

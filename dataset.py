@@ -5,6 +5,8 @@ Every dataset of this project (voc.py, coco.py, custom.py, nuswide.py, openimage
 `MultiLabelDataset`. A new layout is a subclass that sets the attributes below in its
 `__init__` and says where image i is (`image_path`); docs/code_layout.md shows one in full.
 """
+import hashlib
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
@@ -43,6 +45,17 @@ class MultiLabelDataset(Dataset):
 
     def image_id(self, index):
         return self.image_ids[index]
+
+    def label_fingerprint(self):
+        """sha256 of the split's labels, each image's row with its id, in the order of the
+        sorted ids: another label of any image gives another fingerprint (checkpoints record it,
+        so that --resume sees a labels-only change)."""
+        ids = [str(image_id) for image_id in self.image_ids]
+        digest = hashlib.sha256()
+        for index in sorted(range(len(ids)), key=ids.__getitem__):
+            row = np.asarray(self.label_vector(index), dtype=np.int8)
+            digest.update(ids[index].encode() + b"\0" + row.tobytes())
+        return digest.hexdigest()
 
     def __len__(self):
         return len(self.image_ids)

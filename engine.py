@@ -167,7 +167,7 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
     described = report.describe_run(args, selection, world_size, device) if main_process else {}
     say(f"training on {len(datasets.train)} {datasets.train.split} images, evaluating on "
         f"{len(selection)} {selection.split} images; {recipes.learning_rates(run.optimizer, model)}")
-    note = report.selection_note(datasets)
+    note = report.selection_note(datasets, can_validate=hasattr(args, "val"))
     if note:
         say(note)
     metrics, best_score = None, run.best_score

@@ -369,6 +369,8 @@ class DSDLLoss(nn.Module):
     is the release's binary cross-entropy (MultiLabelSoftMarginLoss's formula), or --cls-loss.
     """
 
+    uses = ("lambd", "beta")  # the options it reads (`check_settings`)
+
     def __init__(self, lambd, beta, classification=None):
         super().__init__()
         self.lambd = lambd
@@ -428,6 +430,8 @@ class Baseline(PooledModel):
 class BaselineLoss(nn.Module):
     """The classification loss on the logits: binary cross-entropy, the mean over classes and
     images (what the release's MultiLabelSoftMarginLoss computes), or --cls-loss."""
+
+    uses = ()
 
     def __init__(self, classification=None):
         super().__init__()
@@ -615,14 +619,27 @@ def classification_loss(settings, **release):
     return loss(**kwargs)
 
 
+MODEL_OPTIONS = ("lambd", "beta", "embeddings")  # options that only some models read
+
+
 def check_settings(settings):
     """--model, --model-args, --cls-loss and --loss-args name what the tables hold and what
-    their constructors take: one error now, before any data is read."""
+    their constructors take, and the options given are the model's (the baseline has no
+    class vectors, lambda or beta): one error now, before any data is read."""
     settings = as_settings(settings)
-    network = model_entry(settings.get("model") or "dsdl").network
+    entry = model_entry(settings.get("model") or "dsdl")
+    network = entry.network
     keyword_arguments(f"--model {network.name}", network.setting_names(),
                       settings.get("model_args") or {}, "--model-args")
     classification_loss(settings)
+    used = {*network.setting_names(), *getattr(entry.loss, "uses", ())}
+    if network.needs_class_vectors:
+        used.add("embeddings")
+    unused = [f"--{name}" for name in MODEL_OPTIONS
+              if name in (settings.get("given") or ()) and name not in used]
+    if unused:
+        raise DSDLError(f"--model {network.name} does not use {' and '.join(unused)} (DSDL's): "
+                        f"leave {'it' if len(unused) == 1 else 'them'} out")
 
 
 def build_model(settings, context, pretrained=False):

@@ -283,6 +283,20 @@ class OpenImages(MultiLabelDataset):
             labels[index, self.columns[start:end]] = self.values[start:end]
         return labels
 
+    def label_fingerprint(self):
+        """dataset.MultiLabelDataset's, from the verified pairs (no dense labels): the sorted
+        ids, and each image's verified (class, value) pairs in class order."""
+        order = np.argsort(self.ids, kind="stable")
+        rows = self.rows[order]
+        starts, lengths = self.indptr[rows], self.indptr[rows + 1] - self.indptr[rows]
+        picked = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        image = np.repeat(np.arange(len(rows)), lengths)
+        picked = picked[np.lexsort((self.columns[picked], image))]  # by image, then class
+        digest = hashlib.sha256(b"\0".join(self.ids[order].tolist()))
+        for part in (lengths, self.columns[picked], self.values[picked]):
+            digest.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+        return digest.hexdigest()
+
     def image_path(self, index):
         return os.path.join(self.image_folder, self.ids[index].decode() + ".jpg")
 

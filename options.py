@@ -274,10 +274,12 @@ def get_args_parser(description, run_folder, **defaults):
     add_option(more, "--cutout", type=probability, default=0.0, metavar="P", role="recipe",
                help="erase one random box of each training image with probability P, filled "
                     "with the ImageNet mean (torchvision's RandomErasing) (default: 0, off)")
-    add_option(more, "--tensorboard", action="store_true", role="recipe",
+    add_option(more, "--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+               role="recipe",
                help="also write each epoch's losses, metrics and learning rates as TensorBoard "
                     "events into the run folder (needs `pip install -r "
-                    "requirements-tensorboard.txt`; metrics.jsonl stays the record)")
+                    "requirements-tensorboard.txt`; metrics.jsonl stays the record); "
+                    "--no-tensorboard resumes such a run without them")
     run = parser.add_argument_group("run", "where a run starts from and where it writes")
     add_option(run, "-e", "--evaluate", action="store_true", role="runtime",
                help="only evaluate the checkpoint given by --resume; the results go to "

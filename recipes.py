@@ -36,8 +36,15 @@ def check_recipe(args):
         raise DSDLError(f"--warmup-epochs {args.warmup_epochs} leaves no epoch after the "
                         f"warm-up of a run of --epochs {args.epochs}; use fewer")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise DSDLError("--tensorboard needs the tensorboard package: pip install -r "
-                        "requirements-tensorboard.txt (or run without --tensorboard)")
+        if "tensorboard" in args.given:
+            raise DSDLError("--tensorboard needs the tensorboard package: pip install -r "
+                            "requirements-tensorboard.txt (or run without --tensorboard)")
+        # taken from the checkpoint of a run resumed where tensorboard is not installed
+        warnings.warn(f"{args.resume} was trained with --tensorboard, but the tensorboard "
+                      f"package is not installed here: this run goes on without TensorBoard "
+                      f"events (metrics.jsonl stays the record; pip install -r "
+                      f"requirements-tensorboard.txt to write them)", stacklevel=2)
+        args.tensorboard = False
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.accumulate > args.batch_size // world_size:
         raise DSDLError(f"--accumulate {args.accumulate} splits each batch into more parts than "

@@ -224,17 +224,21 @@ def log_epoch(args, selection, metrics, record, board, rates):
         board.write(record, rates)
 
 
-def selection_note(datasets):
-    """What the run says at its start about the split model_best is chosen on."""
+def selection_note(datasets, can_validate=True):
+    """What the run says at its start about the split model_best is chosen on (`can_validate`:
+    the entry script has --val)."""
     test = datasets.test
     if datasets.val is not None:
         return (f"model_best is chosen on {datasets.val.split} ({len(datasets.val)} images), where "
                 f"the per-class thresholds are tuned too; the best model scores {test.split} "
                 f"once, at the end (eval_{test.split}.jsonl)")
     if test.benchmark is None:  # own data: the paper's benchmarks did select on test
-        return (f"model_best is chosen on {test.split}, the split its numbers are measured on "
-                f"(as on the paper's benchmarks); pass --val VAL.csv to choose on a validation "
-                f"split and score {test.split} once")
+        note = (f"model_best is chosen on {test.split}, the split its numbers are measured on "
+                f"(as on the paper's benchmarks)")
+        if can_validate:
+            note += (f"; pass --val VAL.csv to choose on a validation split and score "
+                     f"{test.split} once")
+        return note
     return ""
 
 

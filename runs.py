@@ -260,22 +260,29 @@ def check_same_splits(trained_on, datasets, resume):
     """--resume on the splits the run was trained on: its best mAP was measured on its
     evaluation split, and a score on other images is not comparable (refused); other training
     images are the user's choice (a warning)."""
-    selection = datasets.val if getattr(datasets, "val", None) is not None else datasets.test
+    has_val = getattr(datasets, "val", None) is not None
+    selection = datasets.val if has_val else datasets.test
     evaluated = trained_on.get("evaluated")
-    if evaluated and evaluated != selection.split and (trained_on.get("sizes") or {}).get(evaluated):
-        given = "is not given now: pass it again with --val" if evaluated != datasets.test.split \
-            else "was not given then: --val cannot be added to a run"
-        raise DSDLError(f"{resume} chose its best model on the split {evaluated!r}, and now "
+    if "roles" in trained_on:  # splits known by their role, whatever their files are called
+        now, train_key, test_key = ("val" if has_val else "test"), "train", "test"
+        chose = trained_on["roles"].get(evaluated, evaluated)
+    else:  # a checkpoint of before roles: splits known by their names
+        now, test_key, chose = selection.split, datasets.test.split, evaluated
+        train_key = datasets.train.split if datasets.train is not None else None
+    if evaluated and evaluated != now and (trained_on.get("sizes") or {}).get(evaluated):
+        given = ("is not given now: pass it again with --val" if evaluated != test_key
+                 else "was not given then: --val cannot be added to a run")
+        raise DSDLError(f"{resume} chose its best model on the split {chose!r}, and now "
                         f"{selection.split!r} would choose it; the validation CSV {given} (or "
                         f"start a new run from its weights with --init-from {resume} "
                         f"--checkpoint-dir NEW_FOLDER)")
-    change = split_change(trained_on, selection, evaluated)
+    change = split_change(trained_on, selection, now)
     if change:
         raise DSDLError(f"the evaluation split differs from the one {resume} was selected on "
                         f"({change}): its best mAP is no longer comparable, so --resume cannot "
                         f"continue the run. To start a new run from its weights on these images, "
                         f"use --init-from {resume} --checkpoint-dir NEW_FOLDER")
-    change = split_change(trained_on, datasets.train) if datasets.train is not None else None
+    change = split_change(trained_on, datasets.train, train_key) if datasets.train is not None else None
     if change:
         warnings.warn(f"the {datasets.train.split} split differs from the one {resume} was "
                       f"trained on ({change}); training continues on this one", stacklevel=2)

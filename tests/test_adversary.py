@@ -127,3 +127,94 @@ def test_a_file_given_as_embeddings_says_what_it_is_and_what_is_expected(name, w
     message = str(raised.value)
     assert f"{name}: it is {what}" in message and "make_embeddings.py writes one" in message
     assert "persistent" not in message and "MARK" not in message
+
+
+@pytest.mark.parametrize("given", [["--lambd", "3"], ["--beta", "0.1"], ["--embeddings", "v.npy"],
+                                   ["--lambd", "3", "--beta", "0.1"]])
+def test_the_baseline_refuses_the_dsdl_options_it_would_ignore(given, capsys):
+    code = call_main(main_voc2007.main, ["no-such-folder", "--device", "cpu", "--model", "baseline", *given])
+    flags = [flag for flag in given if flag.startswith("--")]
+    assert code == 1
+    assert error_line(capsys) == (f"error: --model baseline does not use {' and '.join(flags)} "
+                                  f"(DSDL's): leave {'it' if len(flags) == 1 else 'them'} out")
+
+
+def test_entry_scripts_without_val_do_not_advise_it():
+    import main_custom
+    import main_nuswide
+    import main_openimages
+    from engine import Datasets
+    own = type("Split", (), {"split": "test", "benchmark": None})()
+    for script, has_val in ((main_nuswide, False), (main_openimages, False), (main_custom, True)):
+        dests = {action.dest for action in script.get_args_parser()._actions}  # args' attributes
+        note = report.selection_note(Datasets(None, own), can_validate="val" in dests)
+        assert note.startswith("model_best is chosen on test") and ("--val" in note) == has_val
+
+
+# --------------------------------------------------------------------------------------------
+# Splits known by their role and their labels, not by their file's name
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def labels_in_folders(tmp_path_factory):
+    """A --val run of one epoch on train/labels.csv, val/labels.csv and test/labels.csv."""
+    from test_custom import COMMON, write_dataset
+    import main_custom
+    root = tmp_path_factory.mktemp("folders")
+    write_dataset(root, counts=(("train", 8), ("val", 6), ("test", 6)))
+    for split in ("train", "val", "test"):
+        os.makedirs(root / split)
+        os.rename(root / f"{split}.csv", root / split / "labels.csv")
+    np.save(root / "classes.npy", np.random.default_rng(1).standard_normal((3, 300)).astype(np.float32))
+    argv = [str(root), *COMMON, "--embeddings", str(root / "classes.npy"), "--train-csv",
+            str(root / "train" / "labels.csv"), "--test-csv", str(root / "test" / "labels.csv")]
+    run = root / "run"
+    assert call_main(main_custom.main, [*argv, "--val", str(root / "val" / "labels.csv"),
+                                        "--epochs", "1", "--checkpoint-dir", str(run)]) == 0
+    return root, argv, run
+
+
+def test_three_csvs_of_one_name_keep_three_split_records(labels_in_folders):
+    root, _, run = labels_in_folders
+    record = torch.load(run / "checkpoint.pth.tar", weights_only=True)["dataset"]
+    assert record["roles"] == {"train": "train-labels", "val": "val-labels", "test": "test-labels"}
+    assert record["sizes"] == {"train": 8, "val": 6, "test": 6} and record["evaluated"] == "val"
+    assert len(set(record["fingerprints"].values())) == 3
+    assert os.path.isfile(run / "results_val-labels.md") and os.path.isfile(run / "eval_test-labels.jsonl")
+
+
+def test_resuming_a_val_run_without_val_is_refused_whatever_the_names(labels_in_folders, tmp_path,
+                                                                      capsys):
+    import shutil
+    import main_custom
+    root, argv, run = labels_in_folders
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    code = call_main(main_custom.main, [*argv, "--resume", str(copy / "checkpoint.pth.tar"),
+                                        "--epochs", "2"])
+    assert code == 1
+    line = error_line(capsys)
+    assert "chose its best model on the split 'val-labels'" in line
+    assert "the validation CSV is not given now: pass it again with --val" in line
+
+
+def test_resuming_after_the_evaluated_splits_labels_changed_is_refused(voc_root, random_embeddings,
+                                                                      tmp_path, capsys):
+    from conftest import rewrite_split_files
+    root, _ = voc_root
+    run = tmp_path / "run"
+    argv = [root, *SMALL, "--embeddings", random_embeddings]
+    assert call_main(main_voc2007.main, [*argv, "--epochs", "1", "--checkpoint-dir", str(run)]) == 0
+    # one label of one test image flips from absent to present; the image ids stay
+
+    def flip_first_absent(name, lines):
+        if name != "cat":
+            return lines
+        first = next(i for i, line in enumerate(lines) if line.split()[1] == "-1")
+        return [*lines[:first], lines[first].replace("-1", " 1"), *lines[first + 1:]]
+    rewrite_split_files(root, "test", flip_first_absent)
+    code = call_main(main_voc2007.main, [*argv, "--epochs", "2", "--resume",
+                                         str(run / "checkpoint.pth.tar")])
+    assert code == 1
+    assert ("the evaluation split differs from the one" in (line := error_line(capsys))
+            and "the same 16 images, but their labels changed" in line)

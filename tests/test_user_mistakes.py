@@ -502,10 +502,12 @@ def test_a_folder_without_room_for_an_epoch_is_refused_with_the_figures_before_i
     assert each == pytest.approx(os.path.getsize(checkpoint) / 2 ** 20, rel=0.02)  # the estimate
     assert needed == each + 1  # both files there: one at a time beside its old self, and the log
     assert fingerprint(run_folder) == before
-    # A new run: two checkpoints, and the folder it made is removed again.
+    # A new run: two checkpoints, and from its second epoch the temporary copy of one beside its
+    # old self (a disk with room for the two alone fills up at epoch 2); the folder it made is
+    # removed again.
     assert main(*trained.common, "--checkpoint-dir", tmp_path / "new" / "run") == 1
     needed = int(re.search(r"writes about (\d+) MB", capsys.readouterr().err)[1])
-    assert abs(needed - (2 * each + 1)) <= 1  # rounded to whole MB
+    assert abs(needed - (3 * each + 1)) <= 1  # rounded to whole MB
     assert not (tmp_path / "new").exists()
 
 
