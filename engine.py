@@ -184,7 +184,7 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
                                          average=run.average, accumulate=args.accumulate,
                                          counts=counts)
         except NonFiniteLoss as error:
-            raise non_finite_loss_advice(error, args.checkpoint_dir) from error
+            raise non_finite_loss_advice(error, args.checkpoint_dir, args, model) from error
         run.schedule.after_epoch()
         result, extra = evaluate_epoch(model, run.average, run.loss_fn, run.selection_loader,
                                        device, run.amp_dtype, args.channels_last)

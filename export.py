@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from inference import load_model
+from runs import stops_on_interrupt
 from util import (IMAGENET_MEAN, IMAGENET_STD, DSDLError, atomic_write, check_writable,
                   out_of_memory, out_of_memory_advice, user_message)
 
@@ -78,6 +79,7 @@ def write_export(output, model_bytes, description):
             f.write(model_bytes)
 
 
+@stops_on_interrupt("the model file and its classes.json are as they were")
 def main(argv=None):
     args = options.export_parser().parse_args(argv)
     try:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import custom
 from downloads import download
+from runs import stops_on_interrupt
 from util import DSDLError, atomic_write
 
 GLOVE_ZIP = "glove.840B.300d.zip"  # 2.0 GB; holds glove.840B.300d.txt (5.6 GB, 2.2M cased words)
@@ -215,6 +216,7 @@ def save_vectors(vectors, path):
             np.save(f, vectors, allow_pickle=False)
 
 
+@stops_on_interrupt("the vectors file is as it was")
 def main(argv=None):
     args = options.embeddings_parser().parse_args(argv)
     try:
@@ -242,4 +244,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from distributed import resolve_device
 from inference import load_model
 from report import save_figure
+from runs import stops_on_interrupt
 from util import (IMAGE_EXTENSIONS, DSDLError, atomic_write, check_writable, eval_transform,
                   load_image, out_of_memory, out_of_memory_advice, user_message)
 
@@ -206,6 +207,8 @@ def write_csv(results, path):
                 writer.writerow([result["image"], p["label"], p["probability"], p["score"]])
 
 
+@stops_on_interrupt("the files of --json and --csv are as they were (class maps are written "
+                    "whole or not at all)")
 def main(argv=None):
     """Returns the exit status: 0, or 1 when something (an image, the checkpoint) failed."""
     args = options.predict_parser().parse_args(argv)

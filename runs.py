@@ -6,6 +6,7 @@ status 1), Ctrl-C or a scheduler's SIGTERM in a line that says how to go on (exi
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import signal
 import socket
@@ -313,11 +314,28 @@ class NonFiniteLoss(DSDLError):
     """The loss became NaN or infinite; the step was not taken."""
 
 
-def non_finite_loss_advice(error, folder):
+# Beyond these, a NaN loss comes from the inputs rather than the learning rate: GloVe's values
+# lie within about +-5, and the release's beta is 1e-4.
+LARGEST_CLASS_VECTOR_VALUE, LARGEST_BETA = 100.0, 1.0
+
+
+def non_finite_loss_advice(error, folder, args=None, model=None):
+    """The error of a NaN or infinite loss: what to change (class vectors or --beta out of
+    range, else --lr) and how to go on."""
+    causes = []
+    semantics = getattr(model, "semantics", None)
+    if torch.is_tensor(semantics) and semantics.numel():
+        largest = float(semantics.abs().max())
+        if largest > LARGEST_CLASS_VECTOR_VALUE:
+            causes.append(f"the class vectors hold values up to {largest:.3g} (GloVe's lie "
+                          f"within about 5): scale them (--embeddings)")
+    if getattr(args, "beta", 0) > LARGEST_BETA:
+        causes.append(f"--beta {args.beta:g} is large (the release's is 1e-4)")
+    change = "; ".join(causes) + ("; or" if causes else "") + " lower --lr"
     last = os.path.join(folder, CHECKPOINT)
     if os.path.isfile(last):
-        return DSDLError(f"{error} {last} is intact: lower --lr and continue with --resume {last}")
-    return DSDLError(f"{error} No epoch was saved yet: start again with a lower --lr")
+        return DSDLError(f"{error} {last} is intact: {change.strip()} and continue with --resume {last}")
+    return DSDLError(f"{error} No epoch was saved yet: {change.strip()}, then start again")
 
 
 def ignore_interrupts(worker_id):
@@ -329,6 +347,21 @@ def ignore_interrupts(worker_id):
     for signum in STOP_SIGNALS:
         if signum != signal.SIGTERM:
             signal.signal(signum, signal.SIG_IGN)
+
+
+def stops_on_interrupt(kept):
+    """For the commands that write one result (predict.py, export.py, make_embeddings.py):
+    Ctrl-C ends the command in one line saying what is as it was (`kept`), exit status 130."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"\ninterrupted; {kept}: run the same command again", file=sys.stderr)
+                return 128 + signal.SIGINT
+        return run
+    return wrap
 
 
 def way_on(args):

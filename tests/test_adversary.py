@@ -218,3 +218,72 @@ def test_resuming_after_the_evaluated_splits_labels_changed_is_refused(voc_root,
     assert code == 1
     assert ("the evaluation split differs from the one" in (line := error_line(capsys))
             and "the same 16 images, but their labels changed" in line)
+
+
+def test_a_tensorboard_run_resumes_where_tensorboard_is_missing(voc_root, random_embeddings,
+                                                                tmp_path, monkeypatch, capsys):
+    import importlib.util
+    root, _ = voc_root
+    run = tmp_path / "run"
+    argv = [root, *SMALL, "--embeddings", random_embeddings]
+    assert call_main(main_voc2007.main, [*argv, "--epochs", "1", "--checkpoint-dir", str(run)]) == 0
+    checkpoint = torch.load(run / "checkpoint.pth.tar", weights_only=True)
+    checkpoint["args"]["tensorboard"] = True  # as a run trained with --tensorboard records it
+    torch.save(checkpoint, run / "checkpoint.pth.tar")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "tensorboard" else real(name, *rest))
+    resume = [*argv, "--resume", str(run / "checkpoint.pth.tar")]
+    with pytest.warns(UserWarning, match="trained with --tensorboard, but the tensorboard package "
+                                         "is not installed here"):
+        assert call_main(main_voc2007.main, [*resume, "--epochs", "2"]) == 0
+    assert not [name for name in os.listdir(run) if name.startswith("events.")]
+    assert call_main(main_voc2007.main, [*resume, "--epochs", "3", "--no-tensorboard"]) == 0
+    # asked for on the command line, it is still refused with the way to install it
+    assert call_main(main_voc2007.main, [*resume, "--epochs", "4", "--tensorboard"]) == 1
+    assert "--tensorboard needs the tensorboard package" in error_line(capsys)
+
+
+@pytest.mark.parametrize("cause", ["vectors", "beta"])
+def test_a_non_finite_loss_names_the_class_vectors_or_beta_when_they_are_out_of_range(
+        cause, voc_root, tmp_path, capsys):
+    root, _ = voc_root
+    vectors = tmp_path / "vectors.npy"
+    scale = 1e25 if cause == "vectors" else 1.0
+    np.save(vectors, (scale * np.random.default_rng(1).standard_normal((20, 300))).astype(np.float32))
+    extra = ["--beta", "1e38"] if cause == "beta" else []
+    code = call_main(main_voc2007.main, [root, *SMALL, "--embeddings", str(vectors), "--epochs", "1",
+                                         "--checkpoint-dir", str(tmp_path / "run"), *extra])
+    assert code == 1
+    line = error_line(capsys)
+    assert "the loss became" in line and "lower --lr" in line
+    said = ("the class vectors hold values up to" if cause == "vectors" else "--beta 1e+38 is large")
+    assert said in line
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C in the commands that write one result
+# --------------------------------------------------------------------------------------------
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("command", ["predict", "export", "make_embeddings"])
+def test_ctrl_c_in_a_one_result_command_is_one_line_and_exit_status_130(command, tmp_path,
+                                                                        monkeypatch, capsys):
+    import export
+    import make_embeddings
+    import predict
+    module = {"predict": predict, "export": export, "make_embeddings": make_embeddings}[command]
+    if command == "make_embeddings":
+        monkeypatch.setattr(make_embeddings, "class_vectors", interrupt)
+        (tmp_path / "g.txt").write_text("cat 1 2\n")
+        argv = ["--classes", "cat", "--vectors", str(tmp_path / "g.txt"), "-o", str(tmp_path / "v.npy")]
+    else:
+        monkeypatch.setattr(module, "load_model", interrupt)
+        argv = ["--resume", "model.pth.tar", *(["a.jpg"] if command == "predict" else
+                                               ["--format", "torchscript", "-o", str(tmp_path / "m.pt")])]
+    assert module.main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted; ") and "run the same command again" in err[0]
