@@ -270,8 +270,9 @@ def score_test_once(args, model, loss_fn, datasets, best, device, amp_dtype, wor
 
 
 def evaluate_checkpoint(args, model, datasets, checkpoint, device, world_size, write_submission):
-    """-e: score the test split once. The results go to eval_<split>.jsonl and eval_<split>.md,
-    and a submission to eval_submission/: beside, never over, what training wrote. The
+    """-e: score the test split once. The results go to eval_<split>.jsonl and eval_<split>.md
+    (of another dataset than the run's: eval_<dataset>_<split>.*), and a submission to
+    eval_submission/: beside, never over, what training wrote. The
     checkpoint's per-class thresholds, if it has them, are reported beside the fixed one's;
     --zero-shot adds the top-3 and top-5 precision, recall and F1."""
     amp_dtype, _ = mixed_precision(device, args.amp)
@@ -288,8 +289,9 @@ def evaluate_checkpoint(args, model, datasets, checkpoint, device, world_size, w
                   "split": test_set.split, "loss": result.loss, **metrics,
                   **({"zero_shot": True} if args.zero_shot else {}),
                   **report.describe_run(args, test_set, world_size, device)}
-        log = report.report_split(args, test_set, metrics, record, args.resume,
-                           f"eval_{test_set.split}.jsonl", f"eval_{test_set.split}.md")
+        name = report.evaluation_name(test_set, checkpoint)
+        log = report.report_split(args, test_set, metrics, record, args.resume, f"{name}.jsonl",
+                                  f"{name}.md")
         print(f"{test_set.split} loss {result.loss:.4f}; written to {log} and "
               f"{log.removesuffix('.jsonl')}.md")
     if datasets.submission is not None:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import socket
 import subprocess
@@ -170,6 +171,16 @@ def markdown_cell(text):
     return str(text).replace("\\", "\\\\").replace("|", "\\|")
 
 
+def evaluation_name(dataset, checkpoint):
+    """The name of -e's files of `dataset`: eval_<split>, or for another dataset than the one
+    the checkpoint was trained on (--zero-shot on NUS-WIDE of a VOC run) eval_<dataset>_<split>,
+    so that it never replaces the run's own evaluation."""
+    trained_on = (checkpoint.get("dataset") or {}).get("name")
+    if trained_on is None or trained_on == dataset.name:
+        return f"eval_{dataset.split}"
+    return f"eval_{re.sub(r'[^a-z0-9]+', '-', str(dataset.name).lower()).strip('-')}_{dataset.split}"
+
+
 def write_table(path, table):
     with atomic_write(path, "w") as f:
         f.write(table + "\n")
@@ -207,6 +218,7 @@ def report_split(args, test_set, metrics, record, source, log, table):
     table as `table`, both in the run folder; returns the log's path."""
     log = os.path.join(args.checkpoint_dir, log)
     record["images"] = len(test_set)  # what the scores are over: records stay comparable
+    record["dataset"] = test_set.name
     report_evaluation(
         metrics, [str(name) for name in test_set.classes],
         table_title(args, test_set, record["epoch"], source), test_set.benchmark,

@@ -205,13 +205,18 @@ def test_zero_shot_on_nuswide_scores_its_concepts_with_a_model_trained_on_other_
     write_nuswide_tree(str(tmp_path / "nus"))
     np.save(tmp_path / "concepts.npy", np.random.default_rng(3).standard_normal((4, 300)).astype(np.float32))
     capsys.readouterr()
+    own = {name: (run_dir / name).read_bytes() for name in ("eval_test.jsonl", "eval_test.md")}
     code = call_main(main_nuswide.main, [str(tmp_path / "nus"), "-e", "--zero-shot", "--resume",
                                          str(run_dir / checkpoints.BEST), "--embeddings",
                                          str(tmp_path / "concepts.npy"), "-j", "0", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
-    (record,) = [json.loads(line) for line in open(run_dir / "eval_test.jsonl")][-1:]
+    # beside the run's own evaluation of its test CSV, never over it
+    assert {name: (run_dir / name).read_bytes() for name in own} == own
+    (record,) = [json.loads(line) for line in open(run_dir / "eval_nus-wide_test.jsonl")][-1:]
     assert record["zero_shot"] and record["images"] == 5 and len(record["AP"]) == len(CONCEPTS)
-    assert "P@3" in record and "F1@5" in record
+    assert "P@3" in record and "F1@5" in record and record["dataset"] == "NUS-WIDE"
+    assert os.path.isfile(run_dir / "eval_nus-wide_test.md")
+    assert json.loads(own["eval_test.jsonl"].splitlines()[-1])["dataset"] == os.path.basename(root)
 
 
 def test_resuming_a_validation_run_without_its_validation_csv_says_to_pass_it(with_val, capsys):
