@@ -55,6 +55,8 @@ def describe_non_checkpoint(head):
         return "a git-lfs pointer, not the file itself: fetch it with `git lfs pull`"
     if text.startswith(b"<"):
         return "an HTML or XML page (a failed download?)"
+    if head.startswith((b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")) or head[8:12] == b"WEBP":
+        return "an image"
     if head.startswith(b"\x93NUMPY"):
         return "a NumPy array (.npy: class vectors go to --embeddings)"
     if head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head.lower()):

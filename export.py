@@ -29,8 +29,9 @@ import torch
 
 from inference import load_model
 from runs import stops_on_interrupt
-from util import (IMAGENET_MEAN, IMAGENET_STD, DSDLError, atomic_write, check_writable,
-                  out_of_memory, out_of_memory_advice, user_message)
+from outputs import check_output, is_class_list_json, is_export
+from util import (IMAGENET_MEAN, IMAGENET_STD, DSDLError, atomic_write, out_of_memory,
+                  out_of_memory_advice, user_message)
 
 ONNX_OPSET = 20  # what onnxruntime 1.32 runs; the README states it
 ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export (torch.export based) imports
@@ -87,8 +88,9 @@ def main(argv=None):
         if missing:
             raise DSDLError(f"--format onnx needs the packages {', '.join(missing)}: "
                             f"pip install -r requirements-export.txt")
-        check_writable("-o", args.output)
-        check_writable("-o", sidecar(args.output))
+        inputs = [args.resume, args.embeddings, args.classes_from_glove, *(args.classes or [])[:1]]
+        check_output("-o", args.output, inputs, is_export)
+        check_output("-o", sidecar(args.output), inputs, is_class_list_json)
         model = load_model(args)
         classes, image_size, thresholds = model.classes, model.image_size, model.thresholds
     except DSDLError as error:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import custom
 from downloads import download
+from outputs import check_output, is_class_vectors
 from runs import stops_on_interrupt
 from util import DSDLError, atomic_write
 
@@ -220,6 +221,8 @@ def save_vectors(vectors, path):
 def main(argv=None):
     args = options.embeddings_parser().parse_args(argv)
     try:
+        check_output("-o", args.output, [args.vectors, *(args.classes or [])[:1], *(args.csv or [])],
+                     is_class_vectors)
         classes = custom.parse_classes(args.classes) if args.classes else custom.classes_from_csv(*args.csv)
         source = args.vectors
         if source is None:

@@ -34,8 +34,10 @@ from distributed import resolve_device
 from inference import load_model
 from report import save_figure
 from runs import stops_on_interrupt
-from util import (IMAGE_EXTENSIONS, DSDLError, atomic_write, check_writable, eval_transform,
-                  load_image, out_of_memory, out_of_memory_advice, user_message)
+from outputs import (PREDICTIONS_CSV_HEADER, check_output, check_writable, is_predictions_csv,
+                     is_predictions_json)
+from util import (IMAGE_EXTENSIONS, DSDLError, atomic_write, eval_transform, load_image,
+                  out_of_memory, out_of_memory_advice, user_message)
 
 
 def find_images(inputs):
@@ -201,7 +203,7 @@ def write_csv(results, path):
     """One row per predicted label: image,label,probability,score."""
     with atomic_write(path, "w") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "label", "probability", "score"])
+        writer.writerow(PREDICTIONS_CSV_HEADER.split(","))
         for result in results:
             for p in result["predictions"]:
                 writer.writerow([result["image"], p["label"], p["probability"], p["score"]])
@@ -215,9 +217,14 @@ def main(argv=None):
     image_size = args.image_size  # the checkpoint's, once it is read
     try:
         args.device = resolve_device(args.device)
-        for option, path in (("--json", args.json), ("--csv", args.csv), ("--cam", args.cam)):
-            if path:
-                check_writable(option, path, folder=option == "--cam")
+        inputs = [args.resume, args.embeddings, args.classes_from_glove, *args.images,
+                  *(args.classes or [])[:1]]  # a --classes file
+        if args.json:
+            check_output("--json", args.json, inputs, is_predictions_json)
+        if args.csv:
+            check_output("--csv", args.csv, inputs + [args.json], is_predictions_csv)
+        if args.cam:
+            check_writable("--cam", args.cam, folder=True)
         model = load_model(args)
         classes, image_size, thresholds = model.classes, model.image_size, model.thresholds
         if thresholds is not None and args.top_k is None and args.threshold is None:

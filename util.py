@@ -521,24 +521,6 @@ def write_error(folder):
     return None
 
 
-def check_writable(option, path, folder=False):
-    """An output that cannot be written is an error now, before the model loads or an image is
-    scored: a file option given a folder (or the reverse), a missing or read-only folder."""
-    if folder and os.path.exists(path) and not os.path.isdir(path):
-        raise DSDLError(f"{option} {path} is a file; {option} takes a folder (made if absent)")
-    if not folder and os.path.isdir(path):
-        raise DSDLError(f"{option} {path} is a folder; {option} takes a file name")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise DSDLError(f"{option} {path}: the folder {parent} does not exist")
-    where = path if os.path.isdir(path) else parent
-    error = write_error(where)
-    if error is not None:
-        raise DSDLError(f"{option} {path} cannot be written ({error.strerror}: {where})") from error
-    if os.path.isfile(path) and not os.access(path, os.W_OK):
-        raise DSDLError(f"{option} {path} cannot be written: the file is read-only")
-
-
 def check_images_exist(paths, what):
     """One stat and one access check per image, when a dataset is built: a missing or unreadable
     image is found before training, not an epoch later."""

@@ -287,3 +287,89 @@ def test_ctrl_c_in_a_one_result_command_is_one_line_and_exit_status_130(command,
     assert module.main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("interrupted; ") and "run the same command again" in err[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs never land on what the user owns
+# --------------------------------------------------------------------------------------------
+
+from test_predict import trained  # noqa: E402,F401 (fixture: a checkpoint and three images)
+
+
+@pytest.fixture
+def owned(trained, tmp_path):
+    """Copies of the user's files: a checkpoint, two photos, a label CSV, a run's log."""
+    import shutil
+    checkpoint = tmp_path / "model.pth.tar"
+    shutil.copy(trained[0], checkpoint)
+    photos = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for source, target in zip(trained[2], photos):
+        shutil.copy(source, target)
+    (tmp_path / "train.csv").write_text("image,labels\na.jpg,cat\n")
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "mAP": 50.0}\n')
+    files = [checkpoint, *photos, tmp_path / "train.csv", tmp_path / "metrics.jsonl"]
+    return checkpoint, photos, {path: path.read_bytes() for path in files}
+
+
+def unchanged(files):
+    return all(path.read_bytes() == content for path, content in files.items())
+
+
+@pytest.mark.parametrize("option, target, said", [
+    ("--json", "a.jpg", "exists and is an image, not an earlier output of --json"),  # --json *.jpg
+    ("--csv", "train.csv", "exists and is a text file (a CSV: label files go to the entry script), "
+                           "not an earlier output of --csv"),
+    ("--json", "metrics.jsonl", "not an earlier output of --json"),
+    ("--json", "model.pth.tar", "is also an input of this command"),
+    ("--csv", "b.jpg", "is also an input of this command")])
+def test_predict_never_writes_onto_an_input_or_a_file_of_another_kind(option, target, said, owned,
+                                                                       capsys):
+    import predict
+    checkpoint, photos, files = owned
+    path = str(checkpoint.parent / target)
+    if "also an input" not in said:  # as a shell glob hands it over: `--json *.jpg`
+        photos = [photo for photo in photos if photo.name != target]
+    code = predict.main(["--resume", str(checkpoint), option, path, *map(str, photos), "-j", "0"])
+    assert code == 1 and said in error_line(capsys) and unchanged(files)
+
+
+def test_predict_replaces_its_own_earlier_outputs(owned, capsys):
+    import predict
+    checkpoint, photos, files = owned
+    out = [str(checkpoint.parent / "labels.json"), str(checkpoint.parent / "labels.csv")]
+    argv = ["--resume", str(checkpoint), "--json", out[0], "--csv", out[1], *map(str, photos), "-j", "0"]
+    assert predict.main(argv) == 0 and predict.main([*argv, "--top-k", "1"]) == 0
+    assert len(open(out[1]).read().splitlines()) == 1 + len(photos)  # the second run's rows
+    assert unchanged(files)
+
+
+def test_export_never_writes_onto_the_checkpoint_or_another_file_and_replaces_its_own(owned, capsys):
+    import export
+    checkpoint, photos, files = owned
+    argv = ["--resume", str(checkpoint), "--format", "torchscript", "-o"]
+    for target, said in ((checkpoint, "is also an input of this command"),
+                         (photos[0], "exists and is an image")):
+        assert export.main([*argv, str(target)]) == 1
+        assert said in error_line(capsys) and unchanged(files)
+    out = str(checkpoint.parent / "model.pt")
+    assert export.main([*argv, out]) == 0 and export.main([*argv, out]) == 0  # its own: replaced
+
+
+def test_make_embeddings_never_writes_onto_its_inputs_or_another_file(tmp_path, capsys):
+    import make_embeddings
+    glove = tmp_path / "glove.txt"
+    glove.write_text("cat 0.5 1.0\ndog 1.5 2.0\n")
+    (tmp_path / "train.csv").write_text("image,labels\na.jpg,cat\nb.jpg,dog\n")
+    files = {path: path.read_bytes() for path in (glove, tmp_path / "train.csv")}
+    argv = ["--vectors", str(glove)]
+    for extra, said in ((["--classes", "cat", "dog", "-o", str(glove)], "is also an input"),
+                        (["--csv", str(tmp_path / "train.csv"), "-o", str(tmp_path / "train.csv")],
+                         "is also an input"),
+                        (["--classes", "cat", "-o", str(tmp_path / "train.csv")], "not an earlier output")):
+        with pytest.raises(SystemExit):
+            make_embeddings.main([*argv, *extra])
+        assert said in error_line(capsys) and unchanged(files)
+    out = str(tmp_path / "vectors.npy")
+    make_embeddings.main([*argv, "--classes", "cat", "dog", "-o", out])
+    make_embeddings.main([*argv, "--classes", "dog", "cat", "-o", out])  # its own: replaced
+    np.testing.assert_array_equal(np.load(out), [[1.5, 2.0], [0.5, 1.0]])
