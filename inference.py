@@ -45,6 +45,25 @@ def label_vectors(args, width=None):
     return names, vectors
 
 
+def check_rows_follow_names(names, vectors, trained, trained_vectors, path):
+    """The rows of --embeddings are taken in the order of --classes: a row that is the
+    checkpoint's vector of another trained class than the name it stands for (the standard file
+    given with the names in another order) would score every label as another one. One error."""
+    if trained is None or trained_vectors is None:
+        return
+    row_of = {name: row for row, name in enumerate(trained)}
+    for given, (name, vector) in enumerate(zip(names, vectors)):
+        if name in row_of and torch.equal(vector, trained_vectors[row_of[name]].float()):
+            continue
+        same = [other for other in trained if other != name
+                and torch.equal(vector, trained_vectors[row_of[other]].float())]
+        if same:
+            raise DSDLError(f"{path}: row {given + 1}, given for {name!r}, is the vector "
+                            f"{'of ' + repr(same[0])} the checkpoint was trained with: its rows "
+                            f"are not in the order of --classes. Put the rows in the order of the "
+                            f"names (or name the classes in the order of the rows)")
+
+
 def warn_zero_shot(labels, trained, path):
     """One line on stderr naming the labels the checkpoint was not trained on."""
     note = ("scored zero-shot, from their word vectors alone; the accuracy of zero-shot labels "
@@ -107,6 +126,9 @@ def load_model(args):
                         f"checkpoints; leave {'it' if len(unused) == 1 else 'them'} out")
     if args.classes:
         classes, semantics = label_vectors(args, trained_width(checkpoint, weights))
+        check_rows_follow_names(classes, semantics, trained,
+                                checkpoint.get("semantics", weights.get("semantics")),
+                                args.embeddings or args.classes_from_glove)
         warn_zero_shot(classes, trained, args.resume)
     else:
         classes, semantics = trained, checkpoint.get("semantics", weights.get("semantics"))

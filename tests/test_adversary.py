@@ -373,3 +373,22 @@ def test_make_embeddings_never_writes_onto_its_inputs_or_another_file(tmp_path, 
     make_embeddings.main([*argv, "--classes", "cat", "dog", "-o", out])
     make_embeddings.main([*argv, "--classes", "dog", "cat", "-o", out])  # its own: replaced
     np.testing.assert_array_equal(np.load(out), [[1.5, 2.0], [0.5, 1.0]])
+
+
+def test_classes_named_in_another_order_than_the_vector_rows_are_one_line_not_permuted(trained,
+                                                                                     tmp_path, capsys):
+    import predict
+    from voc import VOC_CLASSES
+    checkpoint, model, images = trained
+    vectors = model.semantics.numpy()
+    np.save(tmp_path / "rows.npy", vectors[[0, 1, 2]])  # aeroplane, bicycle, bird, in this order
+    argv = ["--resume", checkpoint, "--embeddings", str(tmp_path / "rows.npy"), images[0], "-j", "0"]
+    # the names in the rows' order: scored as trained
+    assert predict.main([*argv, "--classes", *VOC_CLASSES[:3], "--threshold", "0"]) == 0
+    capsys.readouterr()
+    # the same rows, the names in another order: refused, never silently swapped
+    assert predict.main([*argv, "--classes", VOC_CLASSES[1], VOC_CLASSES[0], VOC_CLASSES[2]]) == 1
+    assert error_line(capsys) == (
+        f"error: {tmp_path / 'rows.npy'}: row 1, given for 'bicycle', is the vector of 'aeroplane' "
+        f"the checkpoint was trained with: its rows are not in the order of --classes. Put the rows "
+        f"in the order of the names (or name the classes in the order of the rows)")
