@@ -161,20 +161,23 @@ def read_image_labels(path, mids):
                             f"got {header.decode(errors='replace')!r}; is it a human-imagelabels file?")
         for number, line in enumerate(f, 2):
             fields = line.rstrip(b"\r\n").split(b",")
+            if b'"' in line:  # quoted fields ("/m/0k4j"): read as the csv module reads them
+                fields = [field.encode() for field in
+                          next(csv.reader([line.decode("utf-8", errors="replace")]), [])]
             if len(fields) != 4:
                 if not line.strip():
                     continue
                 raise DSDLError(f"{path}, line {number}: expected ImageID,Source,LabelName,"
                                 f"Confidence, got {line.strip().decode(errors='replace')!r}; "
                                 f"download the file again from {OPEN_IMAGES_PAGE}")
-            column = column_of.get(fields[2])
-            if column is None:
-                continue
-            value = CONFIDENCE.get(fields[3])
+            value = CONFIDENCE.get(fields[3])  # checked on every line, not only the classes kept
             if value is None:
                 raise DSDLError(f"{path}, line {number}: Confidence must be 0 or 1, got "
                                 f"{fields[3].decode(errors='replace')!r}; download the file again "
                                 f"from {OPEN_IMAGES_PAGE}")
+            column = column_of.get(fields[2])
+            if column is None:
+                continue
             images.append(index_of.setdefault(fields[0], len(index_of)))
             columns.append(column)
             values.append(value)

@@ -392,3 +392,30 @@ def test_classes_named_in_another_order_than_the_vector_rows_are_one_line_not_pe
         f"error: {tmp_path / 'rows.npy'}: row 1, given for 'bicycle', is the vector of 'aeroplane' "
         f"the checkpoint was trained with: its rows are not in the order of --classes. Put the rows "
         f"in the order of the names (or name the classes in the order of the rows)")
+
+
+# --------------------------------------------------------------------------------------------
+# Open Images' label files, read as the csv module reads them
+# --------------------------------------------------------------------------------------------
+
+def test_open_images_quoted_fields_are_read_and_every_confidence_is_checked(tmp_path):
+    import csv
+    from openimages import read_image_labels
+    path = tmp_path / "labels.csv"
+    lines = ["ImageID,Source,LabelName,Confidence",
+             "img1,verification,/m/cat,1",
+             '"img2","verification","/m/cat","0"',   # quoted: the same as unquoted
+             'img3,"crowd, sourced",/m/dog,1']          # a comma inside a quoted field
+    path.write_text("\n".join(lines) + "\n")
+    ids, indptr, columns, values = read_image_labels(str(path), ["/m/cat", "/m/dog"])
+    with open(path, newline="") as f:  # the official reader's view of the same file
+        rows = list(csv.DictReader(f))
+    expected = [(row["ImageID"], ["/m/cat", "/m/dog"].index(row["LabelName"]),
+                 1 if row["Confidence"] == "1" else -1) for row in rows]
+    ours = [(ids[i].decode(), int(columns[j]), int(values[j]))
+            for i in range(len(ids)) for j in range(indptr[i], indptr[i + 1])]
+    assert ours == expected
+    # a Confidence that is neither 0 nor 1 is refused on any line, also of a class not kept
+    path.write_text("\n".join([*lines, "img4,verification,/m/zebra,0.7"]) + "\n")
+    with pytest.raises(DSDLError, match=r"line 5: Confidence must be 0 or 1, got '0.7'"):
+        read_image_labels(str(path), ["/m/cat", "/m/dog"])
