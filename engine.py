@@ -28,7 +28,8 @@ from distributed import (gather_shares, init_distributed, is_main_process, mean_
                          rank_zero_first, share_rank_zero_buffers)
 from embeddings import class_vectors
 from runs import (NonFiniteLoss, RunLock, check_datasets, check_zero_shot,
-                  claim_run_folder, non_finite_loss_advice, nothing_left_to_train, run_command,
+                  claim_run_folder, non_finite_loss_advice, nothing_left_to_train,
+                  one_image_batches, run_command,
                   start_from, stop_if_interrupted)
 from speed import (autocast, compile_trunk, mixed_precision, numerics, prepare_images,
                    warn_if_compile_changed)
@@ -129,7 +130,7 @@ class Training(NamedTuple):
     board: Any           # report.TensorBoardLog (--tensorboard, rank 0), or None
 
 
-def set_up_training(args, model, datasets, selection, checkpoint, device):
+def set_up_training(args, model, datasets, selection, checkpoint, device, world_size):
     """The loss, optimizer, schedule, weight average and loaders of a run, restored from
     --resume's checkpoint where it continues one."""
     amp_dtype, scaler = mixed_precision(device, args.amp)
@@ -139,8 +140,10 @@ def set_up_training(args, model, datasets, selection, checkpoint, device):
         step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = recipes.build_optimizer(model, args)
     start_epoch, best_score, run_id = restore_training(args, checkpoint, optimizer, scaler)
+    drop_last = (one_image_batches(args, model, len(datasets.train), world_size)
+                 or args.compile)  # --compile: one shape to compile
     train_loader = make_loader(datasets.train, args.batch_size, args.workers, args.seed, device,
-                               shuffle=True, drop_last=args.compile)  # one shape to compile
+                               shuffle=True, drop_last=drop_last)
     schedule = recipes.Schedule(optimizer, model, args, start_epoch, len(train_loader))
     warn_if_compile_changed(args, checkpoint, schedule.per_step)
     average = recipes.weight_average(model, args, checkpoint)  # --ema; None without
@@ -163,7 +166,7 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
     main_process = is_main_process()
     say = print if main_process else (lambda *_, **__: None)  # only rank 0 prints and writes
     selection = datasets.val if datasets.val is not None else datasets.test
-    run = set_up_training(args, model, datasets, selection, checkpoint, device)
+    run = set_up_training(args, model, datasets, selection, checkpoint, device, world_size)
     described = report.describe_run(args, selection, world_size, device) if main_process else {}
     say(f"training on {len(datasets.train)} {datasets.train.split} images, evaluating on "
         f"{len(selection)} {selection.split} images; {recipes.learning_rates(run.optimizer, model)}")

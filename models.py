@@ -97,7 +97,8 @@ class PooledModel(nn.Module):
         self.image_size = image_size  # None: any (the trunk is checked at a small size)
         # The trunk is stored as `features` so that the state-dict keys are the release's
         # (features.0 ...); the code calls it `trunk`, and "features" means the pooled F.
-        self.features, self.feature_dim = load_trunk(arch, pretrained, image_size)
+        # feature_grid: h x w of the last map at image_size (None: not known)
+        self.features, self.feature_dim, self.feature_grid = load_trunk(arch, pretrained, image_size)
         # The release used a fixed 14x14 max pool, i.e. global max pooling at 448 px.
         self.pooling = POOLING[pool](1)
 

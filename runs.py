@@ -19,7 +19,7 @@ import models
 import options
 import trunks
 from checkpoints import BEST, CHECKPOINT, load_checkpoint, resume_advice, split_change
-from distributed import resolve_device
+from distributed import is_main_process, resolve_device
 from report import METRICS_LOG
 from util import (MADE_FOLDERS, DSDLError, make_folders, out_of_memory, out_of_memory_advice,
                   remove_made_folders, user_message, write_error)
@@ -200,6 +200,31 @@ def nothing_left_to_train(args, checkpoint):
             best = os.path.join(os.path.dirname(args.resume), BEST)
             print(f"If its test split was not scored at the end (no eval_<split>.jsonl beside "
                   f"it), score it with -e --resume {best}")
+    return True
+
+
+def one_image_batches(args, model, train_size, world_size):
+    """BatchNorm cannot train on one value per channel: a batch (or --accumulate part) of one
+    image, where the trunk's last map is 1 x 1 (a small --image-size). Parts of one image in
+    every step are refused; a last batch of the epoch that would make one is left out of each
+    epoch, with a note (returns True: drop it). At the paper's sizes nothing changes."""
+    grid = getattr(model, "feature_grid", None)
+    if grid is None or grid[0] * grid[1] > 1:
+        return False
+    per_process = args.batch_size // world_size
+    at_size = (f"at --image-size {args.image_size} the last map of --arch {args.arch} is 1 x 1, "
+               f"where BatchNorm cannot train on one image")
+    if per_process // args.accumulate < 2:
+        raise DSDLError(f"-b {args.batch_size} with --accumulate {args.accumulate} makes parts of "
+                        f"one image, and {at_size}: use a smaller --accumulate, a larger -b or a "
+                        f"larger --image-size")
+    last = -(-train_size // world_size) % per_process  # images in each epoch's last batch
+    if not 0 < last or last // args.accumulate >= 2:
+        return False
+    if is_main_process():
+        print(f"note: each epoch's last batch would hold {last} image(s) in parts of one, and "
+              f"{at_size}: it is left out of each epoch (-b {args.batch_size} on {train_size} "
+              f"images)")
     return True
 
 

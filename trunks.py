@@ -225,7 +225,8 @@ def download_advice(arch, weights, error):
 
 def load_trunk(arch, pretrained, image_size=None):
     """The trunk of `arch` (with ImageNet weights when `pretrained`) for images of `image_size`
-    pixels (None: any), and its feature size d_f.
+    pixels (None: any), its feature size d_f and the grid (h, w) of its last map at that size
+    (None when `image_size` is None).
 
     A ResNet's trunk is conv1 .. layer4 in a Sequential whose indices (features.0 = conv1,
     features.1 = bn1, features.4-7 = layer1-4) are the release's key names. A timm model built
@@ -246,7 +247,8 @@ def load_trunk(arch, pretrained, image_size=None):
             raise download_advice(arch, weights, error) from error
         trunk = TRUNKS[type(network).__name__](network)
         probe = 4 * getattr(network, "patch_size", 16)
-    return trunk, feature_size(trunk, image_size or probe, arch)
+    channels, height, width = map_shape(trunk, image_size or probe, arch)
+    return trunk, channels, (height, width) if image_size else None
 
 
 def timm_network(name, pretrained, image_size):
@@ -279,8 +281,8 @@ def timm_network(name, pretrained, image_size):
 
 
 @torch.no_grad()
-def feature_size(trunk, side, arch="the trunk"):
-    """The channels of the trunk's map of one side x side image (in eval mode: no statistics
+def map_shape(trunk, side, arch="the trunk"):
+    """(channels, h, w) of the trunk's map of one side x side image (in eval mode: no statistics
     change); an input the trunk cannot take is one error naming --image-size."""
     mode = trunk.training
     try:
@@ -295,4 +297,4 @@ def feature_size(trunk, side, arch="the trunk"):
         trunk.train(mode)
     if feature_map.ndim != 4:
         raise DSDLError(f"the trunk makes a {feature_map.ndim}-d output, not a B x C x h x w map")
-    return feature_map.shape[1]
+    return tuple(feature_map.shape[1:])

@@ -419,3 +419,25 @@ def test_open_images_quoted_fields_are_read_and_every_confidence_is_checked(tmp_
     path.write_text("\n".join([*lines, "img4,verification,/m/zebra,0.7"]) + "\n")
     with pytest.raises(DSDLError, match=r"line 5: Confidence must be 0 or 1, got '0.7'"):
         read_image_labels(str(path), ["/m/cat", "/m/dog"])
+
+
+# --------------------------------------------------------------------------------------------
+# A batch of one image where BatchNorm sees one value per channel
+# --------------------------------------------------------------------------------------------
+
+def test_a_last_batch_of_one_image_with_a_one_by_one_map_is_left_out_with_a_note(
+        voc_root, random_embeddings, tmp_path, capsys):
+    root, _ = voc_root  # 24 training images; ResNet-18's last map at 32 px is 1 x 1
+    argv = [root, *SMALL, "--image-size", "32", "--embeddings", random_embeddings, "--epochs", "1"]
+    assert call_main(main_voc2007.main, [*argv, "-b", "23", "--checkpoint-dir", str(tmp_path / "a")]) == 0
+    assert ("note: each epoch's last batch would hold 1 image(s) in parts of one, and at "
+            "--image-size 32 the last map of --arch resnet18 is 1 x 1") in capsys.readouterr().out
+    # parts of one image in every step: refused before training
+    code = call_main(main_voc2007.main, [*argv, "-b", "4", "--accumulate", "4",
+                                         "--checkpoint-dir", str(tmp_path / "b")])
+    assert code == 1
+    assert error_line(capsys).startswith("error: -b 4 with --accumulate 4 makes parts of one image")
+    # where the map is larger, the release's batches are kept: nothing left out
+    assert call_main(main_voc2007.main, [*argv[:-6], "--embeddings", random_embeddings, "--epochs", "1",
+                                         "-b", "23", "--checkpoint-dir", str(tmp_path / "c")]) == 0
+    assert "left out" not in capsys.readouterr().out
