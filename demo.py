@@ -16,6 +16,7 @@ What it does not show: accuracy at the paper's scale, which needs ImageNet weigh
 datasets and a GPU.
 """
 import ast
+import errno
 import importlib.util
 import io
 import json
@@ -356,6 +357,12 @@ def demo(args, folder):
     return written_files(paths, args.images), training_records(paths), chance_map(test_split[1])
 
 
+# What a full or read-only disk is, and where the demo can go instead.
+DISK_PROBLEMS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+WHERE_TO_WRITE = ("pass --dir with a new folder on a writable disk with room (the demo writes "
+                  "a few hundred MB)")
+
+
 def check_args(args):
     """What is wrong with the demo's own options, in words; None when nothing is."""
     if args.epochs <= INTERRUPT_AFTER:
@@ -377,8 +384,11 @@ def main(argv=None):
             os.makedirs(folder, exist_ok=True)
         elif problem is None:
             folder = tempfile.mkdtemp(prefix="dsdl-demo-")
+        if problem is None:
+            tempfile.TemporaryFile(dir=folder).close()  # a real write: a read-only disk says so now
     except OSError as error:
-        problem = f"cannot create {args.dir or 'a temporary folder'} ({error.strerror})"
+        problem = (f"cannot write into {args.dir or 'a temporary folder'} ({error.strerror}); "
+                   f"{WHERE_TO_WRITE}")
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
@@ -389,7 +399,15 @@ def main(argv=None):
     try:
         listed, records, chance = demo(args, folder)
     except StepFailed as failure:
-        print(f"\nerror: {failure}", file=sys.stderr)
+        full = any(text in str(failure) for text in ("No space left", "Disk quota", "Read-only"))
+        print(f"\nerror: {failure}" + (f"\nThe demo writes into {folder}: {WHERE_TO_WRITE}"
+                                       if full else ""), file=sys.stderr)
+        return 1
+    except OSError as error:  # writing the images or the class vectors
+        if error.errno not in DISK_PROBLEMS:
+            raise
+        print(f"\nerror: could not write into {folder} ({error.strerror}); {WHERE_TO_WRITE}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

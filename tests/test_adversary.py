@@ -441,3 +441,41 @@ def test_a_last_batch_of_one_image_with_a_one_by_one_map_is_left_out_with_a_note
     assert call_main(main_voc2007.main, [*argv[:-6], "--embeddings", random_embeddings, "--epochs", "1",
                                          "-b", "23", "--checkpoint-dir", str(tmp_path / "c")]) == 0
     assert "left out" not in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# demo.py on a read-only or full disk
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code, what", [(28, "No space left on device"), (30, "Read-only file system")])
+def test_the_demo_on_a_full_or_read_only_disk_is_one_line_naming_dir(code, what, tmp_path,
+                                                                     monkeypatch, capsys):
+    import demo
+
+    def no_room(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(demo, "make_data", no_room)  # the first files the demo writes
+    assert demo.main(["--dir", str(tmp_path / "demo")]) == 1
+    assert error_line(capsys) == (f"error: could not write into {tmp_path / 'demo'} ({what}); pass "
+                                  f"--dir with a new folder on a writable disk with room (the demo "
+                                  f"writes a few hundred MB)")
+    # a folder that cannot be written at all is said at once
+    real = demo.tempfile.TemporaryFile
+    monkeypatch.setattr(demo.tempfile, "TemporaryFile", lambda *args, **kwargs: no_room()
+                        if kwargs.get("dir") == str(tmp_path / "ro") else real(*args, **kwargs))
+    assert demo.main(["--dir", str(tmp_path / "ro")]) == 1
+    assert error_line(capsys).startswith(f"error: cannot write into {tmp_path / 'ro'} ({what}); pass --dir")
+
+
+def test_a_step_of_the_demo_that_fills_the_disk_names_dir(tmp_path, monkeypatch, capsys):
+    import demo
+
+    def full(args, paths):
+        raise demo.StepFailed("step 2 (main_voc2007.py) ended with exit status 1; the end of its "
+                              "output:\n  error: could not write into run (No space left on device)")
+    monkeypatch.setattr(demo, "make_data", lambda args, paths: None)
+    monkeypatch.setattr(demo, "train_and_resume", full)
+    assert demo.main(["--dir", str(tmp_path / "demo")]) == 1
+    assert capsys.readouterr().err.rstrip().endswith(
+        f"The demo writes into {tmp_path / 'demo'}: pass --dir with a new folder on a writable disk "
+        f"with room (the demo writes a few hundred MB)")
