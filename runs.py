@@ -7,10 +7,12 @@ import contextlib
 import errno
 import fcntl
 import functools
+import gc
 import os
 import signal
 import socket
 import sys
+import traceback
 import warnings
 
 import torch
@@ -460,6 +462,11 @@ def run_command(run, args):
             if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank stops with it
                 print(f"error: {message}", file=sys.stderr)
             sys.exit(1)
+        # The loaders' workers, which a scheduler's SIGTERM killed with this process, are shut
+        # down now, while SIGCHLD is still set aside: later (when the frames that hold the
+        # loaders are collected, at exit) the DataLoader's own handler would report each of them.
+        traceback.clear_frames(error.__traceback__)
+        gc.collect()
         print(f"\n{stopped_message(signum, args)}", file=sys.stderr)
         sys.exit(128 + (signum or signal.SIGINT))
     finally:

@@ -479,3 +479,33 @@ def test_a_step_of_the_demo_that_fills_the_disk_names_dir(tmp_path, monkeypatch,
     assert capsys.readouterr().err.rstrip().endswith(
         f"The demo writes into {tmp_path / 'demo'}: pass --dir with a new folder on a writable disk "
         f"with room (the demo writes a few hundred MB)")
+
+
+# --------------------------------------------------------------------------------------------
+# A scheduler's SIGTERM to the whole process group, loader workers included
+# --------------------------------------------------------------------------------------------
+
+def test_sigterm_to_the_process_group_with_two_workers_ends_without_a_worker_traceback(
+        voc_root, random_embeddings, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT, offline_environment
+    root, _ = voc_root
+    run = tmp_path / "run"
+    argv = [root, "--arch", "resnet18", "--no-pretrained", "--image-size", "64", "-b", "8",
+            "--device", "cpu", "-j", "2", "--embeddings",
+            random_embeddings, "--epochs", "50", "--checkpoint-dir", str(run)]
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "main_voc2007.py"), *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**offline_environment(), "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith("epoch 1/"):  # the persistent workers are at work on epoch 2
+            break
+    time.sleep(1.0)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM; continue with --resume")
+    assert "Traceback" not in err and "DataLoader worker" not in err, err[-3000:]
