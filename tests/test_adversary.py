@@ -509,3 +509,22 @@ def test_sigterm_to_the_process_group_with_two_workers_ends_without_a_worker_tra
     assert process.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM; continue with --resume")
     assert "Traceback" not in err and "DataLoader worker" not in err, err[-3000:]
+
+
+def test_evaluating_the_best_model_of_a_val_run_prints_what_the_run_wrote_for_its_test_split(
+        labels_in_folders, capsys):
+    """docs/training.md: -e prints the mAP and loss training logged for the same split."""
+    import json
+    import main_custom
+    root, argv, run = labels_in_folders
+    with open(run / "eval_test-labels.jsonl") as f:
+        at_the_end = json.loads(f.readline())  # the best model on the test CSV, once
+    capsys.readouterr()
+    assert call_main(main_custom.main, [*argv, "-e", "--resume", str(run / "model_best.pth.tar"),
+                                        "--checkpoint-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    with open(run / "eval_test-labels.jsonl") as f:
+        evaluated = [json.loads(line) for line in f][-1]
+    assert evaluated["mAP"] == pytest.approx(at_the_end["mAP"], abs=1e-9)
+    assert evaluated["loss"] == pytest.approx(at_the_end["loss"], rel=1e-6)
+    assert f"mAP {at_the_end['mAP']:.2f} (over" in out
