@@ -79,7 +79,8 @@ def test_checkpoint_holds_everything_needed_to_continue(voc_root, random_embeddi
     assert {"model", "optimizer", "lr_scheduler", "epoch", "best_score", "args", "classes",
             "semantics", "dataset", "run_id", "provenance"} <= set(checkpoint)
     assert checkpoint["dataset"]["name"] == "VOC 2007"
-    assert checkpoint["dataset"]["sizes"] == {"trainval": 24, "test": 16}
+    assert checkpoint["dataset"]["sizes"] == {"train": 24, "test": 16}  # by role
+    assert checkpoint["dataset"]["roles"] == {"train": "trainval", "test": "test"}
     assert checkpoint["classes"] == VOC2007(root, "test", download=False).classes
     np.testing.assert_array_equal(checkpoint["semantics"].numpy(), np.load(random_embeddings))
     assert checkpoint["args"]["lambd"] == 10.0 and checkpoint["args"]["arch"] == "resnet18"
