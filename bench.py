@@ -51,8 +51,9 @@ import models
 import speed
 import trunks
 from distributed import gpu_problem, resolve_device
-from util import (DSDLError, atomic_write, load_image, load_image_tensor, normalize_on_device,
-                  read_image, train_transform)
+from util import (ABSENT, PRESENT, UNKNOWN, DSDLError, atomic_write, compute_metrics,
+                  load_image, load_image_tensor, normalize_on_device, read_image, top_k_metrics,
+                  train_transform, tune_thresholds)
 
 # Dense peaks in TFLOP/s (without sparsity) from the vendors' data sheets, for the MFU figures:
 # float32 on the CUDA cores, TF32 and bf16 on the tensor cores (fp16's peak is bf16's on these
@@ -318,6 +319,86 @@ def write_jpegs(folder, count, size=(500, 375)):
         pixels = np.cumsum(np.cumsum(rng.standard_normal((size[1], size[0], 3)), 0), 1)
         pixels = (pixels - pixels.min()) / np.ptp(pixels) * 255
         Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.jpg"), quality=90)
+
+
+# --------------------------------------------------------------------------------------------
+# The metrics row: util's metrics on an evaluation of a given N x C (`--metrics`)
+# --------------------------------------------------------------------------------------------
+
+def generated_evaluation(num_images, num_classes, verified=8, seed=0):
+    """Scores (float32) and labels (int8), N x C, as an evaluation gathers them. `verified`
+    labels of each image are known, present or absent at even odds, the rest unknown (Open
+    Images' partial labels); `verified=None`: every label is known, about 3 present per image
+    (COCO). A present pair scores 1 more on average, so that the APs are neither 0 nor 1."""
+    rng = np.random.default_rng(seed)
+    scores = np.empty((num_images, num_classes), dtype=np.float32)
+    labels = np.empty((num_images, num_classes), dtype=np.int8)
+    step = max(1, 2 ** 24 // num_classes)  # images made at a time: no N x C temporary
+    for start in range(0, num_images, step):
+        rows = slice(start, min(start + step, num_images))
+        count = rows.stop - rows.start
+        scores[rows] = rng.standard_normal((count, num_classes), dtype=np.float32)
+        if verified is None:
+            labels[rows] = np.where(rng.random((count, num_classes)) < 3 / num_classes, PRESENT, ABSENT)
+        else:
+            labels[rows] = UNKNOWN
+            columns = rng.integers(0, num_classes, (count, verified))  # drawn twice: verified once
+            labels[rows][np.arange(count)[:, None], columns] = rng.choice([PRESENT, ABSENT], (count, verified))
+        scores[rows] += labels[rows] == PRESENT
+    return scores, labels
+
+
+def resident_gib():
+    """(now, peak since the last `reset_peak_resident`) resident memory of this process, GiB
+    (Linux's VmRSS and VmHWM; elsewhere both the lifetime peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return tuple(int(fields[name].split()[0]) / 2 ** 20 for name in ("VmRSS", "VmHWM"))
+    except (OSError, KeyError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        return peak, peak
+
+
+def reset_peak_resident():
+    """Let the peak of `resident_gib` start from now (Linux; elsewhere it stays the lifetime peak)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def measure_metrics(num_images, num_classes, verified=8, device=None):
+    """Seconds and peak resident memory (GiB, the inputs included) of what an evaluation of
+    N x C computes: `util.compute_metrics` (every epoch), `util.tune_thresholds` (with a
+    validation split) and `util.top_k_metrics` (-e --zero-shot), on `generated_evaluation`
+    scores and labels; the AP ranked on `device` (None: numpy on the CPU)."""
+    scores, labels = generated_evaluation(num_images, num_classes, verified)
+    before, _ = resident_gib()
+    figures = {"metrics_size": f"{num_images}x{num_classes}",
+               "metrics_verified_per_image": verified if verified is not None else num_classes,
+               "metrics_inputs_gib": (scores.nbytes + labels.nbytes) / 2 ** 30,
+               "metrics_resident_before_gib": before}
+    reset_peak_resident()
+    for name, compute in (("metrics", lambda: compute_metrics(scores, labels, device=device)),
+                          ("thresholds", lambda: tune_thresholds(scores, labels)),
+                          ("top_k", lambda: top_k_metrics(scores, labels))):
+        start = time.perf_counter()
+        compute()
+        figures[f"{name}_seconds"] = time.perf_counter() - start
+        figures[f"{name}_peak_gib"] = resident_gib()[1]
+    return figures
+
+
+def metrics_lines(figures):
+    """The metrics row, as printed."""
+    inputs = (f"{figures['metrics_size']} ({figures['metrics_verified_per_image']} known labels "
+              f"per image; inputs {figures['metrics_inputs_gib']:.2f} GiB, process resident "
+              f"{figures['metrics_resident_before_gib']:.2f} GiB before)")
+    return [f"metrics of {inputs}:"] + [
+        f"  {title}: {figures[name + '_seconds']:.1f} s, peak resident {figures[name + '_peak_gib']:.2f} GiB"
+        for name, title in (("metrics", "compute_metrics (every evaluation)"),
+                            ("thresholds", "tune_thresholds (with a validation split)"),
+                            ("top_k", "top_k_metrics (-e --zero-shot)"))]
 
 
 def forward_flops(device, settings, image_size, num_classes):
