@@ -5,6 +5,7 @@
     python bench.py --pipeline-only      # only the input pipeline (one data-loading worker)
     python bench.py --json bench.json    # also write the figures as JSON
     python bench.py --require-gpu        # a missing or unusable GPU is an error, not CPU figures
+    python bench.py --metrics 125000x9605    # only the metrics, on Open Images' test split's N x C
 
 Release-style: float32, contiguous memory, the PIL pipeline (ToTensor + Normalize per image).
 Fast: --amp (bf16, or fp16 with a scaler), --channels-last, uint8 batches normalised on the
@@ -328,7 +329,7 @@ def write_jpegs(folder, count, size=(500, 375)):
 def generated_evaluation(num_images, num_classes, verified=8, seed=0):
     """Scores (float32) and labels (int8), N x C, as an evaluation gathers them. `verified`
     labels of each image are known, present or absent at even odds, the rest unknown (Open
-    Images' partial labels); `verified=None`: every label is known, about 3 present per image
+    Images' partial labels); `verified` >= C: every label is known, about 3 present per image
     (COCO). A present pair scores 1 more on average, so that the APs are neither 0 nor 1."""
     rng = np.random.default_rng(seed)
     scores = np.empty((num_images, num_classes), dtype=np.float32)
@@ -338,7 +339,7 @@ def generated_evaluation(num_images, num_classes, verified=8, seed=0):
         rows = slice(start, min(start + step, num_images))
         count = rows.stop - rows.start
         scores[rows] = rng.standard_normal((count, num_classes), dtype=np.float32)
-        if verified is None:
+        if verified >= num_classes:
             labels[rows] = np.where(rng.random((count, num_classes)) < 3 / num_classes, PRESENT, ABSENT)
         else:
             labels[rows] = UNKNOWN
@@ -375,13 +376,13 @@ def measure_metrics(num_images, num_classes, verified=8, device=None):
     scores, labels = generated_evaluation(num_images, num_classes, verified)
     before, _ = resident_gib()
     figures = {"metrics_size": f"{num_images}x{num_classes}",
-               "metrics_verified_per_image": verified if verified is not None else num_classes,
+               "metrics_known_per_image": min(verified, num_classes),
                "metrics_inputs_gib": (scores.nbytes + labels.nbytes) / 2 ** 30,
                "metrics_resident_before_gib": before}
-    reset_peak_resident()
     for name, compute in (("metrics", lambda: compute_metrics(scores, labels, device=device)),
                           ("thresholds", lambda: tune_thresholds(scores, labels)),
                           ("top_k", lambda: top_k_metrics(scores, labels))):
+        reset_peak_resident()
         start = time.perf_counter()
         compute()
         figures[f"{name}_seconds"] = time.perf_counter() - start
@@ -391,7 +392,7 @@ def measure_metrics(num_images, num_classes, verified=8, device=None):
 
 def metrics_lines(figures):
     """The metrics row, as printed."""
-    inputs = (f"{figures['metrics_size']} ({figures['metrics_verified_per_image']} known labels "
+    inputs = (f"{figures['metrics_size']} ({figures['metrics_known_per_image']} known labels "
               f"per image; inputs {figures['metrics_inputs_gib']:.2f} GiB, process resident "
               f"{figures['metrics_resident_before_gib']:.2f} GiB before)")
     return [f"metrics of {inputs}:"] + [
@@ -399,6 +400,20 @@ def metrics_lines(figures):
         for name, title in (("metrics", "compute_metrics (every evaluation)"),
                             ("thresholds", "tune_thresholds (with a validation split)"),
                             ("top_k", "top_k_metrics (-e --zero-shot)"))]
+
+
+def metrics_row(args):
+    """`--metrics NxC`: only the metrics row, on the CPU, or with the AP ranked on the GPU."""
+    device = torch.device(resolve_device(args.device))
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU ({torch.get_num_threads()} threads)")
+    figures = Figures(args.json, device=where, torch=torch.__version__)
+    print(f"device: {where}; torch {torch.__version__}")
+    if figures.step("metrics", measure_metrics, *args.metrics, args.metrics_known,
+                    device if device.type == "cuda" else None):
+        print("\n".join(metrics_lines(figures.values)))
+    if figures.errors:
+        sys.exit(f"error: the metrics row failed: {figures.errors['metrics']}")
 
 
 def forward_flops(device, settings, image_size, num_classes):
@@ -555,6 +570,8 @@ def report(figures, args, names, gpu, image_size):
 
 def main():
     args = options.bench_parser(__doc__).parse_args()
+    if getattr(args, "metrics", None):  # --metrics NxC, once options.bench_parser has it
+        return metrics_row(args)
     try:
         models.model_entry(args.model)  # an unknown --model is one line
         device, arch, figures = setting_up(args)
