@@ -133,7 +133,8 @@ def gather_shares(positions, scores, labels, ids, total, count):
     torch.distributed.all_gather_object(shares, (list(positions), ids, total, count))
     labels = labels.to(scores.device)  # NCCL carries GPU tensors only
     num_images = sum(len(share[0]) for share in shares)
-    split = [torch.empty((num_images, *tensor.shape[1:]), dtype=tensor.dtype) for tensor in (scores, labels)]
+    split = [torch.empty((num_images, *tensor.shape[1:]), dtype=tensor.dtype)
+             for tensor in (scores, labels)]
     split_ids = [None] * num_images
     for rank, (share_positions, share_ids, _, _) in enumerate(shares):
         index = torch.as_tensor(share_positions, dtype=torch.long)

@@ -44,7 +44,8 @@ def format_metrics(metrics, classes, per_class=False):
     lines = [f"mAP {mean} (over {metrics['num_classes_ap']} of {len(classes)} classes)"]
     undefined = [name for name, ap in zip(classes, metrics["AP"]) if np.isnan(ap)]
     if undefined:  # one line, not one per class: Open Images splits lack positives of hundreds
-        shown = ", ".join(map(str, undefined[:UNDEFINED_SHOWN])) + (", ..." if len(undefined) > UNDEFINED_SHOWN else "")
+        shown = ", ".join(map(str, undefined[:UNDEFINED_SHOWN]))
+        shown += ", ..." if len(undefined) > UNDEFINED_SHOWN else ""
         lines.append(f"no positive in this split, AP undefined: {len(undefined)} "
                      f"{'class' if len(undefined) == 1 else 'classes'} ({shown})")
     for suffix, title in (("", "all"), ("_top3", "top-3")):

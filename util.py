@@ -49,8 +49,9 @@ def user_message(error):
 
 # The metrics read the N x C scores and labels a block at a time (Open Images: 125,000 x 9,605
 # would not fit in memory a few times over): blocks of images for the thresholded metrics (each
-# image's top k), blocks of classes for the AP (each class's ranking). BLOCK_SIZE is how many
-# score-label pairs a block holds; about 40 bytes a pair are made, beyond the inputs.
+# image's top k), groups of classes for the AP and the thresholds (each class's ranking).
+# BLOCK_SIZE is how many image-class pairs a block holds; beyond the inputs, about 50 bytes a
+# pair are made (200 MB), whatever N x C is.
 BLOCK_SIZE = 2 ** 22
 
 
@@ -71,7 +72,8 @@ def metric_inputs(scores, labels):
         scores = scores.astype(np.float64)
     if labels.dtype.kind == "f" and np.array_equal(labels, labels.astype(np.int8)):
         labels = labels.astype(np.int8)  # whole numbers written as floats
-    if labels.size and (labels.dtype.kind not in "iu" or labels.min() < UNKNOWN or labels.max() > PRESENT):
+    if labels.size and (labels.dtype.kind not in "iu" or labels.min() < UNKNOWN
+                        or labels.max() > PRESENT):
         raise ValueError(f"labels must be {PRESENT} (present), {DIFFICULT} (difficult), {ABSENT} "
                          f"(absent) or {UNKNOWN} (unknown); got {labels.dtype} labels from "
                          f"{labels.min()} to {labels.max()}")
@@ -79,7 +81,7 @@ def metric_inputs(scores, labels):
 
 
 def _ranked(labels):
-    """Booleans: which labels a class's ranking holds (present and absent; not difficult, not unknown)."""
+    """Booleans: which labels a class's ranking holds (present and absent, not difficult or unknown)."""
     return (labels == PRESENT) | (labels == ABSENT)
 
 
