@@ -5,6 +5,7 @@
     python bench.py --pipeline-only      # only the input pipeline (one data-loading worker)
     python bench.py --json bench.json    # also write the figures as JSON
     python bench.py --require-gpu        # a missing or unusable GPU is an error, not CPU figures
+    python bench.py --metrics 125000x9605    # only the metrics, on Open Images' test split's N x C
 
 Release-style: float32, contiguous memory, the PIL pipeline (ToTensor + Normalize per image).
 Fast: --amp (bf16, or fp16 with a scaler), --channels-last, uint8 batches normalised on the
@@ -51,8 +52,9 @@ import models
 import speed
 import trunks
 from distributed import gpu_problem, resolve_device
-from util import (DSDLError, atomic_write, load_image, load_image_tensor, normalize_on_device,
-                  read_image, train_transform)
+from util import (ABSENT, PRESENT, UNKNOWN, DSDLError, atomic_write, compute_metrics,
+                  load_image, load_image_tensor, normalize_on_device, read_image, top_k_metrics,
+                  train_transform, tune_thresholds)
 
 # Dense peaks in TFLOP/s (without sparsity) from the vendors' data sheets, for the MFU figures:
 # float32 on the CUDA cores, TF32 and bf16 on the tensor cores (fp16's peak is bf16's on these
@@ -320,6 +322,100 @@ def write_jpegs(folder, count, size=(500, 375)):
         Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.jpg"), quality=90)
 
 
+# --------------------------------------------------------------------------------------------
+# The metrics row: util's metrics on an evaluation of a given N x C (`--metrics`)
+# --------------------------------------------------------------------------------------------
+
+def generated_evaluation(num_images, num_classes, verified=8, seed=0):
+    """Scores (float32) and labels (int8), N x C, as an evaluation gathers them. `verified`
+    labels of each image are known, present or absent at even odds, the rest unknown (Open
+    Images' partial labels); `verified` >= C: every label is known, about 3 present per image
+    (COCO). A present pair scores 1 more on average, so that the APs are neither 0 nor 1."""
+    rng = np.random.default_rng(seed)
+    scores = np.empty((num_images, num_classes), dtype=np.float32)
+    labels = np.empty((num_images, num_classes), dtype=np.int8)
+    step = max(1, 2 ** 24 // num_classes)  # images made at a time: no N x C temporary
+    for start in range(0, num_images, step):
+        rows = slice(start, min(start + step, num_images))
+        count = rows.stop - rows.start
+        scores[rows] = rng.standard_normal((count, num_classes), dtype=np.float32)
+        if verified >= num_classes:
+            labels[rows] = np.where(rng.random((count, num_classes)) < 3 / num_classes, PRESENT, ABSENT)
+        else:
+            labels[rows] = UNKNOWN
+            columns = rng.integers(0, num_classes, (count, verified))  # drawn twice: verified once
+            labels[rows][np.arange(count)[:, None], columns] = rng.choice([PRESENT, ABSENT], (count, verified))
+        scores[rows] += labels[rows] == PRESENT
+    return scores, labels
+
+
+def resident_gib():
+    """(now, peak since the last `reset_peak_resident`) resident memory of this process, GiB
+    (Linux's VmRSS and VmHWM; elsewhere both the lifetime peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return tuple(int(fields[name].split()[0]) / 2 ** 20 for name in ("VmRSS", "VmHWM"))
+    except (OSError, KeyError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        return peak, peak
+
+
+def reset_peak_resident():
+    """Let the peak of `resident_gib` start from now (Linux; elsewhere it stays the lifetime peak)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def measure_metrics(num_images, num_classes, verified=8, device=None):
+    """Seconds and peak resident memory (GiB, the inputs included) of what an evaluation of
+    N x C computes: `util.compute_metrics` (every epoch), `util.tune_thresholds` (with a
+    validation split) and `util.top_k_metrics` (-e --zero-shot), on `generated_evaluation`
+    scores and labels; the AP ranked on `device` (None: numpy on the CPU)."""
+    scores, labels = generated_evaluation(num_images, num_classes, verified)
+    before, _ = resident_gib()
+    figures = {"metrics_size": f"{num_images}x{num_classes}",
+               "metrics_known_per_image": min(verified, num_classes),
+               "metrics_inputs_gib": (scores.nbytes + labels.nbytes) / 2 ** 30,
+               "metrics_resident_before_gib": before}
+    for name, compute in (("metrics", lambda: compute_metrics(scores, labels, device=device)),
+                          ("thresholds", lambda: tune_thresholds(scores, labels)),
+                          ("top_k", lambda: top_k_metrics(scores, labels))):
+        reset_peak_resident()
+        start = time.perf_counter()
+        compute()
+        figures[f"{name}_seconds"] = time.perf_counter() - start
+        figures[f"{name}_peak_gib"] = resident_gib()[1]
+    return figures
+
+
+def metrics_lines(figures):
+    """The metrics row, as printed."""
+    inputs = (f"{figures['metrics_size']} ({figures['metrics_known_per_image']} known labels "
+              f"per image; inputs {figures['metrics_inputs_gib']:.2f} GiB, process resident "
+              f"{figures['metrics_resident_before_gib']:.2f} GiB before)")
+    return [f"metrics of {inputs}:"] + [
+        f"  {title}: {figures[name + '_seconds']:.1f} s, peak resident {figures[name + '_peak_gib']:.2f} GiB"
+        for name, title in (("metrics", "compute_metrics (every evaluation)"),
+                            ("thresholds", "tune_thresholds (with a validation split)"),
+                            ("top_k", "top_k_metrics (-e --zero-shot)"))]
+
+
+def metrics_row(args):
+    """`--metrics NxC`: only the metrics row, on the CPU, or with the AP ranked on the GPU."""
+    device = torch.device(resolve_device(args.device))
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU ({torch.get_num_threads()} threads)")
+    figures = Figures(args.json, device=where, torch=torch.__version__)
+    print(f"device: {where}; torch {torch.__version__}")
+    if figures.step("metrics", measure_metrics, *args.metrics, args.metrics_known,
+                    device if device.type == "cuda" else None):
+        print("\n".join(metrics_lines(figures.values)))
+    if figures.errors:
+        sys.exit(f"error: the metrics row failed: {figures.errors['metrics']}")
+
+
 def forward_flops(device, settings, image_size, num_classes):
     """FLOPs of one image's forward pass, counted by PyTorch (spec: about 62 G for ResNet-101 at 448)."""
     model = synthetic_model(settings, num_classes, device, image_size)[0].eval()
@@ -474,6 +570,8 @@ def report(figures, args, names, gpu, image_size):
 
 def main():
     args = options.bench_parser(__doc__).parse_args()
+    if getattr(args, "metrics", None):  # --metrics NxC, once options.bench_parser has it
+        return metrics_row(args)
     try:
         models.model_entry(args.model)  # an unknown --model is one line
         device, arch, figures = setting_up(args)

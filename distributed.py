@@ -121,13 +121,29 @@ def share_rank_zero_buffers(model):
 
 
 def gather_shares(positions, scores, labels, ids, total, count):
-    """The evaluation shares of every process (the images at `positions` of the split, their
-    scores, labels and ids, the summed loss and the count), put back into the split's order."""
+    """The evaluation shares of every process put back into the split's order: the images at
+    `positions` of the split, their scores and labels (N x C tensors; on the GPU under NCCL),
+    their ids, the summed loss and the count. Returns the split's scores and labels as numpy
+    arrays, its ids, the summed loss and the count, on every process.
+
+    The shares are broadcast one process at a time and written into place: a process holds the
+    split's arrays once and one share beside them (Open Images' test split: 4.8 GB of scores),
+    not every share pickled, unpickled and then reordered."""
     shares = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(shares, (positions, scores, labels, ids, total, count))
-    order = np.argsort(np.concatenate([share[0] for share in shares]), kind="stable")
-    scores = np.concatenate([share[1] for share in shares])[order]
-    labels = np.concatenate([share[2] for share in shares])[order]
-    ids = [i for share in shares for i in share[3]]
-    return (scores, labels, [ids[i] for i in order], sum(share[4] for share in shares),
-            sum(share[5] for share in shares))
+    torch.distributed.all_gather_object(shares, (list(positions), ids, total, count))
+    labels = labels.to(scores.device)  # NCCL carries GPU tensors only
+    num_images = sum(len(share[0]) for share in shares)
+    split = [torch.empty((num_images, *tensor.shape[1:]), dtype=tensor.dtype)
+             for tensor in (scores, labels)]
+    split_ids = [None] * num_images
+    for rank, (share_positions, share_ids, _, _) in enumerate(shares):
+        index = torch.as_tensor(share_positions, dtype=torch.long)
+        for tensor, whole in zip((scores, labels), split):
+            share = (tensor if rank == torch.distributed.get_rank()
+                     else tensor.new_empty((len(index), *tensor.shape[1:])))
+            torch.distributed.broadcast(share, src=rank)
+            whole[index] = share.cpu()
+        for position, image_id in zip(share_positions, share_ids):
+            split_ids[position] = image_id
+    return (split[0].numpy(), split[1].numpy(), split_ids, sum(share[2] for share in shares),
+            sum(share[3] for share in shares))

@@ -418,8 +418,8 @@ def check_losses(unread, epoch):
 
 
 class Evaluation(NamedTuple):
-    scores: np.ndarray   # N x C, the coefficients A of every image of the split, in its order
-    labels: np.ndarray   # N x C, in {1, 0, -1}
+    scores: np.ndarray   # N x C float32, the coefficients A of every image of the split, in its order
+    labels: np.ndarray   # N x C int8, in {1, 0, -1, -2}: an eighth of int64's memory (Open Images)
     ids: list            # N image ids
     loss: float          # mean loss over the images; NaN for a split without labels
 
@@ -448,7 +448,7 @@ def evaluate(model, loss_fn, loader, device, amp_dtype=None, channels_last=False
             total += loss.detach() * images.shape[0]  # stays on the device: no sync per batch
         count += images.shape[0]
         scores.append(output.scores.float())
-        labels.append(batch_labels)
+        labels.append(batch_labels.to(torch.int8))
         ids.extend(batch_ids.tolist() if torch.is_tensor(batch_ids) else batch_ids)  # COCO: ints
         bar.set_postfix(img_s=f"{count / (time.perf_counter() - start):.1f}")
         stop_if_interrupted()
@@ -459,9 +459,10 @@ def read_evaluation(loader, scores, labels, ids, total, count, labelled):
     """The split's scores, labels, ids and mean loss, read from the device once the last batch
     is scored (the evaluation's one wait for the device), and under torchrun gathered from every
     process in the dataset's order."""
-    scores, labels = torch.cat(scores).cpu().numpy(), torch.cat(labels).numpy()
-    total = float(total)
+    scores, labels, total = torch.cat(scores), torch.cat(labels), float(total)
     if torch.distributed.is_initialized():
         scores, labels, ids, total, count = gather_shares(
             list(loader.dataset.indices), scores, labels, ids, total, count)
+    else:
+        scores, labels = scores.cpu().numpy(), labels.numpy()
     return Evaluation(scores, labels, ids, total / max(count, 1) if labelled else math.nan)

@@ -30,6 +30,7 @@ from util import DSDLError, atomic_write
 
 METRICS_LOG = "metrics.jsonl"   # one record per evaluation of a training run
 THRESHOLDED = ("CP", "CR", "CF1", "OP", "OR", "OF1")
+UNDEFINED_SHOWN = 5  # the classes without a positive named in the printout; the log has them all
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,9 +39,16 @@ THRESHOLDED = ("CP", "CR", "CF1", "OP", "OR", "OF1")
 
 def format_metrics(metrics, classes, per_class=False):
     """mAP, the six thresholded metrics and their top-3 forms; the per-class AP on request
-    (the paper-style table, printed with it, already has them for up to 20 classes)."""
+    (the paper-style table, printed with it, already has them for up to 20 classes). The
+    classes without a positive are one line (how many, the first few), not one line each."""
     mean = "undefined" if np.isnan(metrics["mAP"]) else f"{metrics['mAP']:.2f}"  # no positive at all
     lines = [f"mAP {mean} (over {metrics['num_classes_ap']} of {len(classes)} classes)"]
+    undefined = [name for name, ap in zip(classes, metrics["AP"]) if np.isnan(ap)]
+    if undefined:  # one line, not one per class: Open Images splits lack positives of hundreds
+        shown = ", ".join(map(str, undefined[:UNDEFINED_SHOWN]))
+        shown += ", ..." if len(undefined) > UNDEFINED_SHOWN else ""
+        lines.append(f"no positive in this split, AP undefined: {len(undefined)} "
+                     f"{'class' if len(undefined) == 1 else 'classes'} ({shown})")
     for suffix, title in (("", "all"), ("_top3", "top-3")):
         lines.append(f"{title:>6}: " + "  ".join(
             f"{name} {metrics[name + suffix]:.2f}" for name in THRESHOLDED))
@@ -51,8 +59,8 @@ def format_metrics(metrics, classes, per_class=False):
     if per_class:
         width = max(len(name) for name in classes)
         lines.append("per-class AP:")
-        for name, ap in zip(classes, metrics["AP"]):
-            lines.append(f"  {name:<{width}}  " + ("undefined (no positive)" if np.isnan(ap) else f"{ap:6.2f}"))
+        lines.extend(f"  {name:<{width}}  {ap:6.2f}" for name, ap in zip(classes, metrics["AP"])
+                     if not np.isnan(ap))
     return "\n".join(lines)
 
 

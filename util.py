@@ -47,32 +47,124 @@ def user_message(error):
 # Metrics (spec section 6)
 # --------------------------------------------------------------------------------------------
 
-def average_precision(scores, labels):
+# The metrics read the N x C scores and labels a block at a time (Open Images: 125,000 x 9,605
+# would not fit in memory a few times over): blocks of images for the thresholded metrics (each
+# image's top k), groups of classes for the AP and the thresholds (each class's ranking).
+# BLOCK_SIZE is how many image-class pairs a block holds; beyond the inputs, about 50 bytes a
+# pair are made (200 MB), whatever N x C is.
+BLOCK_SIZE = 2 ** 22
+
+
+def _blocks(length, width):
+    """Slices that cover range(length), each holding at most BLOCK_SIZE rows of `width` (or one)."""
+    step = max(1, BLOCK_SIZE // max(width, 1))
+    return [slice(start, min(start + step, length)) for start in range(0, length, step)]
+
+
+def metric_inputs(scores, labels):
+    """`scores` and `labels` as N x C numpy arrays, not copied where they are one already (a
+    tensor on a GPU is read to the host). One ValueError for a wrong shape or label."""
+    scores, labels = (value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+                      for value in (scores, labels))
+    if scores.shape != labels.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be N x C")
+    if scores.dtype.kind != "f":
+        scores = scores.astype(np.float64)
+    if labels.dtype.kind == "f" and np.array_equal(labels, labels.astype(np.int8)):
+        labels = labels.astype(np.int8)  # whole numbers written as floats
+    if labels.size and (labels.dtype.kind not in "iu" or labels.min() < UNKNOWN
+                        or labels.max() > PRESENT):
+        raise ValueError(f"labels must be {PRESENT} (present), {DIFFICULT} (difficult), {ABSENT} "
+                         f"(absent) or {UNKNOWN} (unknown); got {labels.dtype} labels from "
+                         f"{labels.min()} to {labels.max()}")
+    return scores, labels
+
+
+def _ranked(labels):
+    """Booleans: which labels a class's ranking holds (present and absent, not difficult or unknown)."""
+    return (labels == PRESENT) | (labels == ABSENT)
+
+
+def _ranked_by_class(scores, labels):
+    """For each class in turn: (class, its scores in float64, its labels), over the images its
+    ranking holds, in image order. Classes are taken in groups holding about BLOCK_SIZE such
+    images in all (Open Images' partial labels: all classes at once), each read a block of
+    images at a time, so that nothing N x C is made."""
+    num_images, num_classes = scores.shape
+    per_class = np.zeros(num_classes, dtype=np.int64)
+    for rows in _blocks(num_images, num_classes):
+        per_class += _ranked(labels[rows]).sum(0)
+    before = np.cumsum(per_class) - per_class  # images of the classes before each class
+    starts = np.flatnonzero(np.diff(before // BLOCK_SIZE, prepend=-1))
+    for first, stop in zip(starts, [*starts[1:], num_classes]):
+        images, classes = [], []
+        for rows in _blocks(num_images, stop - first):
+            found_images, found_classes = np.nonzero(_ranked(labels[rows, first:stop]))
+            images.append(found_images + rows.start)
+            classes.append(found_classes + first)
+        images, classes = np.concatenate(images), np.concatenate(classes)
+        order = np.argsort(classes, kind="stable")  # by class, each in image order
+        group_scores = scores[images, classes][order].astype(np.float64)
+        group_labels = labels[images, classes][order]
+        ends = np.cumsum(per_class[first:stop])
+        for c, start, end in zip(range(first, stop), ends - per_class[first:stop], ends):
+            yield c, group_scores[start:end], group_labels[start:end]
+
+
+def average_precision(scores, labels, device=None):
     """Per-class non-interpolated AP of N x C `scores` against `labels` in {1, 0, -1, -2}.
 
     Images flagged 0 (difficult) or -2 (unknown) for a class are left out of that class's
-    ranking. A class without any positive has no AP: NaN.
+    ranking. A class without any positive has no AP: NaN. With a torch `device` (a GPU), the
+    classes are ranked there, a block at a time (`_precisions_torch`): the same numbers, bit for bit.
     """
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    scores, labels = metric_inputs(scores, labels)
     ap = np.full(scores.shape[1], np.nan)
-    for c in range(scores.shape[1]):
-        kept = (labels[:, c] == PRESENT) | (labels[:, c] == ABSENT)
-        order = np.argsort(-scores[kept, c], kind="stable")
-        positives = labels[kept, c][order] == 1
-        if positives.any():
-            precision_at_rank = np.cumsum(positives) / np.arange(1, positives.size + 1)
-            ap[c] = precision_at_rank[positives].mean()
+    if device is None:
+        for c, class_scores, class_labels in _ranked_by_class(scores, labels):
+            order = np.argsort(-class_scores, kind="stable")
+            positives = class_labels[order] == PRESENT
+            if positives.any():
+                precision_at_rank = np.cumsum(positives) / np.arange(1, positives.size + 1)
+                ap[c] = precision_at_rank[positives].mean()
+        return ap
+    for block in _blocks(scores.shape[1], scores.shape[0]):
+        precisions = _precisions_torch(scores[:, block], labels[:, block], device)
+        if precisions is None:  # NaN scores (a diverged model): numpy ranks them last, as it did
+            ap[block] = average_precision(scores[:, block], labels[:, block])
+            continue
+        for c, at_positives in zip(range(block.start, block.stop), precisions):
+            if at_positives.size:
+                ap[c] = at_positives.mean()
     return ap
 
 
-def _thresholded(predicted, truth, known=None):
-    """CP, CR, CF1, OP, OR, OF1 (fractions) from boolean N x C predictions and ground truth;
-    pairs not `known` (unknown labels) count neither way."""
-    if known is not None:
-        predicted, truth = predicted & known, truth & known
-    correct = (predicted & truth).sum(0).astype(np.float64)   # Nc
-    num_predicted = predicted.sum(0).astype(np.float64)       # Np
-    num_truth = truth.sum(0).astype(np.float64)               # Ng
+def _precisions_torch(scores, labels, device):
+    """For each class (column) of N x B `scores` and `labels`, the precision at the rank of each
+    of its positives, in rank order, among its present and absent images, ranked on a torch
+    `device`; None if a score is NaN.
+
+    Every image is sorted (stably, so that the ranked images keep numpy's order among them) and
+    the rank of a positive is the count of ranked images up to it. The precisions are whole
+    counts divided in float64, as numpy divides them: the same values, to the last bit."""
+    scores = torch.from_numpy(np.ascontiguousarray(scores)).to(device).double()
+    labels = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
+    if torch.isnan(scores).any():
+        return None
+    # 0 - score, not -score: a GPU's radix sort would put -0.0 ahead of +0.0; numpy ties them.
+    order = torch.sort(0.0 - scores, dim=0, stable=True).indices  # N x B, each class's ranking
+    ranked = labels.gather(0, order)
+    positive = ranked == PRESENT
+    precision = positive.cumsum(0, dtype=torch.float64) / _ranked(ranked).cumsum(0, dtype=torch.float64)
+    at_positives = precision.t()[positive.t()].cpu().numpy()  # class by class, in rank order
+    return np.split(at_positives, np.cumsum(positive.sum(0).cpu().numpy())[:-1])
+
+
+def _thresholded(correct, predicted, truth):
+    """CP, CR, CF1, OP, OR, OF1 (fractions) from the per-class counts Nc, Np and Ng over the
+    known pairs (unknown labels count neither way)."""
+    correct, num_predicted, num_truth = (np.asarray(count, dtype=np.float64)
+                                         for count in (correct, predicted, truth))
     # The release counts a class that is never predicted as Np = 1 (spec 6), in CP (its
     # precision is 0) and in the sum of Np that OP divides by.
     num_predicted = np.maximum(num_predicted, 1)
@@ -88,7 +180,23 @@ def _thresholded(predicted, truth, known=None):
     return {"CP": cp, "CR": cr, "CF1": f1(cp, cr), "OP": op, "OR": orr, "OF1": f1(op, orr)}
 
 
-def compute_metrics(scores, labels, thresholds=None):
+def _prediction_counts(scores, labels, rules):
+    """For each rule (name -> function of a block of scores giving booleans, the predictions),
+    the per-class counts Nc, Np, Ng over the known pairs, summed over blocks of images."""
+    num_classes = scores.shape[1]
+    num_truth = np.zeros(num_classes, dtype=np.int64)
+    counts = {name: np.zeros((2, num_classes), dtype=np.int64) for name in rules}  # Nc, Np
+    for rows in _blocks(scores.shape[0], num_classes):
+        truth, known = labels[rows] == PRESENT, labels[rows] != UNKNOWN
+        num_truth += truth.sum(0)
+        for name, rule in rules.items():
+            predicted = rule(scores[rows]) & known
+            counts[name][0] += (predicted & truth).sum(0)
+            counts[name][1] += predicted.sum(0)
+    return {name: (correct, predicted, num_truth) for name, (correct, predicted) in counts.items()}
+
+
+def compute_metrics(scores, labels, thresholds=None, device=None):
     """mAP, per-class AP and the thresholded metrics of spec section 6, all in percent.
 
     `scores` (N x C) are logits; `labels` (N x C) are 1 (present), 0 (difficult), -1 (absent),
@@ -97,37 +205,51 @@ def compute_metrics(scores, labels, thresholds=None):
     as negatives there. CR is the mean over the classes that have ground truth (the release's
     would be NaN otherwise). With per-class `thresholds` (probabilities, `tune_thresholds`),
     also the metrics of predicting class c when its probability >= thresholds[c] ("_tuned").
+    The AP's ranking runs on `device` when given (a GPU: `average_precision`), by default on
+    the device of `scores` when they are a GPU tensor.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels)
-    if scores.shape != labels.shape or scores.ndim != 2:
-        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be N x C")
-    ap = average_precision(scores, labels)
+    if device is None and torch.is_tensor(scores) and scores.device.type != "cpu":
+        device = scores.device
+    scores, labels = metric_inputs(scores, labels)
+    ap = average_precision(scores, labels, device)
     defined = ~np.isnan(ap)
     metrics = {
         "mAP": 100 * float(ap[defined].mean()) if defined.any() else float("nan"),
         "AP": [100 * float(v) for v in ap],  # NaN for a class without positives
         "num_classes_ap": int(defined.sum()),  # how many classes the mAP is taken over
     }
-    truth = labels == PRESENT
-    known = (labels != UNKNOWN) if (labels == UNKNOWN).any() else None
-    predicted = scores >= 0
-    for name, value in _thresholded(predicted, truth, known).items():
-        metrics[name] = 100 * float(value)
-    for name, value in _thresholded(predicted & top_k(scores, 3), truth, known).items():
-        metrics[name + "_top3"] = 100 * float(value)
+    rules = {"": lambda block: block >= 0, "_top3": lambda block: (block >= 0) & top_k(block, 3)}
     if thresholds is not None:
-        tuned = probabilities(scores) >= np.asarray(thresholds)[None, :]
-        for name, value in _thresholded(tuned, truth, known).items():
-            metrics[name + "_tuned"] = 100 * float(value)
+        cuts = np.asarray(thresholds, dtype=np.float64)
+        if cuts.shape != (scores.shape[1],):
+            raise ValueError(f"{cuts.size} thresholds for {scores.shape[1]} classes")
+        rules["_tuned"] = lambda block: probabilities(block) >= cuts
+    for suffix, counts in _prediction_counts(scores, labels, rules).items():
+        for name, value in _thresholded(*counts).items():
+            metrics[name + suffix] = 100 * float(value)
     return metrics
 
 
 def top_k(scores, k):
-    """N x C booleans: the k highest scores of each image (fewer classes: all of them)."""
+    """N x C booleans: the k highest scores of each image (fewer classes: all of them). Of equal
+    scores the first classes are taken, and NaN comes last, as a stable sort ranks them."""
+    scores = np.asarray(scores)
     k = min(k, scores.shape[1])
-    top = np.zeros(scores.shape, dtype=bool)
-    np.put_along_axis(top, np.argsort(-scores, axis=1, kind="stable")[:, :k], True, axis=1)
+    if k == 0:
+        return np.zeros(scores.shape, dtype=bool)
+    writeable = scores if scores.flags.writeable else scores.copy()  # as torch.from_numpy wants
+    best = torch.topk(torch.from_numpy(writeable), k, dim=1).values.numpy()  # N x k, ties in any order
+    kth = best[:, -1:]
+    ahead, tied = scores > kth, scores == kth
+    places = k - ahead.sum(1)  # left for the scores equal to the k-th: the first ones take them
+    crowded = np.flatnonzero(tied.sum(1) > places)
+    tied[crowded] &= np.cumsum(tied[crowded], axis=1) <= places[crowded, None]
+    top = ahead | tied
+    unordered = np.flatnonzero(np.isnan(best).any(1))  # torch ranks NaN first, a sort last
+    if unordered.size:
+        order = np.argsort(-scores[unordered], axis=1, kind="stable")[:, :k]
+        top[unordered] = False
+        top[unordered[:, None], order] = True
     return top
 
 
@@ -138,14 +260,19 @@ def probabilities(scores):
 def top_k_metrics(scores, labels, ks=(3, 5)):
     """Precision, recall and F1 (percent) of predicting exactly the k highest-scoring classes of
     each image, over all pairs (the zero-shot multi-label literature's P@k, R@k, F1@k)."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    truth, known = labels == PRESENT, (labels == PRESENT) | (labels == ABSENT)
+    scores, labels = metric_inputs(scores, labels)
+    correct, predicted, truth = dict.fromkeys(ks, 0), dict.fromkeys(ks, 0), 0
+    for rows in _blocks(scores.shape[0], scores.shape[1]):
+        present, known = labels[rows] == PRESENT, _ranked(labels[rows])
+        truth += int(present.sum())
+        for k in ks:
+            chosen = top_k(scores[rows], k) & known
+            correct[k] += int((chosen & present).sum())
+            predicted[k] += int(chosen.sum())
     metrics = {}
     for k in ks:
-        predicted = top_k(scores, k) & known
-        correct = (predicted & truth).sum()
-        precision = correct / max(predicted.sum(), 1)
-        recall = correct / max((truth & known).sum(), 1)
+        precision = correct[k] / max(predicted[k], 1)
+        recall = correct[k] / max(truth, 1)
         f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
         metrics.update({f"P@{k}": 100 * float(precision), f"R@{k}": 100 * float(recall),
                         f"F1@{k}": 100 * float(f1)})
@@ -157,15 +284,13 @@ def tune_thresholds(scores, labels):
     (predict class c when its probability >= the threshold); 0.5 for a class without positives.
     Difficult and unknown labels count neither way."""
     from sklearn.metrics import precision_recall_curve
-    chances = probabilities(scores)
-    labels = np.asarray(labels)
+    scores, labels = metric_inputs(scores, labels)
     thresholds = np.full(labels.shape[1], 0.5)
-    for c in range(labels.shape[1]):
-        kept = (labels[:, c] == PRESENT) | (labels[:, c] == ABSENT)
-        truth = labels[kept, c] == PRESENT
+    for c, class_scores, class_labels in _ranked_by_class(scores, labels):
+        truth = class_labels == PRESENT
         if not truth.any():
             continue
-        precision, recall, cuts = precision_recall_curve(truth, chances[kept, c])
+        precision, recall, cuts = precision_recall_curve(truth, probabilities(class_scores))
         f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
         thresholds[c] = float(cuts[int(np.argmax(f1))])
     return thresholds.tolist()

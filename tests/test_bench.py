@@ -195,3 +195,31 @@ def test_the_release_style_path_runs_with_tf32_as_asked_and_the_flags_are_restor
     assert bench.CONFIGURATIONS["release"][2:] == (False, "fp32")
     assert bench.CONFIGURATIONS["release_tf32"][2:] == (True, "tf32")
     assert bench.CONFIGURATIONS["fast"][2:] == (False, "bf16")
+
+
+def test_the_metrics_row_generates_partial_labels_and_times_each_metric_with_its_peak_memory(
+        tmp_path, capsys):
+    import resource
+    import numpy as np
+    from util import UNKNOWN
+    scores, labels = bench.generated_evaluation(200, 40, verified=8)
+    assert (scores.dtype, labels.dtype) == (np.float32, np.int8)
+    known = (labels != UNKNOWN).sum(1)  # 8 drawn per image; a class drawn twice is known once
+    assert known.max() == 8 and known.min() >= 4 and set(np.unique(labels[labels != UNKNOWN])) == {1, -1}
+    assert (bench.generated_evaluation(20, 10, verified=10)[1] != UNKNOWN).all()  # as many as C: all known
+    args = argparse.Namespace(device="cpu", json=str(tmp_path / "metrics.json"), metrics=(300, 50),
+                              metrics_known=8)
+    bench.metrics_row(args)
+    out = capsys.readouterr().out
+    assert "metrics of 300x50 (8 known labels per image; inputs 0.00 GiB" in out
+    for title in ("compute_metrics (every evaluation)", "tune_thresholds (with a validation split)",
+                  "top_k_metrics (-e --zero-shot)"):
+        assert f"  {title}: " in out
+    figures = json.loads((tmp_path / "metrics.json").read_text())
+    assert figures["metrics_inputs_gib"] == 300 * 50 * (4 + 1) / 2 ** 30
+    # resident: at least what was before (the inputs among it), at most the process's lifetime
+    # peak as the kernel's getrusage says (which it updates a little late: 1%)
+    lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    for name in ("metrics", "thresholds", "top_k"):
+        assert figures[f"{name}_seconds"] > 0
+        assert figures["metrics_resident_before_gib"] - 0.01 <= figures[f"{name}_peak_gib"] <= 1.01 * lifetime_peak

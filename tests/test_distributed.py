@@ -172,6 +172,51 @@ def test_rank_zero_downloads_may_take_longer_than_a_training_collective_waits(tm
     assert (tmp_path / "rank0.txt").read_text().startswith("waited for rank 0")
 
 
+def gathering_rank(rank, port, folder):
+    """One of 2 gloo processes of `gather_shares`: rank r scores the images r, r + 2, ... of a
+    split of 7 (4 and 3, no padding); it writes what it gathered to `folder`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        distributed.init_distributed("cpu")
+        scores, labels = split_to_gather()
+        positions = range(rank, 7, 2)
+        gathered = distributed.gather_shares(
+            positions, torch.from_numpy(scores[positions]), torch.from_numpy(labels[positions]),
+            [f"image {i}" for i in positions], float(rank + 1), len(positions))
+        np.savez(os.path.join(folder, f"rank{rank}.npz"), scores=gathered[0], labels=gathered[1],
+                 ids=np.array(gathered[2]), total=gathered[3], count=gathered[4])
+    finally:
+        os._exit(0)
+
+
+def split_to_gather():
+    rng = np.random.default_rng(7)
+    return (rng.standard_normal((7, 5)).astype(np.float32),
+            rng.choice([1, 0, -1, -2], size=(7, 5)).astype(np.int8))
+
+
+def test_the_shares_of_every_process_are_gathered_in_the_splits_order_as_float32_and_int8(tmp_path):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=gathering_rank, args=(rank, port, str(tmp_path))) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        if process.exitcode is None:
+            process.kill()
+    scores, labels = split_to_gather()
+    for rank in (0, 1):
+        with np.load(tmp_path / f"rank{rank}.npz") as gathered:
+            assert gathered["scores"].dtype == np.float32 and gathered["labels"].dtype == np.int8
+            assert np.array_equal(gathered["scores"], scores) and np.array_equal(gathered["labels"], labels)
+            assert gathered["ids"].tolist() == [f"image {i}" for i in range(7)]
+            assert (gathered["total"], gathered["count"]) == (3.0, 7)
+
+
 def dsdl_resnet18(seed=0):
     torch.manual_seed(seed)
     settings = argparse.Namespace(model="dsdl", arch="resnet18", pool="max", lambd=10.0, beta=1e-4)

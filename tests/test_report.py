@@ -178,3 +178,25 @@ def test_a_record_or_plot_that_does_not_fit_on_the_disk_leaves_the_log_and_pictu
     with pytest.raises(OSError, match="No space left on device"):
         plot_curves(log, tmp_path, CLASSES)
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+def test_classes_without_a_positive_are_one_line_in_the_printout_and_keep_their_place_elsewhere():
+    """Issue 26: 2,000 Open Images classes printed ~2,000 "undefined" lines per epoch."""
+    classes = [f"class {c}" for c in range(30)]
+    ap = [float(40 + c) for c in range(30)]
+    for c in (3, 7, 11, 20, 25, 29):
+        ap[c] = math.nan
+    metrics = {"mAP": float(np.nanmean(ap)), "AP": ap, "num_classes_ap": 24,
+               **{name + suffix: 50.0 for name in report.THRESHOLDED for suffix in ("", "_top3")}}
+    text = report.format_metrics(metrics, classes, per_class=True)
+    assert text.count("no positive") == 1 and "undefined (no positive)" not in text
+    assert ("no positive in this split, AP undefined: 6 classes "
+            "(class 3, class 7, class 11, class 20, class 25, ...)") in text
+    per_class = text.split("per-class AP:\n")[1].splitlines()
+    assert per_class == [f"  {name:<8}  {value:6.2f}" for name, value in zip(classes, ap) if not math.isnan(value)]
+    one = report.format_metrics({**metrics, "AP": [math.nan] + ap[:3]}, classes[:4])
+    assert "AP undefined: 1 class (class 0)" in one
+    # the table of up to 20 classes keeps each class's cell: "–" for an undefined AP
+    table = report.results_table({**metrics, "AP": ap[:20]}, classes[:20])
+    cells = next(line for line in table.splitlines() if line.startswith("| ours")).split("|")[2:-2]
+    assert [cell.strip() == "–" for cell in cells] == [math.isnan(value) for value in ap[:20]]
