@@ -570,7 +570,7 @@ def report(figures, args, names, gpu, image_size):
 
 def main():
     args = options.bench_parser(__doc__).parse_args()
-    if getattr(args, "metrics", None):  # --metrics NxC, once options.bench_parser has it
+    if args.metrics:  # --metrics NxC
         return metrics_row(args)
     try:
         models.model_entry(args.model)  # an unknown --model is one line

@@ -196,7 +196,7 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
         # Per-class thresholds are tuned on a validation split only: never on the test split.
         thresholds = (tune_thresholds(result.scores, result.labels)
                       if datasets.val is not None else None)
-        metrics = compute_metrics(result.scores, result.labels, thresholds)
+        metrics = metrics_of(result, device, thresholds)
         is_best = metrics["mAP"] > best_score  # False for an undefined (NaN) mAP
         best_score = metrics["mAP"] if is_best else best_score
         seconds = time.perf_counter() - started
@@ -239,6 +239,12 @@ def score_with_best_model(args, model, run, datasets, device, world_size, write_
                          run.amp_dtype, args.checkpoint_dir)
 
 
+def metrics_of(result, device, thresholds=None):
+    """The metrics of an evaluation (util.compute_metrics); on a GPU, the AP's ranking runs there."""
+    return compute_metrics(result.scores, result.labels, thresholds,
+                           device if device.type == "cuda" else None)
+
+
 def evaluate_epoch(model, average, loss_fn, loader, device, amp_dtype, channels_last):
     """The evaluation of an epoch, and what its record adds: of the model, or with --ema of the
     weights' average (what is selected and saved), the trained weights' mAP and loss beside."""
@@ -246,7 +252,7 @@ def evaluate_epoch(model, average, loss_fn, loader, device, amp_dtype, channels_
     result = evaluate(model, loss_fn, loader, device, amp_dtype, channels_last)
     if average is None:
         return result, {}
-    raw = compute_metrics(result.scores, result.labels)
+    raw = metrics_of(result, device)
     share_rank_zero_buffers(average.model)
     return (evaluate(average.model, loss_fn, loader, device, amp_dtype, channels_last),
             {"raw_mAP": raw["mAP"], "raw_loss": result.loss})
@@ -262,7 +268,7 @@ def score_test_once(args, model, loss_fn, datasets, best, device, amp_dtype, wor
         return
     loader = make_loader(test, args.batch_size, args.workers, args.seed, device, shuffle=False)
     result = evaluate(model, loss_fn, loader, device, amp_dtype, args.channels_last)
-    metrics = compute_metrics(result.scores, result.labels, best.get("thresholds"))
+    metrics = metrics_of(result, device, best.get("thresholds"))
     if is_main_process():
         record = {"checkpoint": os.path.abspath(os.path.join(args.checkpoint_dir, BEST)),
                   "epoch": best.get("epoch", 0), "split": test.split, "loss": result.loss,
@@ -283,8 +289,7 @@ def evaluate_checkpoint(args, model, datasets, checkpoint, device, world_size, w
     test_set = datasets.test
     loader = make_loader(test_set, args.batch_size, args.workers, args.seed, device, shuffle=False)
     result = evaluate(model, loss_fn, loader, device, amp_dtype, args.channels_last)
-    metrics = compute_metrics(result.scores, result.labels,
-                              None if args.zero_shot else checkpoint.get("thresholds"))
+    metrics = metrics_of(result, device, None if args.zero_shot else checkpoint.get("thresholds"))
     if args.zero_shot:
         metrics.update(top_k_metrics(result.scores, result.labels))
     if is_main_process():

@@ -472,6 +472,17 @@ def embeddings_parser():
     return parser
 
 
+def images_by_classes(text):
+    """'125000x9605' -> (125000, 9605): bench.py --metrics' N images x C classes."""
+    try:
+        images, classes = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NxC, e.g. 125000x9605; got {text!r}") from None
+    if images < 1 or classes < 1:
+        raise argparse.ArgumentTypeError(f"N and C must be at least 1; got {text!r}")
+    return images, classes
+
+
 def bench_parser(description):
     """The options of bench.py (speed of the release-style path against the fast path)."""
     parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -500,6 +511,14 @@ def bench_parser(description):
     parser.add_argument("--compile", action="store_true", help="also torch.compile the fast path")
     parser.add_argument("--json", metavar="FILE",
                         help="write the figures to this JSON file, each as soon as it is measured")
+    parser.add_argument("--metrics", type=images_by_classes, metavar="NxC",
+                        help="time only the metrics (compute_metrics, tune_thresholds, "
+                             "top_k_metrics) on generated scores of N images x C classes, e.g. "
+                             "125000x9605 (Open Images test) or 40137x80 (COCO val)")
+    parser.add_argument("--metrics-known", type=positive_int, default=8, metavar="K",
+                        help="with --metrics: K labels of each image verified, the rest unknown, "
+                             "as Open Images' (default: %(default)s); K >= C: every label known, "
+                             "as COCO's")
     parser.add_argument("--require-gpu", action="store_true",
                         help="a missing or unusable CUDA GPU is an error (default: measure on the CPU)")
     return parser

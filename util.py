@@ -259,11 +259,14 @@ def probabilities(scores):
 
 def top_k_metrics(scores, labels, ks=(3, 5)):
     """Precision, recall and F1 (percent) of predicting exactly the k highest-scoring classes of
-    each image, over all pairs (the zero-shot multi-label literature's P@k, R@k, F1@k)."""
+    each image, over all pairs (the zero-shot multi-label literature's P@k, R@k, F1@k).
+    Difficult labels (0) count as negatives and unknown ones (-2) neither way, as in the top-3
+    metrics of `compute_metrics` (the release's rule): with every score >= 0, P@3 and R@3 are
+    its OP_top3 and OR_top3."""
     scores, labels = metric_inputs(scores, labels)
     correct, predicted, truth = dict.fromkeys(ks, 0), dict.fromkeys(ks, 0), 0
     for rows in _blocks(scores.shape[0], scores.shape[1]):
-        present, known = labels[rows] == PRESENT, _ranked(labels[rows])
+        present, known = labels[rows] == PRESENT, labels[rows] != UNKNOWN
         truth += int(present.sum())
         for k in ks:
             chosen = top_k(scores[rows], k) & known

@@ -175,6 +175,21 @@ def test_top_k_precision_recall_and_f1_by_hand():
     assert metrics["F1@3"] == pytest.approx(100 * 2 * (2 / 5) * (2 / 3) / (2 / 5 + 2 / 3))
 
 
+def test_top_k_metrics_treat_difficult_labels_as_the_top_3_metrics_do():
+    """P@3 and R@3 are compute_metrics' OP_top3 and OR_top3 when every score is >= 0 (so that
+    the top 3 are what is predicted): difficult labels count as negatives in both."""
+    from util import top_k_metrics
+    rng = np.random.default_rng(5)
+    scores = rng.random((40, 7)) + 0.01                              # all >= 0
+    labels = rng.choice([1, 0, -1, -2], size=(40, 7), p=[0.3, 0.2, 0.4, 0.1])
+    ours, top3 = top_k_metrics(scores, labels, ks=(3,)), compute_metrics(scores, labels)
+    assert ours["P@3"] == pytest.approx(top3["OP_top3"], rel=1e-12)
+    assert ours["R@3"] == pytest.approx(top3["OR_top3"], rel=1e-12)
+    # by hand: a difficult label among an image's top 3 is a wrong prediction
+    one = top_k_metrics(np.array([[0.9, 0.8, 0.7, 0.1]]), np.array([[1, 0, -1, -1]]), ks=(3,))
+    assert one["P@3"] == pytest.approx(100 / 3) and one["R@3"] == pytest.approx(100.0)
+
+
 # ---- the same numbers in bounded memory, on the CPU and ranked with torch (issue 26) ------------
 
 def release_average_precision(scores, labels):
@@ -242,8 +257,9 @@ def release_compute_metrics(scores, labels, thresholds=None):
 
 
 def release_top_k_metrics(scores, labels, ks=(3, 5)):
+    # difficult (0) counts as a negative, unknown (-2) neither way (issue 25: as the top-3 metrics)
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    truth, known = labels == 1, (labels == 1) | (labels == -1)
+    truth, known = labels == 1, labels != -2
     metrics = {}
     for k in ks:
         predicted = release_top_k(scores, k) & known
