@@ -179,3 +179,47 @@ def random_embeddings(tmp_path):
     path = tmp_path / "embeddings.npy"
     np.save(path, np.random.default_rng(1).standard_normal((20, 300)).astype(np.float32))
     return str(path)
+
+
+# ---- running the suite on several workers (pytest-xdist: python -m pytest -n auto tests) ------
+# The modules that take longest, first: on 2 workers a long module started last would be run
+# alone at the end. The other modules follow in their usual order.
+SLOW_FIRST = ["test_demo.py", "test_distributed.py", "test_faults_runs.py", "test_user_mistakes.py",
+              "test_recipes.py", "test_baseline.py", "test_trunks.py", "test_engine.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """On an xdist worker: the slow modules first (every worker collects the same order, and
+    the scheduler below hands out work in that order). A module's tests stay together."""
+    if not hasattr(config, "workerinput"):
+        return
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest-xdist is not installed: the suite runs in one process
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+    class ModuleFixtureScheduling(LoadScopeScheduling):
+        """The tests of a module that defines a module-scoped fixture (a training run, a torchrun
+        launch, made once and read by several tests) go to one worker together, so the fixture is
+        made once; the tests of the other modules are handed out one by one."""
+
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            config.option.loadscopereorder = False  # the order of the collection (above)
+            self.shares = {}
+
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            if module not in self.shares:
+                with open(os.path.join(str(self.config.rootpath), module), encoding="utf-8") as f:
+                    source = f.read()
+                self.shares[module] = 'scope="module"' in source or "scope='module'" in source
+            return module if self.shares[module] else nodeid
+
+    def pytest_xdist_make_scheduler(config, log):
+        return ModuleFixtureScheduling(config, log)

@@ -107,7 +107,7 @@ def test_the_readme_keeps_the_three_commands_a_newcomer_needs():
         text = f.read()
     for command in ["python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt",
                     "python main_voc2007.py data/voc2007",
-                    "python -m pytest -q tests"]:
+                    "python -m pytest -q -n auto tests"]:
         assert f"```bash\n{command}\n```" in text, f"README.md lost the command: {command}"
 
 

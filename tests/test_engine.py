@@ -103,10 +103,10 @@ def cli(*args, cwd=ROOT):
                           timeout=300)
 
 
-def test_cli_trains_one_epoch_and_logs_every_metric(voc_root, random_embeddings, tmp_path):
+def test_cli_trains_one_epoch_and_logs_every_metric(voc_root, random_embeddings, tmp_path, capsys):
     root, _ = voc_root
-    result = cli(root, "--epochs", "1", *SMALL, "--embeddings", random_embeddings,
-                 "--checkpoint-dir", str(tmp_path))
+    result = command(capsys, root, "--epochs", "1", *SMALL, "--embeddings", random_embeddings,
+                     "--checkpoint-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert os.path.isfile(tmp_path / checkpoints.CHECKPOINT) and os.path.isfile(tmp_path / checkpoints.BEST)
     (record,) = read_metrics(tmp_path / runs.METRICS_LOG)
