@@ -6,12 +6,13 @@ Every dataset of this project (voc.py, coco.py, custom.py, nuswide.py, openimage
 `__init__` and says where image i is (`image_path`); docs/code_layout.md shows one in full.
 """
 import hashlib
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
-from util import read_image
+from util import UNKNOWN, read_image
 
 
 class MultiLabelDataset(Dataset):
@@ -63,6 +64,34 @@ class MultiLabelDataset(Dataset):
     def __getitem__(self, index):
         image = read_image(self.image_path(index), self.transform, upright=self.upright)
         return image, torch.from_numpy(self.label_vector(index)), self.image_id(index)
+
+
+class Datasets(NamedTuple):
+    """What an entry script gives the engine (each a dataset.MultiLabelDataset)."""
+    train: Dataset            # None with -e
+    test: Dataset             # labelled; evaluated after every epoch, selects model_best
+    submission: Dataset = None  # unlabelled, scored by the best model at the end (VOC 2012 test)
+    val: Dataset = None       # labelled; if given, selects model_best instead of test, which
+    #                           the best model then scores once, at the end
+
+
+# --------------------------------------------------------------------------------------------
+# What the labels mean to the loss
+# --------------------------------------------------------------------------------------------
+
+def training_targets(labels):
+    """1 (present) and 0 (difficult) are positives of the loss, -1 is a negative (spec 5); -2
+    (unknown) is neither: `labelled_loss` leaves it out."""
+    return (labels >= 0).float()
+
+
+def labelled_loss(loss_fn, output, labels, partial):
+    """The loss of `output` against `labels` (on the device); with partial labels only the known
+    image-class pairs count in its classification term."""
+    targets = training_targets(labels)
+    if partial:
+        return loss_fn(output, targets, labels != UNKNOWN)
+    return loss_fn(output, targets)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,14 +16,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import models
 import recipes
 import report
 from checkpoints import BEST, checkpoint_state, load_checkpoint, load_weights, restore_training, save_epoch
-from dataset import has_partial_labels, make_loader, set_epoch, split_of
+from dataset import (Datasets, has_partial_labels, labelled_loss, make_loader, set_epoch,
+                     split_of)
 from distributed import (gather_shares, init_distributed, is_main_process, mean_over_processes,
                          rank_zero_first, share_rank_zero_buffers)
 from embeddings import class_vectors
@@ -33,16 +33,7 @@ from runs import (NonFiniteLoss, RunLock, check_datasets, check_zero_shot,
                   start_from, stop_if_interrupted)
 from speed import (autocast, compile_trunk, mixed_precision, numerics, prepare_images,
                    warn_if_compile_changed)
-from util import UNKNOWN, DSDLError, compute_metrics, top_k_metrics, tune_thresholds
-
-
-class Datasets(NamedTuple):
-    """What an entry script gives the engine (each a dataset.MultiLabelDataset)."""
-    train: Dataset            # None with -e
-    test: Dataset             # labelled; evaluated after every epoch, selects model_best
-    submission: Dataset = None  # unlabelled, scored by the best model at the end (VOC 2012 test)
-    val: Dataset = None       # labelled; if given, selects model_best instead of test, which
-    #                           the best model then scores once, at the end
+from util import DSDLError, compute_metrics, top_k_metrics, tune_thresholds
 
 
 def main(args, datasets_fn, default_embeddings, write_submission=None):
@@ -322,21 +313,6 @@ def score_submission(model, loss_fn, dataset, args, device, write_submission, am
 # --------------------------------------------------------------------------------------------
 # One epoch of training, one evaluation
 # --------------------------------------------------------------------------------------------
-
-def training_targets(labels):
-    """1 (present) and 0 (difficult) are positives of the loss, -1 is a negative (spec 5); -2
-    (unknown) is neither: `labelled_loss` leaves it out."""
-    return (labels >= 0).float()
-
-
-def labelled_loss(loss_fn, output, labels, partial):
-    """The loss of `output` against `labels` (on the device); with partial labels only the known
-    image-class pairs count in its classification term."""
-    targets = training_targets(labels)
-    if partial:
-        return loss_fn(output, targets, labels != UNKNOWN)
-    return loss_fn(output, targets)
-
 
 READ_EVERY = 10  # training steps between two readings of the loss (each makes the host wait)
 

@@ -37,7 +37,7 @@ def get_args_parser():
 
 def datasets(args):
     """The train (None with -e), test and validation (--val, else None) CSVs of the command
-    line, each read once, as engine.Datasets (train, test, submission: none, val)."""
+    line, each read once, as dataset.Datasets (train, test, submission: none, val)."""
     import custom
     from util import eval_transform, train_transform_of
     test_csv = args.test_csv or os.path.join(args.data, "test.csv")
