@@ -123,8 +123,8 @@ def test_cli_trains_one_epoch_and_logs_every_metric(voc_root, random_embeddings,
 
 def test_a_metric_added_to_compute_metrics_is_printed_and_logged_with_no_other_change(
         voc_root, random_embeddings, tmp_path, monkeypatch, capsys):
-    def with_a_new_metric(scores, labels, thresholds=None):
-        metrics = compute_metrics(scores, labels, thresholds)
+    def with_a_new_metric(scores, labels, *rest):
+        metrics = compute_metrics(scores, labels, *rest)
         metrics["hamming_accuracy"] = 100 * float(np.mean((scores >= 0) == (labels > 0)))
         return metrics
 

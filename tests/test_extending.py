@@ -314,8 +314,8 @@ def test_a_new_metric_reaches_the_printout_the_logs_and_the_evaluation(voc_root,
     function the engine calls: its new entry is printed, logged, and recorded by -e."""
     computed = engine.compute_metrics
 
-    def with_positives(scores, labels, thresholds=None):
-        return {**computed(scores, labels, thresholds), "positives": float((labels == 1).sum())}
+    def with_positives(scores, labels, *rest):
+        return {**computed(scores, labels, *rest), "positives": float((labels == 1).sum())}
 
     monkeypatch.setattr(engine, "compute_metrics", with_positives)
     root, flags = voc_root

@@ -451,8 +451,10 @@ def test_labels_without_their_vectors_are_an_error_before_the_checkpoint_loads(
 def test_results_that_do_not_fit_on_the_disk_leave_the_previous_file_and_are_printed(
         trained, tmp_path, capsys, monkeypatch, option):
     checkpoint, _, images = trained
-    previous = tmp_path / "prev.out"
-    previous.write_text("the scores of 2,000 images\n")
+    previous = tmp_path / "prev.out"  # an earlier output of the option, which it may replace
+    earlier = ('[{"image": "old.jpg", "predictions": []}]\n' if option == "--json" else
+               "image,label,probability,score\nold.jpg,cat,0.9,2.2\n")
+    previous.write_text(earlier)
     fill_disk(monkeypatch, util, 100)  # a tenth of what the results need
     assert run([option, str(previous), *images], checkpoint) == 1
     out, err = capsys.readouterr()
@@ -460,7 +462,7 @@ def test_results_that_do_not_fit_on_the_disk_leave_the_previous_file_and_are_pri
         f"error: could not write {previous} (No space left on device); the file there is as it "
         f"was, and the results are printed above. Free disk space, then run the same command again")
     assert all(path in out for path in images) and "Traceback" not in err
-    assert previous.read_text() == "the scores of 2,000 images\n"
+    assert previous.read_text() == earlier
     assert os.listdir(tmp_path) == ["prev.out"]
 
 

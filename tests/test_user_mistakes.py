@@ -547,8 +547,9 @@ def test_resuming_on_another_test_split_is_refused_since_its_best_map_is_not_com
 
 def test_resuming_on_another_training_split_is_a_warning(trained, run_folder, tmp_path, monkeypatch):
     saved = torch.load(run_folder / checkpoints.CHECKPOINT, weights_only=True)["dataset"]
-    assert saved["sizes"] == {"trainval": 24, "test": 16} and saved["evaluated"] == "test"
-    assert set(saved["fingerprints"]) == {"trainval", "test"}
+    assert saved["sizes"] == {"train": 24, "test": 16} and saved["evaluated"] == "test"  # by role
+    assert saved["roles"] == {"train": "trainval", "test": "test"}
+    assert set(saved["fingerprints"]) == set(saved["label_fingerprints"]) == {"train", "test"}
     assert [record["images"] for record in read_metrics(run_folder / runs.METRICS_LOG)] == [16, 16]
     root = shutil.copytree(trained.root, tmp_path / "voc")
     rewrite_split_files(root, "trainval", lambda name, lines: lines[:16])
