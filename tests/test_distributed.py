@@ -121,6 +121,23 @@ def test_a_mistake_found_by_rank_0_stops_every_process_with_one_error_line(two_p
     assert "Connection closed" not in result.stderr
 
 
+def run_two_ranks(target, tmp_path, *extra, context=None):
+    """`target(rank, port, folder, *extra)` in two forked processes (torch is imported already:
+    no second import) on a free port; a process that hangs is killed after 2 minutes."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    context = context or multiprocessing.get_context("fork")
+    processes = [context.Process(target=target, args=(rank, port, str(tmp_path), *extra))
+                 for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        if process.exitcode is None:
+            process.kill()
+
+
 def waiting_and_hanging_rank(rank, port, folder, gave_up):
     """One of 2 gloo processes of init_distributed with a 2-second collective timeout: rank 0
     "downloads" for 3 s while rank 1 waits in rank_zero_first, then rank 0 hangs in training
@@ -153,19 +170,9 @@ def waiting_and_hanging_rank(rank, port, folder, gave_up):
 
 
 def test_rank_zero_downloads_may_take_longer_than_a_training_collective_waits(tmp_path):
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
     context = multiprocessing.get_context("fork")  # torch is imported already: no second import
     gave_up = context.Event()
-    processes = [context.Process(target=waiting_and_hanging_rank, args=(rank, port, str(tmp_path), gave_up))
-                 for rank in (0, 1)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-        if process.exitcode is None:
-            process.kill()
+    run_two_ranks(waiting_and_hanging_rank, tmp_path, gave_up, context=context)
     rank1 = (tmp_path / "rank1.txt").read_text().splitlines()
     assert rank1[0] == "waited for rank 0"  # 3 s in rank_zero_first: on the download group
     assert rank1[1].startswith("gave up:") and "timed out" in rank1[1].lower(), rank1
@@ -197,17 +204,7 @@ def split_to_gather():
 
 
 def test_the_shares_of_every_process_are_gathered_in_the_splits_order_as_float32_and_int8(tmp_path):
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    context = multiprocessing.get_context("fork")
-    processes = [context.Process(target=gathering_rank, args=(rank, port, str(tmp_path))) for rank in (0, 1)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-        if process.exitcode is None:
-            process.kill()
+    run_two_ranks(gathering_rank, tmp_path)
     scores, labels = split_to_gather()
     for rank in (0, 1):
         with np.load(tmp_path / f"rank{rank}.npz") as gathered:

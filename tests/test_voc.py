@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import training_targets
+from dataset import training_targets
 from util import DSDLError, compute_metrics
 from voc import VOC2007, VOC_CLASSES
 
