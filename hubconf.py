@@ -65,8 +65,18 @@ def _checked(entry, checkpoint, **given):
         raise _util.DSDLError(f"{entry}(): {message}") from None
 
 
+def _load(checkpoint, entry, model_name=None, **given):
+    """The model of `checkpoint` (inference.load_model), refused unless it is a `model_name`."""
+    model = _inference.load_model(_checked(entry, checkpoint, **given))
+    if model_name is not None and model.name != model_name:
+        raise _util.DSDLError(f"{checkpoint} holds a {model.name} model, not a {model_name}: load "
+                              f"it with the entry point {model.name!r} (or 'load')")
+    model.transform = _util.eval_transform(model.image_size)
+    return model
+
+
 def load(checkpoint, dataset=None, embeddings=None, lambd=None, image_size=None, arch=None,
-         classes=None, classes_from_glove=None, *, _entry="load", _model=None):
+         classes=None, classes_from_glove=None):
     """The trained model of `checkpoint`, of whichever model it is (models.MODELS).
 
     checkpoint: this project's checkpoint, or one of the authors' released ones, which store no
@@ -78,20 +88,15 @@ def load(checkpoint, dataset=None, embeddings=None, lambd=None, image_size=None,
     not trained on are scored zero-shot (accuracy not measured). The other arguments are
     predict.py's options of the same names.
     """
-    given = dict(dataset=dataset, embeddings=embeddings, lambd=lambd, image_size=image_size,
-                 arch=arch, classes=classes, classes_from_glove=classes_from_glove)
-    model = _inference.load_model(_checked(_entry, checkpoint, **given))
-    if _model is not None and model.name != _model:
-        raise _util.DSDLError(f"{checkpoint} holds a {model.name} model, not a {_model}: load it "
-                              f"with the entry point {model.name!r} (or 'load')")
-    model.transform = _util.eval_transform(model.image_size)
-    return model
+    return _load(checkpoint, "load", dataset=dataset, embeddings=embeddings, lambd=lambd,
+                 image_size=image_size, arch=arch, classes=classes,
+                 classes_from_glove=classes_from_glove)
 
 
 def _model_entry(name):
     """The entry point of model `name`: `load`, refusing a checkpoint of another model."""
     def entry(checkpoint, **kwargs):
-        return load(checkpoint, _entry=name, _model=name, **kwargs)
+        return _load(checkpoint, name, name, **kwargs)
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = (f"The trained {_models.model_title(name)} of `checkpoint` (--model {name}); "
                      f"arguments as `load`.")
@@ -103,7 +108,7 @@ globals().update({_name: _model_entry(_name) for _name in _models.MODELS})
 
 def dsdl_resnet101(checkpoint, **kwargs):
     """DSDL with a ResNet-101 trunk (the paper's) from a trained checkpoint; arguments as `load`."""
-    model = load(checkpoint, _entry="dsdl_resnet101", _model="dsdl", **kwargs)
+    model = _load(checkpoint, "dsdl_resnet101", "dsdl", **kwargs)
     if model.arch != "resnet101":
         raise _util.DSDLError(f"{checkpoint} holds a DSDL {model.arch}, not a resnet101: load "
                               f"it with the entry point 'dsdl'")
