@@ -591,13 +591,23 @@ def as_settings(settings):
     return dict(settings) if isinstance(settings, dict) else dict(vars(settings))
 
 
-def keyword_arguments(kind, names, given, option):
-    """`given` (--model-args or --loss-args, a dict), refused when it names an argument that
-    `kind` does not take."""
+def keyword_arguments(kind, constructor, names, given, option):
+    """`given` (--model-args or --loss-args, a dict) for the arguments `names` of `constructor`,
+    refused when it names another, or gives text or a number where the argument's default is
+    a number or a boolean."""
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise DSDLError(f"{option} {', '.join(unknown)}: {kind} takes "
                         f"{', '.join(names) or 'no settings'}")
+    defaults = {name: parameter.default
+                for name, parameter in inspect.signature(constructor).parameters.items()}
+    for name, value in given.items():
+        default = defaults.get(name)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise DSDLError(f"{option} {name}={value!r}: {name} is True or False (default {default})")
+        if (isinstance(default, (int, float)) and not isinstance(default, bool)
+                and (isinstance(value, bool) or not isinstance(value, (int, float)))):
+            raise DSDLError(f"{option} {name}={value!r}: {name} is a number (default {default})")
     return dict(given)
 
 
@@ -615,8 +625,8 @@ def classification_loss(settings, **release):
     if prefix:
         kwargs.update({key: settings[prefix + key] for key in names
                        if settings.get(prefix + key) is not None})
-    kwargs.update(keyword_arguments(f"--cls-loss {name}", names, settings.get("loss_args") or {},
-                                    "--loss-args"))
+    kwargs.update(keyword_arguments(f"--cls-loss {name}", loss.__init__, names,
+                                    settings.get("loss_args") or {}, "--loss-args"))
     return loss(**kwargs)
 
 
@@ -630,7 +640,7 @@ def check_settings(settings):
     settings = as_settings(settings)
     entry = model_entry(settings.get("model") or "dsdl")
     network = entry.network
-    keyword_arguments(f"--model {network.name}", network.setting_names(),
+    keyword_arguments(f"--model {network.name}", network.__init__, network.setting_names(),
                       settings.get("model_args") or {}, "--model-args")
     classification_loss(settings)
     used = {*network.setting_names(), *getattr(entry.loss, "uses", ())}
@@ -648,8 +658,9 @@ def build_model(settings, context, pretrained=False):
     `settings`: the command line's options (or a dict); --model-args add to them."""
     settings = as_settings(settings)
     network = model_entry(settings.get("model") or "dsdl").network
-    settings.update(keyword_arguments(f"--model {network.name}", network.setting_names(),
-                                      settings.get("model_args") or {}, "--model-args"))
+    settings.update(keyword_arguments(f"--model {network.name}", network.__init__,
+                                      network.setting_names(), settings.get("model_args") or {},
+                                      "--model-args"))
     return network.from_settings(settings, context, pretrained)
 
 

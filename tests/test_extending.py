@@ -86,7 +86,10 @@ def test_a_loss_is_chosen_and_set_by_name_and_its_mistakes_are_one_line(capsys):
              "--loss-args gama: --cls-loss focal takes gamma, alpha"),
             (["--model", "dsld"], "unknown --model 'dsld'; choose one of " + ", ".join(models.MODELS)),
             (["--model-args", "lamda=3"], "--model-args lamda: --model dsdl takes lambd, arch, pool"),
-            (["--loss-args", "gamma"], "argument --loss-args: 'gamma' is not KEY=VALUE")):
+            (["--loss-args", "gamma"], "argument --loss-args: 'gamma' is not KEY=VALUE"),
+            (["--cls-loss", "focal", "--loss-args", "gamma=two"],
+             "--loss-args gamma='two': gamma is a number (default 2.0)"),
+            (["--model-args", "lambd=True"], "--model-args lambd=True: lambd is a number (default 10.0)")):
         assert call_main(main_voc2007.main, ["no-such-folder", "--device", "cpu", *argv]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
