@@ -200,15 +200,14 @@ def load_weights(model, checkpoint, path, class_independent_only=False, training
                               class_independent_only)
 
 
-def checkpoint_state(model, run, args, epoch, best_score, datasets, provenance, seconds,
-                     thresholds=None):
+def checkpoint_state(model, run, args, epoch, best_score, provenance, seconds, thresholds=None):
     """The checkpoint of a run (engine.Training `run`) after `epoch`: everything --resume
     continues from, and what rebuilds the model (`model_settings`, `classes`, the model's own
     entries such as DSDL's class vectors: models.from_checkpoint)."""
     state = {"model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "lr_scheduler": run.schedule.state_dict(), "epoch": epoch, "best_score": best_score,
              "args": vars(args), "model_settings": model.settings(), "classes": list(model.classes),
-             **model.checkpoint_extras(), "dataset": dataset_record(datasets),
+             **model.checkpoint_extras(), "dataset": run.data,
              "run_id": run.run_id, "provenance": provenance, "epoch_seconds": seconds}
     if run.scaler is not None:
         state["scaler"] = run.scaler.state_dict()

@@ -208,6 +208,8 @@ class LabelCSV(MultiLabelDataset):
         self.classes = list(classes)
         self.name = name
         self.split = split or os.path.splitext(os.path.basename(csv_path))[0]
+        # The name checkpoints of before split_names knew this split by: the file's alone.
+        self.file_name_split = os.path.splitext(os.path.basename(csv_path))[0]
         self.transform = transform
         self.images = self.image_ids = [image for _, image, *_ in rows]  # what dataset[i] names
         column = {name: c for c, name in enumerate(self.classes)}

@@ -21,7 +21,8 @@ from tqdm import tqdm
 import models
 import recipes
 import report
-from checkpoints import BEST, checkpoint_state, load_checkpoint, load_weights, restore_training, save_epoch
+from checkpoints import (BEST, checkpoint_state, dataset_record, load_checkpoint, load_weights,
+                         restore_training, save_epoch)
 from dataset import (Datasets, has_partial_labels, labelled_loss, make_loader, set_epoch,
                      split_of)
 from distributed import (gather_shares, init_distributed, is_main_process, mean_over_processes,
@@ -119,6 +120,7 @@ class Training(NamedTuple):
     best_score: float
     run_id: str
     board: Any           # report.TensorBoardLog (--tensorboard, rank 0), or None
+    data: dict           # what the checkpoints say of the data (checkpoints.dataset_record), rank 0
 
 
 def set_up_training(args, model, datasets, selection, checkpoint, device, world_size):
@@ -144,8 +146,9 @@ def set_up_training(args, model, datasets, selection, checkpoint, device, world_
              if args.tensorboard and is_main_process() else None)
     selection_loader = make_loader(selection, args.batch_size, args.workers, args.seed, device,
                                    shuffle=False)
+    data = dataset_record(datasets) if is_main_process() else None  # fingerprints: taken once
     return Training(loss_fn, step_model, optimizer, amp_dtype, scaler, schedule, average,
-                    train_loader, selection_loader, start_epoch, best_score, run_id, board)
+                    train_loader, selection_loader, start_epoch, best_score, run_id, board, data)
 
 
 def train(args, model, datasets, checkpoint, device, world_size, write_submission):
@@ -196,8 +199,8 @@ def train(args, model, datasets, checkpoint, device, world_size, write_submissio
                       "train_loss": train_loss, "epoch_seconds": seconds, **metrics, **extra,
                       "classes": [str(name) for name in selection.classes], **described}
             report.log_epoch(args, selection, metrics, record, run.board, rates)
-            save_epoch(checkpoint_state(model, run, args, epoch + 1, best_score, datasets,
-                                        described["run"], seconds, thresholds),
+            save_epoch(checkpoint_state(model, run, args, epoch + 1, best_score, described["run"],
+                                        seconds, thresholds),
                        args.checkpoint_dir, is_best)
         say(report.epoch_line(epoch + 1, args.epochs, train_loss, selection.split, metrics["mAP"],
                               best_score, seconds, is_best, extra.get("raw_mAP")))

@@ -53,11 +53,12 @@ def check_rows_follow_names(names, vectors, trained, trained_vectors, path):
         return
     row_of = {name: row for row, name in enumerate(trained)}
     for given, (name, vector) in enumerate(zip(names, vectors)):
-        if name in row_of and torch.equal(vector, trained_vectors[row_of[name]].float()):
-            continue
         same = [other for other in trained if other != name
                 and torch.equal(vector, trained_vectors[row_of[other]].float())]
-        if same:
+        # Another trained class's vector is a renamed label ("tv" for tvmonitor), unless this
+        # name is a trained class of its own or that class is given too: then rows are swapped.
+        swapped = name in row_of or any(other in names for other in same)
+        if same and swapped:
             raise DSDLError(f"{path}: row {given + 1}, given for {name!r}, is the vector "
                             f"{'of ' + repr(same[0])} the checkpoint was trained with: its rows "
                             f"are not in the order of --classes. Put the rows in the order of the "
@@ -126,9 +127,10 @@ def load_model(args):
                         f"checkpoints; leave {'it' if len(unused) == 1 else 'them'} out")
     if args.classes:
         classes, semantics = label_vectors(args, trained_width(checkpoint, weights))
-        check_rows_follow_names(classes, semantics, trained,
-                                checkpoint.get("semantics", weights.get("semantics")),
-                                args.embeddings or args.classes_from_glove)
+        if args.embeddings:  # rows from a file; --classes-from-glove makes them from the names
+            check_rows_follow_names(classes, semantics, trained,
+                                    checkpoint.get("semantics", weights.get("semantics")),
+                                    args.embeddings)
         warn_zero_shot(classes, trained, args.resume)
     else:
         classes, semantics = trained, checkpoint.get("semantics", weights.get("semantics"))

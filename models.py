@@ -126,6 +126,11 @@ class PooledModel(nn.Module):
                 if name in inspect.signature(cls.__init__).parameters}
         model = cls(pretrained=pretrained, **seen, **given)
         model.classes = list(context.classes)
+        missing = [name for name in cls.setting_names() if not hasattr(model, name)]
+        if missing:  # settings() could not save it, and the checkpoint could not rebuild it
+            raise DSDLError(f"{cls.__name__} keeps no attribute {missing[0]!r} for its "
+                            f"constructor argument of that name: keep each setting as an "
+                            f"attribute of its name (models.PooledModel.settings)")
         return model
 
     def settings(self):
@@ -224,6 +229,9 @@ class PooledModel(nn.Module):
         """Model-specific checks of foreign weights, before the generic ones."""
 
     def describe_key(self, key):
+        if "pos_embed" in key:  # a transformer built for one input size
+            return (f"position embeddings for another input size than --image-size "
+                    f"{self.image_size}: pass the --image-size it was trained at")
         return "trunk weights" if key.startswith("features.") else "classifier weights"
 
 
@@ -640,8 +648,14 @@ def check_settings(settings):
     settings = as_settings(settings)
     entry = model_entry(settings.get("model") or "dsdl")
     network = entry.network
+    given = settings.get("model_args") or {}
     keyword_arguments(f"--model {network.name}", network.__init__, network.setting_names(),
-                      settings.get("model_args") or {}, "--model-args")
+                      given, "--model-args")
+    own = [key for key in given if key in settings and key != "model_args"]  # e.g. lambd
+    if own:
+        raise DSDLError(f"--model-args {', '.join(own)}: "
+                        f"{'it has its' if len(own) == 1 else 'they have their'} own option: use "
+                        f"{' and '.join('--' + key.replace('_', '-') for key in own)}")
     classification_loss(settings)
     used = {*network.setting_names(), *getattr(entry.loss, "uses", ())}
     if network.needs_class_vectors:

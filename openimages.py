@@ -43,7 +43,7 @@ ANNOTATIONS = {
 }
 ANNOTATIONS_HEADER = b"ImageID,Source,LabelName,Confidence"
 CONFIDENCE = {b"1": PRESENT, b"1.0": PRESENT, b"0": ABSENT, b"0.0": ABSENT}
-CACHE_VERSION = 2  # 2: util.cached_arrays' layout
+CACHE_VERSION = 3  # 2: util.cached_arrays' layout; 3: quoted fields read (they were skipped)
 MAX_PROBLEMS_SHOWN = 10
 
 

@@ -294,9 +294,11 @@ def check_same_splits(trained_on, datasets, resume):
     if "roles" in trained_on:  # splits known by their role, whatever their files are called
         now, train_key, test_key = ("val" if has_val else "test"), "train", "test"
         chose = trained_on["roles"].get(evaluated, evaluated)
-    else:  # a checkpoint of before roles: splits known by their names
-        now, test_key, chose = selection.split, datasets.test.split, evaluated
-        train_key = datasets.train.split if datasets.train is not None else None
+    else:  # a checkpoint of before roles: splits known by their names (a CSV's, its file's)
+        def name(split):
+            return getattr(split, "file_name_split", split.split)
+        now, test_key, chose = name(selection), name(datasets.test), evaluated
+        train_key = name(datasets.train) if datasets.train is not None else None
     if evaluated and evaluated != now and (trained_on.get("sizes") or {}).get(evaluated):
         given = ("is not given now: pass it again with --val" if evaluated != test_key
                  else "was not given then: --val cannot be added to a run")

@@ -528,3 +528,98 @@ def test_evaluating_the_best_model_of_a_val_run_prints_what_the_run_wrote_for_it
     assert evaluated["mAP"] == pytest.approx(at_the_end["mAP"], abs=1e-9)
     assert evaluated["loss"] == pytest.approx(at_the_end["loss"], rel=1e-6)
     assert f"mAP {at_the_end['mAP']:.2f} (over" in out
+
+
+# --------------------------------------------------------------------------------------------
+# What a review of the changes found
+# --------------------------------------------------------------------------------------------
+
+def test_a_label_renamed_with_the_checkpoints_own_vectors_is_scored_not_refused(trained, tmp_path):
+    import json
+    import predict
+    from voc import VOC_CLASSES
+    checkpoint, model, images = trained
+    np.save(tmp_path / "vectors.npy", model.semantics.numpy())
+    names = [*VOC_CLASSES[:-1], "tv"]  # tvmonitor, renamed; its vector, in its place
+    out = tmp_path / "out.json"
+    assert predict.main(["--resume", checkpoint, "--embeddings", str(tmp_path / "vectors.npy"),
+                         "--classes", *names, "--threshold", "0", "--json", str(out), images[0],
+                         "-j", "0"]) == 0
+    scores = {p["label"]: p["score"] for p in json.loads(out.read_text())[0]["predictions"]}
+    with torch.no_grad():
+        from test_predict import direct_scores
+        expected = direct_scores(model, images[0])
+    assert scores["tv"] == pytest.approx(expected[-1], rel=1e-4, abs=1e-5)
+
+
+def test_an_open_images_label_cache_of_before_quoted_fields_were_read_is_rebuilt(tmp_path, monkeypatch):
+    import openimages
+    path = tmp_path / "labels.csv"
+    path.write_text('ImageID,Source,LabelName,Confidence\n"img1","verification","/m/cat","1"\n'
+                    "img2,verification,/m/cat,1\n")
+    cache = str(tmp_path / "labels.npz")
+    real = openimages.read_image_labels
+
+    def skipping_quoted(csv_path, mids):  # what the reader of cache version 2 made of the file
+        kept = tmp_path / "plain.csv"
+        kept.write_text("".join(line for line in open(csv_path) if '"' not in line))
+        return real(str(kept), mids)
+    with monkeypatch.context() as patch:
+        patch.setattr(openimages, "CACHE_VERSION", 2)
+        patch.setattr(openimages, "read_image_labels", skipping_quoted)
+        assert openimages.load_labels_cached(str(path), ["/m/cat"], cache)[0].tolist() == [b"img2"]
+    assert openimages.load_labels_cached(str(path), ["/m/cat"], cache)[0].tolist() == [b"img1", b"img2"]
+
+
+def test_a_run_of_before_split_roles_on_csvs_of_one_name_still_resumes(tmp_path):
+    import checkpoints
+    import runs
+    from dataset import Datasets
+
+    class Split:
+        def __init__(self, split, file_name_split, ids):
+            self.split, self.file_name_split, self.image_ids = split, file_name_split, ids
+
+        def __len__(self):
+            return len(self.image_ids)
+
+    names = custom.split_names([str(tmp_path / "train" / "labels.csv"), str(tmp_path / "test" / "labels.csv")])
+    assert sorted(names.values()) == ["test-labels", "train-labels"]
+    train, test = Split("train-labels", "labels", ["a", "b", "c"]), Split("test-labels", "labels", ["d", "e"])
+    # the record the code before roles wrote: keyed by split name, both splits called 'labels'
+    record = {"name": "own", "benchmark": None, "evaluated": "labels", "sizes": {"labels": 2},
+              "fingerprints": {"labels": checkpoints.image_fingerprint(test)}, "classes": ["x"]}
+    runs.check_same_splits(record, Datasets(train, test), "run/checkpoint.pth.tar")  # no error
+    changed = Split("test-labels", "labels", ["d", "f"])
+    with pytest.raises(DSDLError, match="2 images then and now, but not the same ones"):
+        runs.check_same_splits(record, Datasets(train, changed), "run/checkpoint.pth.tar")
+
+
+def test_a_model_that_keeps_no_attribute_for_a_setting_is_one_line_when_built():
+    import models
+
+    class Forgetful(models.Baseline):
+        name = "forgetful"
+
+        def __init__(self, num_classes, arch="resnet18", pretrained=False, pool="max",
+                     image_size=None, temperature=1.0):
+            super().__init__(num_classes, arch, pretrained, pool, image_size)  # temperature: lost
+
+    context = models.ModelContext(["a", "b"], 32)
+    with pytest.raises(DSDLError, match="Forgetful keeps no attribute 'temperature'"):
+        Forgetful.from_settings({"arch": "resnet18"}, context)
+
+
+def test_the_data_record_of_a_run_is_fingerprinted_once_not_every_epoch(voc_root, random_embeddings,
+                                                                       tmp_path, monkeypatch):
+    import dataset
+    calls = []
+    real = dataset.MultiLabelDataset.label_fingerprint
+    monkeypatch.setattr(dataset.MultiLabelDataset, "label_fingerprint",
+                        lambda self: calls.append(self.split) or real(self))
+    root, _ = voc_root
+    assert call_main(main_voc2007.main, [root, *SMALL, "--embeddings", random_embeddings,
+                                         "--epochs", "2", "--checkpoint-dir", str(tmp_path / "run")]) == 0
+    assert sorted(calls) == ["test", "trainval"]
+    record = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)["dataset"]
+    assert record["label_fingerprints"]["test"] == real(__import__("voc").VOC2007(root, "test"))

@@ -89,7 +89,7 @@ def test_a_loss_is_chosen_and_set_by_name_and_its_mistakes_are_one_line(capsys):
             (["--loss-args", "gamma"], "argument --loss-args: 'gamma' is not KEY=VALUE"),
             (["--cls-loss", "focal", "--loss-args", "gamma=two"],
              "--loss-args gamma='two': gamma is a number (default 2.0)"),
-            (["--model-args", "lambd=True"], "--model-args lambd=True: lambd is a number (default 10.0)")):
+            (["--model-args", "lambd=1.0"], "--model-args lambd: it has its own option: use --lambd")):
         assert call_main(main_voc2007.main, ["no-such-folder", "--device", "cpu", *argv]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
@@ -211,7 +211,7 @@ def test_a_head_built_from_the_training_labels_trains_evaluates_resumes_predicts
 
 @pytest.mark.skipif(not HAS_TIMM, reason="timm is optional (requirements-timm.txt)")
 def test_a_fixed_size_timm_model_is_built_for_the_runs_image_size(voc_root, random_embeddings,
-                                                                  tmp_path):
+                                                                  tmp_path, capsys):
     root, _ = voc_root
     run = tmp_path / "vit"
     argv = [root, *SMALL, "--arch", "timm/vit_tiny_patch16_224", "--embeddings", random_embeddings]
@@ -223,6 +223,12 @@ def test_a_fixed_size_timm_model_is_built_for_the_runs_image_size(voc_root, rand
         records(run / "metrics.jsonl")[-1]["mAP"], rel=1e-9)
     image = os.path.join(root, "VOCdevkit", "VOC2007", "JPEGImages", "000030.jpg")
     assert predict.main(["--resume", str(run / "checkpoint.pth.tar"), image, "-j", "0"]) == 0
+    # rebuilt for another input size, its position embeddings do not fit: the error says so
+    capsys.readouterr()
+    assert call_main(main_voc2007.main, [root, *RUNTIME, "-e", "--image-size", "96", "--resume",
+                                         str(run / "checkpoint.pth.tar")]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "pos_embed" in line and "pass the --image-size it was trained at" in line
 
 
 @pytest.mark.parametrize("arch, size", [("alexnet", 32), ("vgg11", 16)])
