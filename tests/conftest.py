@@ -184,8 +184,9 @@ def random_embeddings(tmp_path):
 # ---- running the suite on several workers (pytest-xdist: python -m pytest -n auto tests) ------
 # The modules that take longest, first: on 2 workers a long module started last would be run
 # alone at the end. The other modules follow in their usual order.
-SLOW_FIRST = ["test_demo.py", "test_distributed.py", "test_faults_runs.py", "test_user_mistakes.py",
-              "test_recipes.py", "test_baseline.py", "test_trunks.py", "test_engine.py"]
+SLOW_FIRST = ["test_demo.py", "test_distributed.py", "test_faults_runs.py", "test_adversary.py",
+              "test_user_mistakes.py", "test_recipes.py", "test_baseline.py", "test_trunks.py",
+              "test_engine.py"]
 
 
 def pytest_collection_modifyitems(config, items):
