@@ -32,8 +32,8 @@ from runs import (NonFiniteLoss, RunLock, check_datasets, check_zero_shot,
                   claim_run_folder, non_finite_loss_advice, nothing_left_to_train,
                   one_image_batches, run_command,
                   start_from, stop_if_interrupted)
-from speed import (autocast, compile_trunk, mixed_precision, numerics, prepare_images,
-                   warn_if_compile_changed)
+from speed import (autocast, compile_trunk, mixed_precision, numerics, on_device,
+                   prepare_images, warn_if_compile_changed)
 from util import DSDLError, compute_metrics, top_k_metrics, tune_thresholds
 
 
@@ -75,9 +75,10 @@ def run(args, datasets_fn, default_embeddings, write_submission=None):
 
 
 def build_model(args, datasets, checkpoint, default_embeddings, device, world_size):
-    """The model on its device, with the speed options: the checkpoint's with --resume and -e
-    (models.from_checkpoint), else a new one (with --init-from, that run's class-independent
-    weights); its constructor sees the training split and the input size (models.ModelContext)."""
+    """The model on its device, with the speed options (speed.on_device): the checkpoint's with
+    --resume and -e (models.from_checkpoint), else a new one (with --init-from, that run's
+    class-independent weights); its constructor sees the training split and the input size
+    (models.ModelContext)."""
     torch.manual_seed(args.seed)
     classes = [str(name) for name in datasets.test.classes]
     with rank_zero_first():  # downloads (class vectors, ImageNet weights) happen once
@@ -95,14 +96,7 @@ def build_model(args, datasets, checkpoint, default_embeddings, device, world_si
         loaded = load_weights(model, checkpoint, args.init_from, class_independent_only=True)
         if is_main_process():
             print(f"starting from the {loaded} weights of {args.init_from}")
-    model.to(device)
-    if world_size > 1 and args.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.compile:
-        compile_trunk(model.trunk)
-    return model
+    return on_device(model, device, args, world_size)
 
 
 class Training(NamedTuple):

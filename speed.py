@@ -20,6 +20,19 @@ def prepare_images(images, device, channels_last=False):
                              else torch.contiguous_format)
 
 
+def on_device(model, device, args, world_size=1):
+    """`model` on `device` with the speed options of `args`: SyncBatchNorm across processes
+    (--sync-bn under torchrun), channels-last memory, a compiled trunk. Returns the model."""
+    model.to(device)
+    if world_size > 1 and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        compile_trunk(model.trunk)
+    return model
+
+
 def warn_if_compile_changed(args, checkpoint, per_step):
     """--compile toggled on --resume under a per-step schedule: the epochs' numbers of steps
     differ (it drops each epoch's last partial batch), and so does the learning-rate curve."""
