@@ -280,10 +280,9 @@ class OpenImages(MultiLabelDataset):
     def labels(self):
         """N x C labels (int8), made from the verified pairs on each call: the loader reads one
         image's (`label_vector`); this is for what needs them all (a model's context)."""
-        labels = np.full((len(self.rows), len(self.mids)), UNKNOWN, dtype=np.int8)
-        for index, row in enumerate(self.rows):
-            start, end = self.indptr[row], self.indptr[row + 1]
-            labels[index, self.columns[start:end]] = self.values[start:end]
+        labels = np.empty((len(self.rows), len(self.mids)), dtype=np.int8)
+        for index in range(len(self.rows)):
+            labels[index] = self.label_vector(index)
         return labels
 
     def label_fingerprint(self):

@@ -163,6 +163,8 @@ def test_the_v6_file_names_and_a_headerless_description_file_are_read_alike(tmp_
     dataset = load(root, "validation")
     assert dataset.label_source == os.path.join(root, V6["validation"])
     assert [dataset.label_vector(i).tolist() for i in range(len(dataset))] == expected_rows("validation")
+    # all at once (what a model's context gives a constructor that asks for them): int8, the same
+    assert dataset.labels.dtype == np.int8 and dataset.labels.tolist() == expected_rows("validation")
 
 
 def test_the_labels_are_cached_and_read_again_when_the_file_or_the_classes_change(oi_root, monkeypatch):
