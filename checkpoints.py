@@ -62,6 +62,8 @@ def describe_non_checkpoint(head):
     if head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head.lower()):
         return "an ONNX model (what export.py writes), which cannot be trained or evaluated here"
     if all(byte in b"\t\n\r" or 32 <= byte < 127 for byte in head):
+        if text.startswith((b"{", b"[")):
+            return "a JSON text file (a run's metrics.jsonl or eval_<split>.jsonl, predict.py's --json)"
         return "a text file" + (" (a CSV: label files go to the entry script)" if b"," in head else "")
     return "neither a zip archive nor a pickle"
 

@@ -623,3 +623,11 @@ def test_the_data_record_of_a_run_is_fingerprinted_once_not_every_epoch(voc_root
     assert sorted(calls) == ["test", "trainval"]
     record = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)["dataset"]
     assert record["label_fingerprints"]["test"] == real(__import__("voc").VOC2007(root, "test"))
+
+
+def test_a_runs_metrics_log_given_as_resume_is_called_json_not_a_csv(tmp_path, capsys):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"epoch": 1, "split": "test", "mAP": 50.0}\n')
+    assert call_main(main_voc2007.main, ["data", "--device", "cpu", "-e", "--resume", str(log)]) == 1
+    line = error_line(capsys)
+    assert "it is a JSON text file (a run's metrics.jsonl" in line and "CSV" not in line
